@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
+# Each creates .venv on first use: torch==2.13.0 first (the local CPU wheel), then the pinned rest.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench lock clean
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/dammerge demo $(if $(OUT),$(OUT),demo-output)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/ruff check src tests $(wildcard bench)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/merge_speed.py
+
+lock: $(STAMP)
+	$(BIN)/pip freeze --exclude-editable | grep -v -E '^torch==' > requirements.lock
+
+clean:
+	rm -rf $(VENV) demo-output

@@ -1,0 +1,206 @@
+"""Atomic, sharded writing of a merged checkpoint.
+
+Everything goes into a temporary sibling folder (``.NAME.dammerge-tmp-PID``) and is renamed into
+place only when the last byte is on disk, so a failed, interrupted or killed merge never leaves
+a half-written model where the user expects a complete one. Stale temporary folders of dead
+processes are cleaned up on the next run.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from dammerge.errors import OutputError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+TMP_MARKER = ".dammerge-tmp-"
+
+
+def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool) -> Path:
+    """Refuse outputs that would clobber an input or an existing folder; return it resolved."""
+    out = out.resolve()
+    for src in inputs:
+        src = src.resolve()
+        if out == src or out.is_relative_to(src) or src.is_relative_to(out):
+            raise OutputError(
+                f"output {out} overlaps input model {src}",
+                "inputs are never modified: choose an output folder outside every input",
+            )
+    if out.exists() and not overwrite:
+        raise OutputError(f"output folder {out} already exists", "pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a folder")
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(out: Path) -> None:
+    """Remove temporary folders that killed runs left beside ``out``."""
+    if not out.parent.is_dir():
+        return
+    prefix = f".{out.name}{TMP_MARKER}"
+    for candidate in out.parent.glob(f"{prefix}*"):
+        pid_text = candidate.name[len(prefix) :].split("-")[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+class CheckpointWriter:
+    """Collects tensors into safetensors shards inside a temporary folder.
+
+    Use as a context manager: on a clean exit :meth:`commit` must have been called (it renames
+    the folder into place); on any exception the temporary folder is deleted.
+    """
+
+    def __init__(self, out: Path, *, shard_size: int = 5 * 2**30, overwrite: bool = False):
+        self.out = Path(out).resolve()
+        self.shard_size = shard_size
+        self.overwrite = overwrite
+        self.tmp = self.out.parent / f".{self.out.name}{TMP_MARKER}{os.getpid()}"
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[str, list[str]]] = []
+        self._total_bytes = 0
+        self._committed = False
+
+    def __enter__(self) -> CheckpointWriter:
+        clean_stale_temporaries(self.out)
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+        except OSError as exc:
+            raise _os_error(exc, self.out) from None
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not self._committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- tensors --------------------------------------------------------------------------
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor; flushes a shard once ``shard_size`` bytes are pending."""
+        tensor = tensor.detach().to("cpu").contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.shard_size:
+            self._flush()
+        self._pending[name] = tensor
+        self._pending_bytes += size
+        self._total_bytes += size
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        filename = f"shard-{len(self._shards):05d}.tmp"
+        try:
+            save_file(self._pending, str(self.tmp / filename), metadata={"format": "pt"})
+        except OSError as exc:
+            raise _os_error(exc, self.out) from None
+        self._shards.append((filename, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def _finish_shards(self) -> None:
+        self._flush()
+        total = len(self._shards)
+        if total == 1:
+            os.replace(self.tmp / self._shards[0][0], self.tmp / "model.safetensors")
+            return
+        weight_map: dict[str, str] = {}
+        for i, (filename, names) in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            os.replace(self.tmp / filename, self.tmp / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
+        self.write_json("model.safetensors.index.json", index)
+
+    # -- side files -----------------------------------------------------------------------
+    def write_json(self, name: str, data: Any) -> None:
+        self.write_text(name, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        try:
+            (self.tmp / name).write_text(text)
+        except OSError as exc:
+            raise _os_error(exc, self.out) from None
+
+    def copy_file(self, src: Path, name: str | None = None) -> None:
+        try:
+            shutil.copyfile(src, self.tmp / (name or src.name))
+        except OSError as exc:
+            raise _os_error(exc, self.out) from None
+
+    def write_config(self, config: dict[str, Any], dtype: torch.dtype) -> None:
+        """Write ``config.json`` with its dtype updated to the written tensors' dtype."""
+        config = dict(config)
+        dtype_name = str(dtype).removeprefix("torch.")
+        config["dtype"] = dtype_name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype_name
+        self.write_json("config.json", config)
+
+    def copy_tokenizer(self, source: Path) -> list[str]:
+        """Copy the tokenizer files that exist in ``source``; returns their names."""
+        copied = []
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                self.copy_file(source / name)
+                copied.append(name)
+        return copied
+
+    # -- finish ---------------------------------------------------------------------------
+    def commit(self) -> Path:
+        """Finish shards and move the folder into place atomically."""
+        self._finish_shards()
+        trash = None
+        try:
+            if self.out.exists():
+                if not self.overwrite:
+                    raise OutputError(f"output folder {self.out} appeared while merging")
+                trash = self.out.parent / f".{self.out.name}{TMP_MARKER}{os.getpid()}-old"
+                os.replace(self.out, trash)
+            os.replace(self.tmp, self.out)
+        except OSError as exc:
+            raise _os_error(exc, self.out) from None
+        self._committed = True
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return self.out
+
+
+def _os_error(exc: OSError, out: Path) -> OutputError:
+    if exc.errno == errno.ENOSPC:
+        return OutputError(
+            f"disk full while writing {out}", "free space on that disk or choose another output"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"cannot write {out}: {exc.strerror}", "choose a writable location")
+    return OutputError(f"cannot write {out}: {exc}")

@@ -1,0 +1,173 @@
+"""The ``dammerge`` command line: thin wrappers that parse, call the library, and print.
+
+User errors (:class:`DammergeError`) are printed as one ``error:`` line and one ``hint:`` line
+with exit code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from dammerge.errors import DammergeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Merge language models fine-tuned from one base: data-free methods and DAM.",
+)
+console = Console(stderr=True)
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MiB', '1e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?i?B?)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise DammergeError(f"cannot read size {text!r}", "write e.g. 5GB, 500MB or 1000000")
+    number = float(match.group(1))
+    unit = (match.group(2) or "").upper().rstrip("B")
+    powers = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+    base = 1024 if unit.endswith("I") else 1000
+    size = int(number * base ** powers[unit.rstrip("I")])
+    if size <= 0:
+        raise DammergeError(f"shard size must be positive, got {text!r}")
+    return size
+
+
+@app.command("merge")
+def merge_command(
+    config: Annotated[Path, typer.Argument(help="YAML merge recipe (mergekit-compatible).")],
+    output: Annotated[Path, typer.Argument(help="Folder to write the merged checkpoint into.")],
+    device: Annotated[str, typer.Option(help="Where the arithmetic runs: cpu or cuda.")] = "cpu",
+    shard_size: Annotated[str, typer.Option(help="Maximum size of one output shard.")] = "5GB",
+    seed: Annotated[int, typer.Option(help="Seed for stochastic methods (DARE, DELLA).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Validate and print the plan; write nothing.")
+    ] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="Accept .bin pickle checkpoints (loaded with weights_only).")
+    ] = False,
+) -> None:
+    """Merge the models of CONFIG into OUTPUT."""
+    from dammerge.merge import execute, load_config, resolve_device
+    from dammerge.plan import build_plan, describe
+
+    cfg = load_config(config)
+    if cfg.merge_method in _learned_methods():
+        from dammerge.learned.run import run_learned_merge
+
+        run_learned_merge(
+            cfg,
+            output,
+            device=device,
+            seed=seed,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            shard_size=parse_size(shard_size),
+        )
+        return
+    plan = build_plan(cfg, allow_pickle=allow_pickle)
+    if dry_run:
+        for line in describe(plan):
+            console.print(line, highlight=False, markup=False)
+        console.print("dry run: nothing written", style="green")
+        return
+    out = execute(
+        plan,
+        output,
+        device=resolve_device(device),
+        shard_size=parse_size(shard_size),
+        seed=seed,
+        overwrite=overwrite,
+    )
+    console.print(f"merged model written to {out}", style="green")
+
+
+def _learned_methods() -> set[str]:
+    try:
+        from dammerge.learned import LEARNED_METHODS
+    except ImportError:
+        return set()
+    return set(LEARNED_METHODS)
+
+
+@app.command("methods")
+def methods_command() -> None:
+    """List the merge methods and their parameters."""
+    from rich.table import Table
+
+    from dammerge.methods import METHODS, REQUIRED
+
+    table = Table("method", "base", "per-model parameters", "global parameters", "what it does")
+
+    def fmt(params: dict) -> str:
+        return ", ".join(k if v is REQUIRED else f"{k}={v}" for k, v in params.items())
+
+    for m in METHODS.values():
+        table.add_row(
+            m.name,
+            "yes" if m.requires_base else "no",
+            fmt(m.model_params),
+            fmt(m.global_params),
+            m.summary,
+        )
+    Console().print(table)
+
+
+@app.command("demo")
+def demo_command(
+    output: Annotated[Path, typer.Argument(help="Folder for the demo's models and merges.")] = Path(
+        "demo-output"
+    ),
+) -> None:
+    """Build small checkpoints, merge them with several methods, and check each result loads."""
+    from dammerge.demo import run_demo
+
+    run_demo(output)
+
+
+# Commands that live with their packages. Each package keeps its typer functions in its own
+# ``cli.py`` (imports inside the functions, so ``dammerge --help`` stays fast); one line each here.
+# >>> registered commands
+
+
+# <<< registered commands
+
+
+def main() -> None:
+    """Console entry point: run the app, turning user errors into one-line messages."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        app(standalone_mode=False)
+    except DammergeError as exc:
+        console.print(f"error: {exc.message}", style="bold red", highlight=False, markup=False)
+        if exc.hint:
+            console.print(f"hint: {exc.hint}", style="yellow", highlight=False, markup=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted: nothing was written", style="yellow")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""User-facing errors: one line of cause, one line of hint, never a traceback.
+
+Everything a user can get wrong (a bad recipe, a corrupt checkpoint, an output folder that
+would overwrite an input) raises :class:`DammergeError`. The CLI prints ``error: <cause>`` and
+``hint: <hint>`` and exits non-zero; programming errors still raise ordinary exceptions.
+"""
+
+from __future__ import annotations
+
+
+class DammergeError(Exception):
+    """An error caused by the user's input, reported without a traceback."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if self.hint is None else f"{self.message} (hint: {self.hint})"
+
+
+class ConfigError(DammergeError):
+    """The merge recipe is invalid (unknown method, parameter, bad value)."""
+
+
+class CheckpointError(DammergeError):
+    """A checkpoint is missing, corrupt, hostile, or incompatible with the others."""
+
+
+class OutputError(DammergeError):
+    """The output location cannot be written safely."""

@@ -1,0 +1,171 @@
+"""The streaming executor: one output tensor at a time, bounded memory, atomic output.
+
+For each tensor of the plan it reads that tensor from every input (memory-mapped), runs the
+method's kernel on the chosen device, and hands the result to the writer, which flushes a shard
+whenever ``shard_size`` bytes are pending. Peak memory is therefore about the inputs of the
+largest tensor plus one output shard, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import zlib
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dammerge import __version__
+from dammerge.checkpoint.reader import Checkpoint
+from dammerge.checkpoint.writer import CheckpointWriter, check_output_location
+from dammerge.config import MergeConfig
+from dammerge.errors import ConfigError, DammergeError
+from dammerge.methods import MergeInputs
+from dammerge.plan import MergePlan, TensorPlan, build_plan
+
+DEFAULT_SHARD_SIZE = 5 * 2**30
+
+
+def load_config(config: MergeConfig | dict[str, Any] | str | Path) -> MergeConfig:
+    if isinstance(config, MergeConfig):
+        return config
+    if isinstance(config, dict):
+        return MergeConfig.from_dict(config)
+    return MergeConfig.from_yaml(config)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DammergeError("--device cuda was asked for but no CUDA GPU is visible", "use cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise DammergeError(f"unknown device {device!r}", "use cpu or cuda") from None
+
+
+def merge(
+    config: MergeConfig | dict[str, Any] | str | Path,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    seed: int = 0,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Merge the models of a recipe into a new checkpoint folder ``out``; returns its path.
+
+    ``config`` is a :class:`MergeConfig`, a dict shaped like the YAML recipe, or a YAML path.
+    Raises :class:`dammerge.errors.DammergeError` for any problem with the inputs; on error
+    nothing is left at ``out``.
+    """
+    cfg = load_config(config)
+    plan = build_plan(cfg, allow_pickle=allow_pickle)
+    return execute(
+        plan,
+        Path(out),
+        device=resolve_device(device),
+        shard_size=shard_size,
+        seed=seed,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed: stochastic methods give the same result whatever the tensor order."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def merge_tensor(
+    plan: MergePlan, tensor: TensorPlan, device: torch.device, seed: int
+) -> torch.Tensor:
+    """Compute one output tensor of the plan."""
+    if tensor.copy_from_reference:
+        return plan.reference.get(tensor.name)
+
+    def fetch(ck: Checkpoint) -> torch.Tensor:
+        return ck.get(tensor.name).to(device=device, dtype=plan.compute_dtype)
+
+    generator = None
+    if plan.method.stochastic:
+        generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, tensor.name))
+    inputs = MergeInputs(
+        name=tensor.name,
+        tensors=[fetch(ck) for ck in plan.participants],
+        base=fetch(plan.base) if plan.base is not None else None,
+        model_params=tensor.model_params,
+        params=tensor.params,
+        generator=generator,
+    )
+    try:
+        merged = plan.method.run(inputs)
+    except ValueError as exc:
+        raise ConfigError(f"{plan.method.name} failed on {tensor.name}: {exc}") from None
+    if not torch.isfinite(merged).all():
+        raise DammergeError(
+            f"the merge produced NaN/Inf in {tensor.name}{_nonfinite_source(plan, inputs)}",
+            "check the input checkpoints and the recipe's weights",
+        )
+    return merged
+
+
+def _nonfinite_source(plan: MergePlan, inputs: MergeInputs) -> str:
+    candidates = list(zip(plan.participants, inputs.tensors, strict=True))
+    if plan.base is not None and inputs.base is not None:
+        candidates.append((plan.base, inputs.base))
+    for ck, t in candidates:
+        if not torch.isfinite(t).all():
+            return f" (input {ck.path} already holds NaN/Inf there)"
+    return ""
+
+
+def execute(
+    plan: MergePlan,
+    out: Path,
+    *,
+    device: torch.device = torch.device("cpu"),
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    out = check_output_location(out, [ck.path for ck in plan.inputs], overwrite=overwrite)
+    with CheckpointWriter(out, shard_size=shard_size, overwrite=overwrite) as writer:
+        bar = tqdm(
+            plan.tensors, desc=f"{plan.method.name} merge", unit="tensor", disable=not progress
+        )
+        for tensor in bar:
+            merged = merge_tensor(plan, tensor, device, seed)
+            writer.add(tensor.name, merged.to(plan.output_dtype(tensor)))
+        write_side_files(writer, plan, seed)
+        return writer.commit()
+
+
+def write_side_files(writer: CheckpointWriter, plan: MergePlan, seed: int) -> None:
+    """config.json (dtype updated), generation config, tokenizer, recipe and model card."""
+    dtypes = {plan.output_dtype(t) for t in plan.tensors if t.dtype.is_floating_point}
+    out_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    writer.write_config(plan.reference.config, out_dtype)
+    generation = plan.reference.path / "generation_config.json"
+    if generation.is_file():
+        writer.copy_file(generation)
+    writer.copy_tokenizer(plan.tokenizer_folder())
+    recipe = plan.config.to_yaml()
+    writer.write_text("dammerge_config.yml", recipe)
+    writer.write_text("README.md", model_card(plan, recipe, seed))
+
+
+def model_card(plan: MergePlan, recipe: str, seed: int) -> str:
+    models = "\n".join(f"- `{ck.path}`" for ck in plan.participants)
+    base = f"`{plan.base.path}`" if plan.base else "none"
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        "---\nlibrary_name: transformers\ntags:\n- merge\n- dammerge\n---\n\n"
+        f"# Merged model\n\nMade with dammerge {__version__} on {when} using "
+        f"**{plan.method.name}** ({plan.method.summary}).\n\n"
+        f"Base model: {base}\n\nMerged models:\n{models}\n\nSeed: {seed}\n\n"
+        f"## Recipe\n\n```yaml\n{recipe}```\n"
+    )

@@ -1,0 +1,39 @@
+"""Linear merge / Model Soups (Wortsman et al. 2022): a weighted average of the weights."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dammerge.methods.base import REQUIRED, MergeInputs, MergeMethod
+
+
+def linear(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True
+) -> torch.Tensor:
+    """``sum_i w_i W_i``, divided by ``sum_i w_i`` when ``normalize`` (a true average)."""
+    stacked = torch.stack(list(tensors))
+    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+    merged = torch.tensordot(w, stacked, dims=1)
+    if normalize:
+        total = w.sum()
+        if total.abs() < 1e-8:
+            raise ValueError("linear merge with normalize=true needs weights that do not sum to 0")
+        merged = merged / total
+    return merged
+
+
+def _run(inputs: MergeInputs) -> torch.Tensor:
+    return linear(
+        inputs.tensors, METHOD.weights(inputs), normalize=bool(inputs.params["normalize"])
+    )
+
+
+METHOD = MergeMethod(
+    name="linear",
+    summary="weighted average of all models (Model Soups with equal weights)",
+    run=_run,
+    model_params={"weight": REQUIRED},
+    global_params={"normalize": True},
+)

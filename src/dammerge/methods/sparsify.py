@@ -1,0 +1,124 @@
+"""Shared kernels of the task-vector family: sparsification and sign consensus.
+
+TIES, DARE, breadcrumbs and DELLA differ only in how each task vector is sparsified and whether
+signs are elected before summing; these functions are the pieces they are built from.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+RescaleMode = Literal["l1", "density", "none"]
+
+
+def rescale_kept(
+    original: torch.Tensor, kept: torch.Tensor, density: float, mode: RescaleMode
+) -> torch.Tensor:
+    """Rescale a sparsified tensor after dropping entries.
+
+    ``density`` divides by the keep probability (the DARE paper; unbiased in expectation);
+    ``l1`` restores the L1 norm of the original exactly (mergekit's current behaviour);
+    ``none`` leaves the kept entries as they were.
+    """
+    if mode == "none":
+        return kept
+    if mode == "density":
+        return kept / density
+    before, after = original.abs().sum(), kept.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return kept * (before / after)
+
+
+def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries with the largest magnitude (TIES' trim step)."""
+    if density >= 1.0:
+        return delta
+    k = int(density * delta.numel())
+    if k <= 0:
+        return torch.zeros_like(delta)
+    flat = delta.reshape(-1)
+    keep = torch.argsort(flat.abs(), descending=True, stable=True)[:k]
+    mask = torch.zeros_like(flat)
+    mask[keep] = 1
+    return (flat * mask).view_as(delta)
+
+
+def magnitude_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the ``gamma`` fraction of largest-magnitude outliers, then keep
+    the next ``density`` fraction by magnitude and drop the small rest."""
+    if density >= 1.0:
+        return delta
+    n = delta.numel()
+    n_keep = int(density * n)
+    n_top = min(int(gamma * n), n - n_keep)
+    flat = delta.reshape(-1)
+    order = torch.argsort(flat.abs(), descending=True, stable=True)
+    mask = torch.zeros_like(flat)
+    mask[order[n_top : n_top + n_keep]] = 1
+    return (flat * mask).view_as(delta)
+
+
+def bernoulli_mask(
+    like: torch.Tensor, keep_probability: torch.Tensor | float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """A 0/1 mask with ``P(1) = keep_probability`` (scalar or per-entry), seeded."""
+    probs = torch.as_tensor(keep_probability, dtype=torch.float32, device=like.device)
+    probs = probs.expand(like.shape).contiguous()
+    return torch.bernoulli(probs, generator=generator).to(like.dtype)
+
+
+def random_drop(
+    delta: torch.Tensor,
+    density: float,
+    generator: torch.Generator | None,
+    rescale: RescaleMode = "l1",
+) -> torch.Tensor:
+    """DARE: drop each entry with probability ``1 - density`` and rescale what is kept."""
+    if density >= 1.0:
+        return delta
+    if density <= 0.0:
+        return torch.zeros_like(delta)
+    kept = delta * bernoulli_mask(delta, density, generator)
+    return rescale_kept(delta, kept, density, rescale)
+
+
+def magnitude_ranked_drop(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator | None,
+    rescale: bool = True,
+) -> torch.Tensor:
+    """DELLA's MagPrune: per row, keep probabilities rise linearly with magnitude rank from
+    ``density - epsilon`` (smallest) to ``density + epsilon`` (largest); kept entries are
+    divided by their own keep probability when ``rescale``."""
+    if density >= 1.0:
+        return delta
+    if not (density - epsilon > 0.0 and density + epsilon <= 1.0):
+        raise ValueError(
+            f"della needs 0 < density - epsilon and density + epsilon <= 1 "
+            f"(got density={density}, epsilon={epsilon})"
+        )
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    width = rows.shape[1]
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(torch.float32)
+    fraction = ranks / max(width - 1, 1)
+    probs = (density - epsilon) + fraction * (2 * epsilon)
+    kept = rows * bernoulli_mask(rows, probs, generator)
+    if rescale:
+        kept = kept / probs.to(rows.dtype)
+    return kept.view_as(delta)
+
+
+def sign_consensus(weighted_deltas: torch.Tensor) -> torch.Tensor:
+    """TIES' sign election over stacked deltas (models on dim 0).
+
+    The elected sign of each entry is that of the summed (weighted) deltas, ties going to +;
+    an entry of a model is kept where its sign equals the elected one (zeros are never kept).
+    Returns a 0/1 mask of the same shape as ``weighted_deltas``.
+    """
+    elected = torch.where(weighted_deltas.sum(dim=0) >= 0, 1.0, -1.0).to(weighted_deltas.dtype)
+    return (weighted_deltas.sign() == elected).to(weighted_deltas.dtype)
