@@ -15,10 +15,22 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# mergekit 0.1.5 in its own venv (its pins are tight), for the cross-check test and the bench.
+# torch==2.13.0 first, so the pinned rest (bench/mergekit-requirements.txt) never pulls another.
+MK_VENV := .venv-mergekit
+MK_STAMP := $(MK_VENV)/.installed
+
+$(MK_STAMP): bench/mergekit-requirements.txt
+	$(PYTHON) -m venv $(MK_VENV)
+	$(MK_VENV)/bin/pip install --quiet --upgrade pip
+	$(MK_VENV)/bin/pip install --quiet torch==2.13.0
+	$(MK_VENV)/bin/pip install --quiet -r bench/mergekit-requirements.txt
+	touch $(MK_STAMP)
+
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/dammerge demo $(if $(OUT),$(OUT),demo-output)
 
-test: $(STAMP)
+test: $(STAMP) $(MK_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/ruff check src tests $(wildcard bench)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,64 @@ os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 
 from dammerge.testing import make_family
 
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
+
 
 @pytest.fixture(scope="session")
 def llama_family(tmp_path_factory) -> tuple[Path, list[Path]]:
     """A tiny Llama base and three perturbed 'fine-tunes' (read-only: do not modify)."""
     return make_family(tmp_path_factory.mktemp("llama"), "llama", n=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> Callable[[str], tuple[Path, list[Path]]]:
+    """``tiny_family(arch)``: a tiny base of ``arch`` and two 'fine-tunes', built once per
+    session and shared (read-only: do not modify)."""
+    cache: dict[str, tuple[Path, list[Path]]] = {}
+
+    def get(arch: str) -> tuple[Path, list[Path]]:
+        if arch not in cache:
+            cache[arch] = make_family(tmp_path_factory.mktemp(f"family-{arch}"), arch, n=2)
+        return cache[arch]
+
+    return get
+
+
+def derive_checkpoint(
+    src: Path, dst: Path, edit: Callable[[dict], dict] | None = None, *, shard_files: int = 1
+) -> Path:
+    """Copy model folder ``src`` to ``dst`` with its tensors passed through ``edit`` (a function
+    from state dict to state dict); ``shard_files > 1`` writes a sharded checkpoint + index."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    state = {}
+    for file in sorted(src.glob("*.safetensors")):
+        state.update(load_file(file))
+    for file in src.iterdir():
+        if file.suffix != ".safetensors" and not file.name.endswith(".index.json"):
+            shutil.copyfile(file, dst / file.name)
+    if edit is not None:
+        state = edit(state)
+    names = sorted(state)
+    if shard_files <= 1:
+        save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+        return dst
+    weight_map = {}
+    for i in range(shard_files):
+        part = names[i::shard_files]
+        filename = f"model-{i + 1:05d}-of-{shard_files:05d}.safetensors"
+        save_file({n: state[n] for n in part}, dst / filename, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, filename))
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+@pytest.fixture
+def derive() -> Callable[..., Path]:
+    """The :func:`derive_checkpoint` helper, as a fixture (tests import nothing from conftest)."""
+    return derive_checkpoint

@@ -57,14 +57,13 @@ def merge_command(
     ] = False,
 ) -> None:
     """Merge the models of CONFIG into OUTPUT."""
-    from dammerge.merge import execute, load_config, resolve_device
+    from dammerge.merge import data_informed_runner, execute, load_config, resolve_device
     from dammerge.plan import build_plan, describe
 
     cfg = load_config(config)
-    if cfg.merge_method in _learned_methods():
-        from dammerge.learned.run import run_learned_merge
-
-        run_learned_merge(
+    data_informed = data_informed_runner(cfg.merge_method)
+    if data_informed is not None:
+        data_informed(
             cfg,
             output,
             device=device,
@@ -77,7 +76,7 @@ def merge_command(
     plan = build_plan(cfg, allow_pickle=allow_pickle)
     if dry_run:
         for line in describe(plan):
-            console.print(line, highlight=False, markup=False)
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
         console.print("dry run: nothing written", style="green")
         return
     out = execute(
@@ -89,14 +88,6 @@ def merge_command(
         overwrite=overwrite,
     )
     console.print(f"merged model written to {out}", style="green")
-
-
-def _learned_methods() -> set[str]:
-    try:
-        from dammerge.learned import LEARNED_METHODS
-    except ImportError:
-        return set()
-    return set(LEARNED_METHODS)
 
 
 @app.command("methods")
@@ -119,6 +110,10 @@ def methods_command() -> None:
             fmt(m.global_params),
             m.summary,
         )
+    from dammerge.merge import DATA_INFORMED_SUMMARIES
+
+    for name, summary in DATA_INFORMED_SUMMARIES.items():
+        table.add_row(name, "yes", "dataset", "training (see README)", summary)
     Console().print(table)
 
 
@@ -137,6 +132,18 @@ def demo_command(
 # Commands that live with their packages. Each package keeps its typer functions in its own
 # ``cli.py`` (imports inside the functions, so ``dammerge --help`` stays fast); one line each here.
 # >>> registered commands
+from dammerge.evaluate.cli import evaluate_command  # noqa: E402
+
+app.command("evaluate")(evaluate_command)
+from dammerge.experiment.cli import experiment_command  # noqa: E402
+
+app.command("experiment")(experiment_command)
+from dammerge.learned.cli import inspect_command  # noqa: E402
+
+app.command("inspect")(inspect_command)
+from dammerge.family.cli import family_app  # noqa: E402
+
+app.add_typer(family_app, name="family")
 
 
 # <<< registered commands
@@ -149,9 +156,13 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except DammergeError as exc:
-        console.print(f"error: {exc.message}", style="bold red", highlight=False, markup=False)
+        console.print(
+            f"error: {exc.message}", style="bold red", highlight=False, markup=False, soft_wrap=True
+        )
         if exc.hint:
-            console.print(f"hint: {exc.hint}", style="yellow", highlight=False, markup=False)
+            console.print(
+                f"hint: {exc.hint}", style="yellow", highlight=False, markup=False, soft_wrap=True
+            )
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted: nothing was written", style="yellow")

@@ -20,6 +20,7 @@ Parameter values are resolved per tensor by :func:`resolve_value`.
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,10 @@ class MergeConfig(BaseModel):
             data = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"recipe not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a folder, not a recipe", "pass the YAML file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read recipe {path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from None
         config = cls.from_dict(data, source=str(path))
@@ -118,21 +123,32 @@ class MergeConfig(BaseModel):
             raise ConfigError(f"{source}: {where}: {first['msg']}", hint) from None
 
     def relative_to(self, folder: Path) -> MergeConfig:
-        """Resolve relative model paths against the recipe's folder (as users expect)."""
+        """Resolve relative model and dataset paths against the recipe's folder."""
 
         def fix(path: str | None) -> str | None:
-            if path is None or path in ("base", "union"):
+            if path is None:
                 return path
             candidate = Path(path).expanduser()
             if not candidate.is_absolute() and not candidate.exists():
                 candidate = folder / candidate
             return str(candidate)
 
+        def fix_dataset(dataset: dict[str, Any] | None) -> dict[str, Any] | None:
+            if not dataset or not isinstance(dataset.get("path"), str):
+                return dataset
+            return {**dataset, "path": fix(dataset["path"])}
+
+        # 'base' and 'union' are keywords only for tokenizer_source; a model folder may well be
+        # called 'base'
+        tokenizer = self.tokenizer_source
         return self.model_copy(
             update={
                 "base_model": fix(self.base_model),
-                "models": [m.model_copy(update={"model": fix(m.model)}) for m in self.models],
-                "tokenizer_source": fix(self.tokenizer_source),
+                "models": [
+                    m.model_copy(update={"model": fix(m.model), "dataset": fix_dataset(m.dataset)})
+                    for m in self.models
+                ],
+                "tokenizer_source": tokenizer if tokenizer in ("base", "union") else fix(tokenizer),
             }
         )
 
@@ -160,14 +176,36 @@ def interpolate_gradient(values: list[float], t: float) -> float:
     return float(np.interp(t, positions, values))
 
 
+def _filter_matches(pattern: Any, tensor_name: str) -> bool:
+    """No filter or ``*`` matches all; else a substring of the name (mergekit 0.1.5) or a glob
+    matched as ``*pattern*`` (older mergekit's fnmatch rule, e.g. ``layers.1*.mlp``)."""
+    if pattern is None or str(pattern) in ("", "*"):
+        return True
+    return str(pattern) in tensor_name or fnmatchcase(tensor_name, f"*{pattern}*")
+
+
+def _is_discrete_list(value: Any) -> bool:
+    """A list of strings or of booleans: one is picked by depth, as mergekit does."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and (all(isinstance(v, str) for v in value) or all(isinstance(v, bool) for v in value))
+    )
+
+
 def resolve_value(value: ParamValue, tensor_name: str, t: float, param: str = "parameter") -> Any:
     """Resolve a parameter value for one tensor at depth ``t``.
 
     - a scalar is itself;
-    - a list of numbers is a gradient, interpolated over depth;
-    - a list of ``{filter, value}`` picks the first entry whose ``filter`` is a substring of the
-      tensor name (an entry without ``filter`` matches everything); its value may be a gradient.
+    - a list of numbers is a gradient, interpolated over depth; a list of strings or booleans
+      picks entry ``int(t * (n - 1))``;
+    - a list of ``{filter, value}`` (or a single such mapping) picks the first entry whose
+      ``filter`` matches the tensor name: a substring, or a glob such as ``layers.1*.mlp``
+      (``*`` or no ``filter`` matches everything); its value may be a gradient. No match
+      resolves to None (the caller then falls back to the global value or the default).
     """
+    if isinstance(value, dict) and "value" in value and set(value) <= {"filter", "value"}:
+        value = [value]
     if _is_filter_list(value):
         for entry in value:
             unknown = set(entry) - {"filter", "value"}
@@ -175,12 +213,13 @@ def resolve_value(value: ParamValue, tensor_name: str, t: float, param: str = "p
                 raise ConfigError(
                     f"{param}: filter entries need 'value' (and optionally 'filter'), got {entry}"
                 )
-            pattern = entry.get("filter")
-            if pattern is None or str(pattern) in tensor_name:
+            if _filter_matches(entry.get("filter"), tensor_name):
                 return resolve_value(entry["value"], tensor_name, t, param)
         return None
     if _is_gradient(value):
         return interpolate_gradient([float(v) for v in value], t)
+    if _is_discrete_list(value):
+        return value[int(min(max(t, 0.0), 1.0) * (len(value) - 1))]
     if isinstance(value, list | dict):
         raise ConfigError(
             f"{param}: cannot read value {value!r}",

@@ -8,7 +8,9 @@ largest tensor plus one output shard, whatever the model size.
 
 from __future__ import annotations
 
+import importlib
 import zlib
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,18 @@ def merge(
     nothing is left at ``out``.
     """
     cfg = load_config(config)
+    runner = data_informed_runner(cfg.merge_method)
+    if runner is not None:
+        runner(
+            cfg,
+            Path(out),
+            device=device,
+            seed=seed,
+            overwrite=overwrite,
+            dry_run=False,
+            shard_size=shard_size,
+        )
+        return Path(out)
     plan = build_plan(cfg, allow_pickle=allow_pickle)
     return execute(
         plan,
@@ -72,6 +86,33 @@ def merge(
         overwrite=overwrite,
         progress=progress,
     )
+
+
+# Data-informed methods need training data and run their own loop, so they bypass the streaming
+# plan (reusing its validation and writer). Each runner has the signature
+# ``(cfg, output, *, device, seed, overwrite, dry_run, shard_size)``.
+DATA_INFORMED_RUNNERS = {
+    "dam": "dammerge.learned.run:run_learned_merge",
+    "adamerging": "dammerge.learned.run:run_learned_merge",
+    "evolve": "dammerge.evolve.run:run_evolve_merge",
+}
+DATA_INFORMED_SUMMARIES = {
+    "dam": "learn one coefficient per input column per model by gradient descent, so the merge "
+    "matches each specialist (KL) on its own data",
+    "adamerging": "learn one task-vector coefficient per layer per model by minimising the "
+    "merged model's entropy (no teachers needed)",
+    "evolve": "CMA-ES search over per-layer parameters of a data-free method, scored on held-in "
+    "data; exports the best recipe",
+}
+
+
+def data_informed_runner(method: str) -> Callable[..., Any] | None:
+    """The runner of a data-informed method (DAM, AdaMerging, evolve), or None if data-free."""
+    target = DATA_INFORMED_RUNNERS.get(method)
+    if target is None:
+        return None
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def tensor_seed(seed: int, name: str) -> int:

@@ -55,6 +55,10 @@ class MergePlan:
         return list(seen.values())
 
     def output_dtype(self, tensor: TensorPlan) -> torch.dtype:
+        """The written dtype: ``out_dtype`` for float tensors; integer/bool buffers keep theirs
+        (casting a position-id or mask buffer to bfloat16 would corrupt it)."""
+        if not tensor.dtype.is_floating_point:
+            return tensor.dtype
         return self.out_dtype or tensor.dtype
 
     def output_bytes(self) -> int:
@@ -101,7 +105,7 @@ def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
     _check_model_count(method, len(entries))
     participants = [ck for _, ck in entries]
     reference = base or participants[0]
-    _check_compatible(reference, [ck for ck in cache.values() if ck is not reference])
+    check_compatible(reference, [ck for ck in cache.values() if ck is not reference])
 
     plan = MergePlan(
         config=config,
@@ -122,7 +126,9 @@ def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
     architecture = reference.architecture
     for name in reference.names():
         info = reference.info(name)
-        depth = architecture.depth_fraction(info)
+        # mergekit resolves every tensor outside the blocks (embeddings, final norm, lm_head)
+        # at t = 0, the gradient's first value; same recipe, same tensors.
+        depth = architecture.depth_fraction(info) if info.layer is not None else 0.0
         dtype = reference.dtype(name)
         plan.tensors.append(
             TensorPlan(
@@ -172,7 +178,7 @@ def _check_model_count(method: MergeMethod, count: int) -> None:
         )
 
 
-def _check_compatible(reference: Checkpoint, others: list[Checkpoint]) -> None:
+def check_compatible(reference: Checkpoint, others: list[Checkpoint]) -> None:
     problems: list[str] = []
     ref_names = set(reference.names())
     for other in others:

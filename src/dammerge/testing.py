@@ -93,7 +93,10 @@ def make_tiny_model(
     **overrides: Any,
 ) -> Path:
     """Save a random-init model of ``model_type`` with a tokenizer into ``folder``."""
-    kwargs = dict(TINY_CONFIGS[model_type], vocab_size=VOCAB, **overrides)
+    # special-token ids inside the tiny vocabulary (the library defaults, e.g. 32000 or 50256,
+    # point outside it and make transformers warn and generation misbehave)
+    kwargs = dict(TINY_CONFIGS[model_type], vocab_size=VOCAB, bos_token_id=1, eos_token_id=2)
+    kwargs.update(overrides)
     if tie_word_embeddings is not None:
         kwargs["tie_word_embeddings"] = tie_word_embeddings
     config = AutoConfig.for_model(model_type, **kwargs)

@@ -189,12 +189,13 @@ class Architecture:
     def depth_fraction(self, info: TensorInfo) -> float:
         """Position in [0, 1] used to interpolate gradient parameters over depth.
 
-        Block tensors use ``layer / (num_layers - 1)``; tensors before the blocks (embeddings)
-        sit at 0 and tensors after them (final norm, ``lm_head``) at 1.
+        Block tensors use ``layer / (num_layers - 1)`` (a single block sits at 1, as in
+        mergekit); tensors before the blocks (embeddings) sit at 0 and tensors after them (final
+        norm, ``lm_head``) at 1.
         """
         n = self.num_layers or 1
         if info.layer is not None:
-            return 0.0 if n <= 1 else info.layer / (n - 1)
+            return 1.0 if n <= 1 else min(info.layer / (n - 1), 1.0)
         return 0.0 if info.kind == TensorKind.EMBEDDING else 1.0
 
 

@@ -9,6 +9,7 @@ Nothing here ever writes to the folder.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class Checkpoint:
         self.architecture = Architecture.from_config(self.config)
         self._weight_map = self._read_weight_map()
         self._handles: dict[Path, Any] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}  # absolute byte range in its shard
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._open_all()
@@ -89,10 +91,16 @@ class Checkpoint:
             raise CheckpointError(
                 f"{index_path} is not a valid shard index (needs a 'weight_map' object)"
             ) from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(
+                f"{index_path} is not a valid shard index ('weight_map' is not an object)"
+            )
         resolved: dict[str, Path] = {}
         for name, filename in weight_map.items():
-            shard = (self.path / str(filename)).resolve()
-            if not shard.is_relative_to(self.path):
+            shard = self.path / str(filename)
+            # Judge the name as written, not where symlinks lead: Hugging Face cache snapshots
+            # are folders of symlinks into ../../blobs, and those are legitimate.
+            if not _stays_inside(str(filename), self.path):
                 raise CheckpointError(
                     f"{index_path.name} maps {name!r} to {filename!r}, outside the model folder",
                     "a shard index may only name files inside its own folder; the file is "
@@ -131,10 +139,11 @@ class Checkpoint:
                 self._meta[name] = (tuple(sl.get_shape()), _dtype(sl.get_dtype()))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(
-                f"cannot read {shard}: {exc}",
-                "the file is truncated or corrupt; download it again",
+                f"cannot read {shard}: truncated or corrupt ({str(exc).splitlines()[0]})",
+                "download or copy that file again",
             ) from None
         self._handles[shard] = handle
+        self._offsets.update(_data_offsets(shard))
 
     def _open_pickle(self, shard: Path) -> None:
         try:
@@ -144,6 +153,15 @@ class Checkpoint:
                 f"cannot load pickle {shard}: {str(exc).splitlines()[0]}",
                 "even with --allow-pickle only plain tensors are accepted (weights_only=True)",
             ) from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]  # a training checkpoint wrapping the weights
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise CheckpointError(
+                f"{shard} is not a plain state dict of named tensors",
+                "save the model with save_pretrained (safetensors) and merge that folder",
+            )
         self._pickles[shard] = state
         for name, tensor in state.items():
             self._meta[name] = (tuple(tensor.shape), tensor.dtype)
@@ -185,14 +203,14 @@ class Checkpoint:
         return count * dtype.itemsize
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (a fresh CPU tensor backed by the mmap'd file)."""
+        """Load one tensor (a fresh CPU tensor, read from the file)."""
         shard = self._weight_map.get(name)
         if shard is None:
             raise CheckpointError(f"{self.path} has no tensor {name!r}")
         if shard in self._handles:
             try:
-                return self._handles[shard].get_tensor(name)
-            except (SafetensorError, OSError) as exc:
+                return _pread_tensor(shard, self._offsets[name], *self._meta[name])
+            except OSError as exc:
                 raise CheckpointError(f"cannot read {name!r} from {shard}: {exc}") from None
         return self._pickles[shard][name]
 
@@ -205,6 +223,56 @@ class Checkpoint:
 
     def files(self) -> list[Path]:
         return sorted(set(self._weight_map.values()))
+
+
+def _stays_inside(filename: str, folder: Path) -> bool:
+    """True if ``filename`` (from a shard index) names a file inside ``folder`` lexically:
+    relative, and no ``..`` climbing out of it."""
+    if not filename or os.path.isabs(filename) or "\\" in filename:
+        return False
+    joined = os.path.normpath(os.path.join(folder, filename))
+    return os.path.commonpath([joined, str(folder)]) == str(folder) and joined != str(folder)
+
+
+def _data_offsets(shard: Path) -> dict[str, tuple[int, int]]:
+    """Absolute byte range of every tensor of a safetensors file (its header was already
+    validated by ``safe_open``)."""
+    with open(shard, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
+    start = 8 + header_len
+    return {
+        name: (start + entry["data_offsets"][0], start + entry["data_offsets"][1])
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
+
+
+def _pread_tensor(
+    shard: Path, span: tuple[int, int], shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """Read one tensor with ``pread`` into a fresh tensor.
+
+    Not through the mmap: pages of a memory-mapped file stay in the process's resident set
+    while the file is open, so a merge that touched every input tensor would end up "using"
+    the size of all its inputs; pread copies from the page cache and keeps RSS to the tensors
+    alive. Reads loop because one read returns at most ~2 GiB.
+    """
+    out = torch.empty(shape, dtype=dtype)
+    buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    if len(buffer) != span[1] - span[0]:
+        raise OSError(f"header says {span[1] - span[0]} bytes, shape needs {len(buffer)}")
+    fd = os.open(shard, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(buffer):
+            n = os.preadv(fd, [buffer[done:]], span[0] + done)
+            if n <= 0:
+                raise OSError("file ends early: truncated")
+            done += n
+    finally:
+        os.close(fd)
+    return out
 
 
 _DTYPES = {

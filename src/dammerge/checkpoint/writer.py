@@ -11,13 +11,15 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file as _safetensors_save_file
 
 from dammerge.errors import OutputError
 
@@ -33,6 +35,52 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 TMP_MARKER = ".dammerge-tmp-"
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def save_file(
+    tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file like ``safetensors.torch.save_file``, without its copy.
+
+    safetensors first turns every tensor into a ``bytes`` object, so flushing a 5 GB shard
+    briefly needs 10 GB; here the header goes out first and then each (CPU, contiguous)
+    tensor's own memory, so a flush needs no memory beyond the shard itself.
+    """
+    if any(t.dtype not in _SAFETENSORS_DTYPES for t in tensors.values()):
+        _safetensors_save_file(tensors, filename, metadata=metadata)
+        return
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(filename, "wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little"))
+        handle.write(raw)
+        for tensor in tensors.values():
+            if tensor.numel():
+                handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
 
 
 def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool) -> Path:
@@ -90,6 +138,9 @@ class CheckpointWriter:
         self._shards: list[tuple[str, list[str]]] = []
         self._total_bytes = 0
         self._committed = False
+        # the outermost parent folder this writer creates, removed again if the merge fails
+        missing = [p for p in (self.out.parent, *self.out.parent.parents) if not p.exists()]
+        self._created_parent: Path | None = missing[-1] if missing else None
 
     def __enter__(self) -> CheckpointWriter:
         clean_stale_temporaries(self.out)
@@ -105,6 +156,21 @@ class CheckpointWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if not self._committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            self._remove_created_parents()
+
+    def _remove_created_parents(self) -> None:
+        """Undo ``mkdir -p`` of the output's parents, so a failed merge leaves no trace."""
+        if self._created_parent is None:
+            return
+        folder = self.out.parent
+        while True:
+            try:
+                folder.rmdir()  # only succeeds on empty folders: never removes anything else
+            except OSError:
+                return
+            if folder == self._created_parent:
+                return
+            folder = folder.parent
 
     # -- tensors --------------------------------------------------------------------------
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -125,6 +191,8 @@ class CheckpointWriter:
             save_file(self._pending, str(self.tmp / filename), metadata={"format": "pt"})
         except OSError as exc:
             raise _os_error(exc, self.out) from None
+        except SafetensorError as exc:  # the Rust writer reports I/O failures (disk full) here
+            raise _safetensors_error(exc, self.out) from None
         self._shards.append((filename, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
@@ -194,6 +262,16 @@ class CheckpointWriter:
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         return self.out
+
+
+def _safetensors_error(exc: SafetensorError, out: Path) -> OutputError:
+    """safetensors raises its own error type for I/O failures; recover the errno it names."""
+    text = str(exc)
+    match = re.search(r"os error (\d+)", text)
+    if match:
+        code = int(match.group(1))
+        return _os_error(OSError(code, os.strerror(code)), out)
+    return OutputError(f"cannot write {out}: {text}")
 
 
 def _os_error(exc: OSError, out: Path) -> OutputError:

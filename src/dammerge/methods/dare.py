@@ -66,7 +66,13 @@ def _runner(consensus: bool):
     return run
 
 
-_GLOBALS = {"normalize": False, "lambda": 1.0, "rescale": True, "rescale_mode": "l1"}
+_GLOBALS = {
+    "normalize": False,
+    "lambda": 1.0,
+    "rescale": True,
+    "rescale_mode": "l1",
+    "int8_mask": False,  # a memory option of mergekit's, accepted for its recipes; no effect
+}
 
 DARE_LINEAR = MergeMethod(
     name="dare_linear",
@@ -84,7 +90,7 @@ DARE_TIES = MergeMethod(
     summary="random drop + rescale of task vectors, then TIES sign election",
     run=_runner(consensus=True),
     model_params={"weight": REQUIRED, "density": 1.0},
-    global_params={**_GLOBALS, "int8_mask": False},
+    global_params=dict(_GLOBALS),
     requires_base=True,
     stochastic=True,
     notes=__doc__ or "",

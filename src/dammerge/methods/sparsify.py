@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 
 RescaleMode = Literal["l1", "density", "none"]
+DellaRescaleMode = Literal["l1", "probability"]
 
 
 def rescale_kept(
@@ -32,6 +33,28 @@ def rescale_kept(
     return kept * (before / after)
 
 
+def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest entries of a flat tensor, equal values going to the
+    lower index first: exactly the first ``k`` of a stable descending sort.
+
+    A sort is O(n log n) and was most of a TIES merge's time; ``kthvalue`` finds the k-th
+    largest value in O(n), everything above it is kept, and only the entries equal to it are
+    looked at one by one (bf16 checkpoints give many such exact ties).
+    """
+    n = magnitudes.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=magnitudes.device)
+    threshold = torch.kthvalue(magnitudes, n - k + 1).values
+    keep = magnitudes > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        tied = torch.nonzero(magnitudes == threshold).squeeze(1)[:missing]
+        keep[tied] = True
+    return keep
+
+
 def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``density`` fraction of entries with the largest magnitude (TIES' trim step)."""
     if density >= 1.0:
@@ -40,10 +63,7 @@ def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
     if k <= 0:
         return torch.zeros_like(delta)
     flat = delta.reshape(-1)
-    keep = torch.argsort(flat.abs(), descending=True, stable=True)[:k]
-    mask = torch.zeros_like(flat)
-    mask[keep] = 1
-    return (flat * mask).view_as(delta)
+    return (flat * top_k_mask(flat.abs(), k)).view_as(delta)
 
 
 def magnitude_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -55,9 +75,10 @@ def magnitude_band(delta: torch.Tensor, density: float, gamma: float) -> torch.T
     n_keep = int(density * n)
     n_top = min(int(gamma * n), n - n_keep)
     flat = delta.reshape(-1)
-    order = torch.argsort(flat.abs(), descending=True, stable=True)
-    mask = torch.zeros_like(flat)
-    mask[order[n_top : n_top + n_keep]] = 1
+    magnitudes = flat.abs()
+    # positions n_top .. n_top + n_keep of the stable descending order: the top
+    # (n_top + n_keep) minus the top n_top (prefixes of one stable order are nested)
+    mask = top_k_mask(magnitudes, n_top + n_keep) & ~top_k_mask(magnitudes, n_top)
     return (flat * mask).view_as(delta)
 
 
@@ -91,25 +112,39 @@ def magnitude_ranked_drop(
     epsilon: float,
     generator: torch.Generator | None,
     rescale: bool = True,
+    rescale_mode: DellaRescaleMode = "l1",
 ) -> torch.Tensor:
     """DELLA's MagPrune: per row, keep probabilities rise linearly with magnitude rank from
-    ``density - epsilon`` (smallest) to ``density + epsilon`` (largest); kept entries are
-    divided by their own keep probability when ``rescale``."""
+    ``density - epsilon`` (smallest) to ``density + epsilon`` (largest).
+
+    When ``rescale``: ``rescale_mode="probability"`` divides each kept entry by its own keep
+    probability (the DELLA paper; unbiased in expectation), ``"l1"`` restores the L1 norm of the
+    whole task vector (mergekit's behaviour, the default).
+    """
     if density >= 1.0:
         return delta
+    if density <= 0.0:
+        return torch.zeros_like(delta)
     if not (density - epsilon > 0.0 and density + epsilon <= 1.0):
         raise ValueError(
             f"della needs 0 < density - epsilon and density + epsilon <= 1 "
             f"(got density={density}, epsilon={epsilon})"
         )
+    if rescale_mode not in ("l1", "probability"):
+        raise ValueError(f"rescale_mode must be 'l1' or 'probability', got {rescale_mode!r}")
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     width = rows.shape[1]
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(torch.float32)
+    # probabilities in at least float32 (bf16 cannot tell 0.35 from 0.351), in float64 for a
+    # float64 merge so the 1/p rescale is exact there
+    prob_dtype = torch.promote_types(rows.dtype, torch.float32)
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(prob_dtype)
     fraction = ranks / max(width - 1, 1)
     probs = (density - epsilon) + fraction * (2 * epsilon)
     kept = rows * bernoulli_mask(rows, probs, generator)
-    if rescale:
-        kept = kept / probs.to(rows.dtype)
+    if rescale and rescale_mode == "probability":
+        kept = (kept / probs).to(rows.dtype)
+    elif rescale:
+        kept = rescale_kept(rows, kept, density, "l1")
     return kept.view_as(delta)
 
 

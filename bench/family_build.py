@@ -1,0 +1,119 @@
+"""Benchmark: build the micro and small families from scratch; record time and model quality.
+
+Usage: ``.venv/bin/python bench/family_build.py [--sizes micro,small] [--seed 0]``
+
+Builds into ``bench/.work/family-<size>`` with ``force=True`` (so the cache cannot make it
+trivial), then writes ``bench/results/family_build.json`` with, per size: wall-clock and CPU
+seconds of the build and of each phase, the budget, the machine's load average (the machine is
+shared, so wall time is noisy; CPU seconds are the steadier number), and the quality table of
+the base and each specialist on each domain, plus Model Soups (the uniform average of the three
+specialists) scored the same way: the point of the family is that merging trades skills off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+HERE = Path(__file__).resolve().parent
+BUDGET_SECONDS = {"micro": 90, "small": 600}
+DOMAINS = ("lang", "math", "sql", "compositional")
+
+
+def soup_scores(root: Path, n_records: int) -> dict[str, float]:
+    """Quick scores of the uniform average of the three specialists (Model Soups)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dammerge.family.build import deterministic_torch, measure_quality
+    from dammerge.family.manifest import load_family, read_jsonl
+
+    family = load_family(root)
+    tokenizer = AutoTokenizer.from_pretrained(family.model_dir("base"))
+    specialists = [
+        AutoModelForCausalLM.from_pretrained(family.model_dir(d)).state_dict()
+        for d in ("lang", "math", "sql")
+    ]
+    soup = AutoModelForCausalLM.from_pretrained(family.model_dir("base"))
+    with torch.no_grad():
+        soup.load_state_dict({k: sum(s[k] for s in specialists) / 3 for k in specialists[0]})
+    splits = {d: {"eval": read_jsonl(spec.eval)} for d, spec in family.domains.items()}
+    splits["compositional"] = {"eval": read_jsonl(family.compositional.eval)}
+    with deterministic_torch():
+        quality = measure_quality({"soup": copy.deepcopy(soup)}, tokenizer, splits, n_records)
+    return quality["scores"]["soup"]
+
+
+def bench_size(size: str, seed: int) -> dict:
+    from dammerge.family.build import build_family
+
+    out = HERE / ".work" / f"family-{size}"
+    load_before = os.getloadavg()
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    result = build_family(out, size, seed, force=True, report=print)
+    wall = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    manifest = result.manifest
+    quality = manifest["quality"]
+    scores = dict(quality["scores"])
+    scores["soup"] = soup_scores(out, quality["records_per_domain"])
+    return {
+        "size": size,
+        "seed": seed,
+        "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu, 1),
+        "budget_seconds": BUDGET_SECONDS[size],
+        "phase_seconds": manifest.get("timings", {}),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "content_hash": manifest["content_hash"],
+        "spec": manifest["spec"],
+        "quality": {
+            "records_per_domain": quality["records_per_domain"],
+            "metrics": quality["metrics"],
+            "scores": scores,
+            "final_train_loss": quality.get("final_train_loss"),
+        },
+    }
+
+
+def print_table(entry: dict) -> None:
+    print(f"\n{entry['size']}: {entry['wall_seconds']} s wall, {entry['cpu_seconds']} s CPU")
+    print("model    " + " ".join(f"{d:>13}" for d in DOMAINS))
+    for model, row in entry["quality"]["scores"].items():
+        print(f"{model:8} " + " ".join(f"{row[d]:13.3f}" for d in DOMAINS))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="micro,small")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=HERE / "results" / "family_build.json")
+    args = parser.parse_args()
+    results = {
+        "benchmark": "family_build",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "note": "shared machine: wall time depends on other users' load; see load_average_*",
+        "runs": [],
+    }
+    for size in args.sizes.split(","):
+        entry = bench_size(size.strip(), args.seed)
+        print_table(entry)
+        results["runs"].append(entry)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nresults written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Tables and plots of an :class:`EvaluationResult`: rich (terminal), Markdown, JSON, PNG.
+
+Files are written atomically (a temporary sibling, then a rename) so an interrupted run never
+leaves a truncated JSON that a script would then misread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dammerge.errors import DammergeError
+from dammerge.evaluate.data import COMPOSITIONAL
+from dammerge.evaluate.evaluator import EvaluationResult
+from dammerge.evaluate.metrics import truncate_response
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def score_rows(result: EvaluationResult) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the score table: one row per model, one column per domain + average."""
+    specialist_domains = [d for d in result.domains if d != COMPOSITIONAL]
+    header = ["model", *specialist_domains, "average"]
+    if COMPOSITIONAL in result.domains:
+        header.append(COMPOSITIONAL)
+    rows = []
+    for key, scores in result.models.items():
+        row = [result.labels[key], *(_fmt(scores[d].score) for d in specialist_domains)]
+        row.append(_fmt(result.average(key)))
+        if COMPOSITIONAL in scores:
+            row.append(_fmt(scores[COMPOSITIONAL].score))
+        rows.append(row)
+    return header, rows
+
+
+def likelihood_rows(result: EvaluationResult) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the NLL / KL table (lower is better for both)."""
+    header = ["model"]
+    for domain in result.domains:
+        header += (
+            [f"{domain} nll", f"{domain} kl"] if domain != COMPOSITIONAL else [f"{domain} nll"]
+        )
+    rows = []
+    for key, scores in result.models.items():
+        row = [result.labels[key]]
+        for domain in result.domains:
+            row.append(_fmt(scores[domain].nll))
+            if domain != COMPOSITIONAL:
+                row.append(_fmt(scores[domain].kl, 4))
+        rows.append(row)
+    return header, rows
+
+
+def rich_tables(result: EvaluationResult) -> list[Any]:
+    """Two rich tables: task scores (higher is better), then NLL and KL (lower is better)."""
+    from rich.table import Table
+
+    tables = []
+    for title, (header, rows) in (
+        ("scores (higher is better)", score_rows(result)),
+        ("reference NLL and KL to the specialist (lower is better)", likelihood_rows(result)),
+    ):
+        table = Table(*header, title=title)
+        for row in rows:
+            table.add_row(*row)
+        tables.append(table)
+    return tables
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(result: EvaluationResult) -> str:
+    """The two tables as Markdown, with what the numbers mean."""
+    settings = ", ".join(f"{k} {v}" for k, v in result.settings.items() if v is not None)
+    parts = [
+        "## Scores (higher is better)",
+        "",
+        _markdown_table(*score_rows(result)),
+        "",
+        "`average` is the mean over the specialist domains; the compositional set is not in it.",
+        "",
+        "## Reference NLL and KL(specialist ‖ model) per response token (lower is better)",
+        "",
+        _markdown_table(*likelihood_rows(result)),
+        "",
+        f"Settings: {settings}." if settings else "",
+    ]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(result: EvaluationResult, path: str | Path) -> None:
+    """``{"models": {dir: {domain: {"score", "nll", "kl"}, ..., "average": a}}}``."""
+    text = json.dumps(result.to_json(), indent=2) + "\n"
+    _atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def write_markdown(result: EvaluationResult, path: str | Path) -> None:
+    text = markdown(result)
+    _atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def write_responses(result: EvaluationResult, path: str | Path) -> None:
+    """One JSON line per (model, record): the scored response, its score and the raw generation."""
+    lines = []
+    for key, scores in result.models.items():
+        for domain, score in scores.items():
+            ids = result.record_ids.get(domain, [])
+            for i, (response, value) in enumerate(
+                zip(score.responses, score.record_scores, strict=True)
+            ):
+                record_id = ids[i] if i < len(ids) else str(i)
+                lines.append(
+                    json.dumps(
+                        {
+                            "model": key,
+                            "domain": domain,
+                            "id": record_id,
+                            "response": truncate_response(response),
+                            "score": value,
+                            "raw": response,
+                        }
+                    )
+                )
+    text = "\n".join(lines) + ("\n" if lines else "")
+    _atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def write_plot(result: EvaluationResult, path: str | Path) -> None:
+    """Grouped bars: one group per domain (and average, compositional), one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    header, _ = score_rows(result)
+    groups = header[1:]
+    keys = list(result.models)
+    width = 0.8 / max(len(keys), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, len(groups) * (0.8 + 0.25 * len(keys))), 4))
+    for i, key in enumerate(keys):
+        scores = result.models[key]
+        values = [result.average(key) if g == "average" else scores[g].score for g in groups]
+        xs = [g + (i - (len(keys) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [0.0 if v is None else v for v in values], width, label=result.labels[key])
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score (primary metric)")
+    ax.set_title("Per-domain scores")
+    ax.legend(
+        fontsize="small", ncols=min(len(keys), 4), loc="upper center", bbox_to_anchor=(0.5, -0.1)
+    )
+    fig.tight_layout()
+    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def check_output_paths(*paths: Path | None, plot_path: Path | None = None) -> None:
+    """Reject unusable output paths before any compute (a folder, a plot not ending .png)."""
+    for path in (*paths, plot_path):
+        if path is not None and path.is_dir():
+            raise DammergeError(f"{path} is a folder", "give a file name for the output")
+    if plot_path is not None and plot_path.suffix.lower() != ".png":
+        raise DammergeError(f"--plot {plot_path} must end in .png", "for example --plot scores.png")

@@ -1,0 +1,236 @@
+"""Run an experiment: every (method, seed) cell merged, measured, evaluated, and reported.
+
+The runner is deliberately plain: it expands the experiment into cells, validates all of them
+before any compute starts (so a typo in the last method does not surface after an hour), then
+runs each missing cell and writes the report. A cell's state lives in its own folder:
+
+    OUT/cells/<method>/<seed-k>/model/       the merged checkpoint (written atomically)
+    OUT/cells/<method>/<seed-k>/merge.json   compute of the merge (wall time, peak memory, passes)
+    OUT/cells/<method>/<seed-k>/scores.json  the evaluation
+
+Each file is written only once its step is complete, so re-running a killed experiment redoes
+only the missing steps. Every merge runs in a fresh process: peak memory is then the merge's
+own, and a crash cannot take the runner down with it.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from dammerge.errors import DammergeError
+from dammerge.experiment.config import ExperimentConfig, MethodSpec
+from dammerge.family.manifest import Family, load_family
+
+console = Console(stderr=True)
+REFERENCE_GROUP = "reference"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: a method at one seed, or a family model scored as a reference row."""
+
+    name: str
+    group: str
+    folder: Path
+    seed: int | None = None
+    recipe: dict[str, Any] | None = None  # None for reference rows (nothing to merge)
+    model_dir: Path | None = None  # the reference model, for reference rows
+
+    @property
+    def model(self) -> Path:
+        return self.model_dir if self.model_dir is not None else self.folder / "model"
+
+    @property
+    def merge_record(self) -> Path:
+        return self.folder / "merge.json"
+
+    @property
+    def scores_record(self) -> Path:
+        return self.folder / "scores.json"
+
+    @property
+    def label(self) -> str:
+        return self.name if self.seed is None else f"{self.name} (seed {self.seed})"
+
+
+def complete_recipe(method: MethodSpec, family: Family) -> dict[str, Any]:
+    """The method's recipe with base_model and models (and their datasets) taken from the family."""
+    recipe = dict(method.recipe)
+    domains = method.sources or list(family.domains)
+    unknown = [d for d in domains if d not in family.domains]
+    if unknown:
+        raise DammergeError(
+            f"method {method.name!r}: the family has no domain {unknown[0]!r}",
+            f"domains: {', '.join(family.domains)}",
+        )
+    recipe["base_model"] = str(family.model_dir("base"))
+    recipe["models"] = [
+        {
+            "model": str(family.domains[d].specialist_dir),
+            "dataset": {"path": str(family.domains[d].train), **method.dataset},
+        }
+        for d in domains
+    ]
+    return recipe
+
+
+def plan_cells(config: ExperimentConfig, family: Family, out: Path) -> list[Cell]:
+    """Reference rows first (base, specialists), then every method at each of its seeds."""
+    cells = [
+        Cell(
+            name=name,
+            group=REFERENCE_GROUP,
+            folder=out / "cells" / f"ref-{name}",
+            model_dir=family.model_dir(name),
+        )
+        for name in config.references
+    ]
+    for method in config.methods:
+        recipe = complete_recipe(method, family)
+        seeds = config.seeds if method.is_seeded else [None]
+        for seed in seeds:
+            folder = out / "cells" / method.slug
+            if seed is not None:
+                folder = folder / f"seed-{seed}"
+            cells.append(Cell(method.name, method.group, folder, seed, recipe))
+    return cells
+
+
+def validate_cells(cells: list[Cell], device: str) -> None:
+    """Check every recipe (inputs, shapes, datasets) before any compute; name the failing cell."""
+    from dammerge.merge import data_informed_runner, load_config
+    from dammerge.plan import build_plan
+
+    for cell in cells:
+        if cell.recipe is None:
+            if not (cell.model / "config.json").is_file():
+                raise DammergeError(
+                    f"reference {cell.name!r}: {cell.model} is not a model folder",
+                    "rebuild the family or fix `references`",
+                )
+            continue
+        try:
+            config = load_config(cell.recipe)
+            runner = data_informed_runner(config.merge_method)
+            if runner is None:
+                build_plan(config)
+            else:
+                runner(
+                    config,
+                    cell.model,
+                    device=device,
+                    seed=cell.seed or 0,
+                    overwrite=True,
+                    dry_run=True,
+                    shard_size=2**40,
+                )
+        except DammergeError as exc:
+            raise DammergeError(f"cell {cell.label!r}: {exc.message}", exc.hint) from None
+
+
+def _merge_in_child(recipe: dict[str, Any], out: str, seed: int, device: str, queue: Any) -> None:
+    """Body of the merge process: run the merge, report compute (or the user error)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from dammerge.merge import merge
+
+    start = time.perf_counter()
+    try:
+        merge(recipe, out, seed=seed, device=device, overwrite=True, progress=False)
+    except DammergeError as exc:
+        queue.put({"error": exc.message, "hint": exc.hint})
+        return
+    queue.put(
+        {
+            "wall_seconds": time.perf_counter() - start,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+    )
+
+
+def run_merge(cell: Cell, device: str) -> dict[str, Any]:
+    """Merge one cell in a fresh process; return its compute record."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(
+        target=_merge_in_child,
+        args=(cell.recipe, str(cell.model), cell.seed or 0, device, queue),
+    )
+    process.start()
+    process.join()
+    if process.exitcode != 0 or queue.empty():
+        raise DammergeError(
+            f"cell {cell.label!r}: the merge process died (exit code {process.exitcode})",
+            "re-run the experiment: finished cells are kept",
+        )
+    result = queue.get()
+    if "error" in result:
+        raise DammergeError(f"cell {cell.label!r}: {result['error']}", result.get("hint"))
+    result["method"] = cell.recipe["merge_method"] if cell.recipe else None
+    result.update(_method_stats(cell.model))
+    return result
+
+
+def _method_stats(model: Path) -> dict[str, Any]:
+    """Counts that data-informed methods record next to their output (passes, evaluations)."""
+    stats: dict[str, Any] = {}
+    for path in sorted(model.glob("*_stats.json")):
+        stats.update(json.loads(path.read_text()))
+    return stats
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a killed run never leaves a half-written record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    temp.replace(path)
+
+
+def run_experiment(
+    config: ExperimentConfig, out: Path, *, rerun: bool = False, progress: bool = True
+) -> Path:
+    """Run every missing cell of ``config`` into ``out`` and write the report; return its folder."""
+    from dammerge.experiment.evaluation import evaluate_cell
+
+    from dammerge.experiment.report import write_report
+
+    out = Path(out)
+    family = _family(config)
+    cells = plan_cells(config, family, out)
+    validate_cells(cells, config.device)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "experiment.json", config.model_dump(mode="json"))
+    if rerun:
+        shutil.rmtree(out / "cells", ignore_errors=True)
+    for number, cell in enumerate(cells, 1):
+        prefix = f"[{number}/{len(cells)}] {cell.label}"
+        if cell.recipe is not None and not cell.merge_record.exists():
+            console.print(f"{prefix}: merging ({cell.recipe['merge_method']})")
+            write_json(cell.merge_record, run_merge(cell, config.device))
+        if not cell.scores_record.exists():
+            console.print(f"{prefix}: evaluating")
+            scores = evaluate_cell(cell.model, family, config.evaluation, config.device, progress)
+            write_json(cell.scores_record, scores)
+        else:
+            console.print(f"{prefix}: done earlier", style="dim")
+    return write_report(config, cells, out)
+
+
+def _family(config: ExperimentConfig) -> Family:
+    root = Path(config.family)
+    if not (root / "manifest.json").exists() and config.build is not None:
+        from dammerge.family.build import build_family
+
+        console.print(f"building the {config.build.size} family in {root}")
+        build_family(root, size=config.build.size, seed=config.build.seed)
+    return load_family(root)

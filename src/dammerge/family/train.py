@@ -1,0 +1,218 @@
+"""Training loops of the family: pre-training of the base, full fine-tuning of specialists.
+
+Plain PyTorch on purpose (no Trainer): the loops are short, deterministic (all randomness from
+explicit seeds, single process, fixed thread count) and fast on 2 CPU cores. Pre-training packs
+the corpus into fixed-length rows (no padding); fine-tuning buckets examples by length so a
+batch pads to its own longest example, and puts the loss on the response tokens only, which is
+how Alpaca-style specialists are trained and how DAM's data-informed objective reads them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from dammerge.templates import alpaca_prompt
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Dimensions of a family model (all family models share them)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    max_positions: int = 512
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One training phase: steps, batch rows, peak learning rate and weight decay."""
+
+    steps: int
+    batch: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup: float = 0.05
+    min_lr_ratio: float = 0.1
+
+
+def new_model(shape: ModelShape, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
+    """A freshly initialised Llama with an untied ``lm_head`` (DAM merges it separately)."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        max_position_embeddings=shape.max_positions,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _lr_at(step: int, schedule: Schedule) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak."""
+    warm = max(1, int(schedule.warmup * schedule.steps))
+    if step < warm:
+        return schedule.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, schedule.steps - warm)
+    floor = schedule.min_lr_ratio
+    return schedule.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _optimizer(model: torch.nn.Module, schedule: Schedule) -> torch.optim.Optimizer:
+    """AdamW, with no weight decay on norms (1-D tensors), as usual for transformers."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": schedule.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=schedule.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+
+
+def run_steps(
+    model: LlamaForCausalLM,
+    batches: Iterator[dict[str, torch.Tensor]],
+    schedule: Schedule,
+    description: str,
+) -> list[float]:
+    """Train ``model`` for ``schedule.steps`` batches; returns the loss of every step."""
+    model.train()
+    optimizer = _optimizer(model, schedule)
+    losses: list[float] = []
+    bar = tqdm(range(schedule.steps), desc=description, unit="step", leave=False)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, schedule)
+        loss = model(**next(batches)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    bar.close()
+    model.eval()
+    return losses
+
+
+# --------------------------------------------------------------------------- pre-training
+
+
+def pack_corpus(
+    paragraphs: Sequence[str], tokenizer: PreTrainedTokenizerFast, seq_len: int
+) -> torch.Tensor:
+    """Token ids of the corpus, EOS between paragraphs, cut into rows of ``seq_len``."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for encoding in tokenizer.backend_tokenizer.encode_batch(list(paragraphs)):
+        ids.extend(encoding.ids)
+        ids.append(eos)
+    rows = len(ids) // seq_len
+    return torch.tensor(ids[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+
+
+def pretraining_batches(
+    rows: torch.Tensor, batch: int, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches of packed rows (a new seeded permutation each epoch)."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(rows.shape[0], generator=generator)
+        for start in range(0, len(order) - batch + 1, batch):
+            chunk = rows[order[start : start + batch]]
+            yield {"input_ids": chunk, "labels": chunk}
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised instruction example: prompt ids (masked) and response ids (+ EOS)."""
+
+    prompt: list[int]
+    response: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.response)
+
+
+def tokenize_examples(
+    records: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerFast, max_len: int
+) -> list[Example]:
+    """Alpaca prompt and response + EOS of each record, tokenised separately.
+
+    Separate tokenisation guarantees that the prompt tokens are exactly those the evaluator
+    feeds at generation time (``tokenizer(prompt)``). Over-long examples are cut from the end.
+    """
+    backend = tokenizer.backend_tokenizer
+    prompts = [alpaca_prompt(r["instruction"], r.get("input", "")) for r in records]
+    prompt_ids = backend.encode_batch(prompts)
+    response_ids = backend.encode_batch([r["output"] for r in records])
+    eos = tokenizer.eos_token_id
+    examples = []
+    for p, r in zip(prompt_ids, response_ids, strict=True):
+        response = [*r.ids, eos][: max(1, max_len - len(p.ids))]
+        examples.append(Example(p.ids[: max_len - len(response)], response))
+    return examples
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; labels are the response tokens, everything else ignored."""
+    width = max(len(e) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids = example.prompt + example.response
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, len(example.prompt) : len(ids)] = torch.tensor(example.response)
+        attention[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def finetuning_batches(
+    examples: Sequence[Example], batch: int, pad_id: int, seed: int, bucket: int = 16
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless length-bucketed batches: shuffle, sort within windows of ``bucket`` batches.
+
+    Sorting only within a window keeps the batches' order random while each batch holds
+    examples of similar length, so padding stays small.
+    """
+    rng = random.Random(seed)
+    indices = list(range(len(examples)))
+    while True:
+        rng.shuffle(indices)
+        batches = []
+        window = batch * bucket
+        for start in range(0, len(indices), window):
+            chunk = sorted(indices[start : start + window], key=lambda i: len(examples[i]))
+            batches += [chunk[i : i + batch] for i in range(0, len(chunk), batch)]
+        rng.shuffle(batches)
+        for chunk in batches:
+            if len(chunk) == batch:
+                yield collate([examples[i] for i in chunk], pad_id)

@@ -1,0 +1,22 @@
+"""Data-informed merging: DAM and AdaMerging as presets of one learned-merge engine.
+
+``merge_method: dam`` (or ``adamerging``) in a recipe routes ``dammerge merge`` to
+:func:`dammerge.learned.run.run_learned_merge`. The pieces, one concern per module:
+
+- :mod:`.functional` — the merged linear autograd function (no saved merged weight);
+- :mod:`.layers` — merge modules (weights as buffers, float32 coefficients as parameters);
+- :mod:`.model` — building the merge module from checkpoints, teacher mode, folding;
+- :mod:`.losses` — KL / MSE / entropy objectives and cosine / L1 / L2 regularisers;
+- :mod:`.data` — representative datasets, templates, masks, dynamic padding;
+- :mod:`.teachers` — teacher logits on the fly or precomputed top-K on disk;
+- :mod:`.settings` — the validated ``training:`` block; :mod:`.presets` — named presets;
+- :mod:`.train` — the training loop, checkpoints and resume;
+- :mod:`.export` — the standard checkpoint plus ``dam_coefficients.safetensors``;
+- :mod:`.inspect` — coefficient plots; :mod:`.run` — the whole path, validated up front.
+
+This package file stays import-light: the CLI reads :data:`LEARNED_METHODS` on every merge.
+"""
+
+LEARNED_METHODS = frozenset({"dam", "adamerging"})
+
+__all__ = ["LEARNED_METHODS"]

@@ -1,0 +1,298 @@
+"""Merge modules: the source weights as buffers, the coefficients as plain float32 parameters.
+
+Each module replaces one module of the base architecture and computes its tensor as a
+coefficient-weighted combination of the *stacked* source tensors (the weight store, held once):
+
+- :class:`MergedLinear` — block linears and an untied ``lm_head``, through the custom autograd
+  function of :mod:`dammerge.learned.functional` (one matmul, nothing out×in saved);
+- :class:`MergedParameterModule` — embeddings and norms: the base's tensor by default, or merged
+  per hidden dimension / per element when asked, evaluated with ``torch.func.functional_call`` on
+  the original module so architecture details (Gemma's scaled embeddings, norm offsets) stay the
+  library's;
+- :class:`TiedHead` — the output head of a model with ``tie_word_embeddings``: it borrows the
+  embedding's tensors, so tied models stay tied and untied ones are never tied.
+
+Every module has a ``selected`` attribute: ``None`` for the merge, or a source index ``i`` for
+*teacher mode* (model i's own tensors, bit for bit, no arithmetic). No hooks, no parametrize
+magic: ordinary modules with plain parameters and buffers, so FSDP can shard them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from dammerge.learned.functional import merged_linear
+
+Granularity = Literal["model", "layer", "column"]
+Parametrization = Literal["full", "task_vectors"]
+Activation = Literal["none", "tanh", "sigmoid"]
+InitSpec = str | float | list[float]
+
+
+@dataclass(frozen=True)
+class CoefficientScheme:
+    """How raw learned coefficients become the per-source scales of the weight store.
+
+    The store holds the N sources, then the base when it takes part. With ``full`` weights the
+    merge is ``Σ s_m W_m`` over the learned participants (the base is one when ``include_base``).
+    With ``task_vectors`` it is ``W_base + Σ s_i (W_i − W_base)``, computed as the identical
+    ``(1 − Σ s_i) W_base + Σ s_i W_i`` so that no task vector is ever materialised.
+    """
+
+    n_sources: int
+    parametrization: Parametrization = "full"
+    activation: Activation = "none"
+    include_base: bool = False
+    clamp: bool = False
+
+    @property
+    def n_learned(self) -> int:
+        """Rows of every coefficient tensor."""
+        return self.n_sources + int(self.include_base and self.parametrization == "full")
+
+    @property
+    def base_in_store(self) -> bool:
+        return self.include_base or self.parametrization == "task_vectors"
+
+    @property
+    def n_store(self) -> int:
+        """Rows of every weight store (sources, then the base if it takes part)."""
+        return self.n_sources + int(self.base_in_store)
+
+    @property
+    def base_index(self) -> int | None:
+        return self.n_sources if self.base_in_store else None
+
+    def activate(self, raw: torch.Tensor) -> torch.Tensor:
+        """Learned coefficients -> effective coefficients of the learned participants."""
+        if self.activation == "tanh":
+            return torch.tanh(raw)
+        if self.activation == "sigmoid":
+            return torch.sigmoid(raw)
+        return raw
+
+    def raw_from_effective(self, value: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`activate`, used to start from given effective values."""
+        if self.activation == "tanh":
+            return torch.atanh(value)
+        if self.activation == "sigmoid":
+            return torch.logit(value)
+        return value
+
+    def scales(self, raw: torch.Tensor) -> torch.Tensor:
+        """(n_learned, d) raw coefficients -> (n_store, d) scales of the weight store."""
+        effective = self.activate(raw)
+        if self.parametrization == "task_vectors":
+            base_scale = 1.0 - effective.sum(0, keepdim=True)
+            return torch.cat([effective, base_scale], dim=0)
+        return effective
+
+    @torch.no_grad()
+    def project_(self, raw: torch.Tensor) -> None:
+        """Keep effective coefficients in [0, 1] (AdaMerging's clamp), applied after a step.
+
+        Projection instead of a clamp inside the forward: a clamped forward has zero gradient
+        outside the range, so a coefficient that overshoots once would be stuck forever.
+        """
+        if not self.clamp:
+            return
+        if self.activation == "none":
+            raw.clamp_(0.0, 1.0)
+        elif self.activation == "tanh":
+            raw.clamp_(min=0.0)
+        # sigmoid is in (0, 1) already
+
+    def initial_raw(
+        self, shape: tuple[int, ...], init: InitSpec, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Initial raw coefficients of ``shape`` = (n_learned, d).
+
+        ``uniform``: every effective coefficient 1/n_learned (exactly Model Soups for full
+        weights); a number: that effective value everywhere; a list: one effective value per
+        learned participant; ``random``: effective values uniform in [0.5/n, 1.5/n].
+        """
+        n = self.n_learned
+        if init == "uniform":
+            effective = torch.full(shape, 1.0 / n, dtype=torch.float64)
+        elif init == "random":
+            effective = (0.5 + torch.rand(shape, generator=generator, dtype=torch.float64)) / n
+        elif isinstance(init, int | float):
+            effective = torch.full(shape, float(init), dtype=torch.float64)
+        else:
+            values = torch.tensor([float(v) for v in init], dtype=torch.float64)
+            effective = values.reshape(n, *([1] * (len(shape) - 1))).expand(shape).clone()
+        return self.raw_from_effective(effective).to(torch.float32)
+
+
+def init_error(scheme: CoefficientScheme, init: InitSpec) -> str | None:
+    """Why ``init`` cannot be used with ``scheme`` (None if it can)."""
+    if isinstance(init, str):
+        return None if init in ("uniform", "random") else f"unknown init {init!r}"
+    values = [float(init)] if isinstance(init, int | float) else [float(v) for v in init]
+    if isinstance(init, list) and len(values) != scheme.n_learned:
+        return f"init lists {len(values)} values but there are {scheme.n_learned} participants"
+    for v in values:
+        if not math.isfinite(v):
+            return f"init value {v} is not finite"
+        if scheme.activation == "tanh" and not -1.0 < v < 1.0:
+            return f"init value {v} is outside tanh's range (-1, 1)"
+        if scheme.activation == "sigmoid" and not 0.0 < v < 1.0:
+            return f"init value {v} is outside sigmoid's range (0, 1)"
+    return None
+
+
+def _broadcast(scales: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(M, d) scales -> shape broadcastable against an (M, ..., d) store of rank ``ndim``."""
+    return scales.reshape(scales.shape[0], *([1] * (ndim - 2)), scales.shape[-1])
+
+
+class MergedLinear(nn.Module):
+    """``nn.Linear`` replacement computing ``x · (Σ_m W_m diag(s_m))ᵀ + Σ_m β_m b_m``.
+
+    ``weights`` (n_store, out, in) and ``biases`` (n_store, out) are buffers; ``coefficients``
+    is (n_learned, in) for column granularity or (n_learned, 1) for layer/model granularity (for
+    model granularity one parameter object is shared by every module). The bias takes one
+    coefficient per model: its own (n_learned,) parameter with column granularity, else the
+    layer's (or model's) coefficient.
+    """
+
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        biases: torch.Tensor | None,
+        scheme: CoefficientScheme,
+        coefficients: nn.Parameter,
+        bias_coefficients: nn.Parameter | None = None,
+    ) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.in_features = int(weights.shape[2])
+        self.out_features = int(weights.shape[1])
+        self.register_buffer("weights", weights)
+        self.register_buffer("biases", biases)
+        self.coefficients = coefficients
+        self.bias_coefficients = bias_coefficients
+        self.selected: int | None = None
+
+    def scales(self) -> torch.Tensor:
+        """(n_store, in) float32 scales of the weight store."""
+        scales = self.scheme.scales(self.coefficients)
+        return scales.expand(scales.shape[0], self.in_features)
+
+    def bias_scales(self) -> torch.Tensor | None:
+        if self.biases is None:
+            return None
+        raw = self.bias_coefficients
+        if raw is None:
+            raw = self.coefficients[:, 0]
+        return self.scheme.scales(raw[:, None])[:, 0]
+
+    def merged_weight(self) -> torch.Tensor:
+        """The plain merged weight (float32), for export and checks."""
+        with torch.no_grad():
+            s = self.scales()
+            return (self.weights.float() * s[:, None, :]).sum(0)
+
+    def merged_bias(self) -> torch.Tensor | None:
+        with torch.no_grad():
+            scales = self.bias_scales()
+            if scales is None:
+                return None
+            return (self.biases.float() * scales[:, None]).sum(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.selected is not None:
+            bias = None if self.biases is None else self.biases[self.selected]
+            return nn.functional.linear(x, self.weights[self.selected].to(x.dtype), bias)
+        return merged_linear(x, self.scales(), self.weights, self.bias_scales(), self.biases)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, store={self.weights.shape[0]}, "
+            f"coefficients={tuple(self.coefficients.shape)}"
+        )
+
+
+class MergedParameterModule(nn.Module):
+    """An embedding or norm whose parameters come from the base, a merge, or one source.
+
+    ``inner`` is the architecture's own module, holding the base's tensors as frozen
+    parameters; ``stacks`` maps each parameter name to its (n_store, *shape) store (absent when
+    neither merging nor on-the-fly teachers need it). Merged values scale the last dimension:
+    per hidden dimension for embeddings, per element for norms.
+    """
+
+    def __init__(
+        self,
+        inner: nn.Module,
+        stacks: dict[str, torch.Tensor] | None,
+        scheme: CoefficientScheme,
+        coefficients: nn.Parameter | None,
+    ) -> None:
+        super().__init__()
+        self.inner = inner
+        self.scheme = scheme
+        self.stack_names = sorted(stacks) if stacks else []
+        for name in self.stack_names:
+            self.register_buffer(f"stack_{name}", stacks[name])  # type: ignore[index]
+        self.coefficients = coefficients
+        self.selected: int | None = None
+
+    def stack(self, name: str) -> torch.Tensor:
+        if name not in self.stack_names:
+            raise RuntimeError(
+                "this module holds no source tensors (teacher weights were not kept)"
+            )
+        return getattr(self, f"stack_{name}")
+
+    @property
+    def merged(self) -> bool:
+        return self.coefficients is not None
+
+    def scales(self) -> torch.Tensor:
+        assert self.coefficients is not None
+        return self.scheme.scales(self.coefficients)
+
+    def current(self, name: str) -> torch.Tensor:
+        """The value of parameter ``name`` in the current mode (differentiable when merged)."""
+        if self.selected is not None:
+            return self.stack(name)[self.selected]
+        if self.coefficients is None:
+            return getattr(self.inner, name)
+        store = self.stack(name)
+        scales = _broadcast(self.scales(), store.dim())
+        merged = store[0].to(scales.dtype) * scales[0]
+        for m in range(1, store.shape[0]):  # one source at a time: bounded transient memory
+            merged = merged + store[m].to(scales.dtype) * scales[m]
+        return merged.to(store.dtype)
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        if self.selected is None and self.coefficients is None:
+            return self.inner(*args, **kwargs)
+        values = {name: self.current(name) for name, _ in self.inner.named_parameters()}
+        return functional_call(self.inner, values, args, kwargs)
+
+
+class TiedHead(nn.Module):
+    """Output head tied to the input embedding: ``logits = h · Eᵀ`` with E in the current mode.
+
+    It borrows the embedding module (kept in a list, not registered, so every tensor has exactly
+    one owner). A merged embedding scales hidden dimensions, which are the head's input columns,
+    so the merged head goes through the same memory-saving function as every block linear.
+    """
+
+    def __init__(self, embedding: MergedParameterModule) -> None:
+        super().__init__()
+        self._embedding = [embedding]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        emb = self._embedding[0]
+        if emb.selected is None and emb.merged:
+            return merged_linear(x, emb.scales().expand(-1, x.shape[-1]), emb.stack("weight"))
+        return nn.functional.linear(x, emb.current("weight").to(x.dtype))

@@ -1,0 +1,276 @@
+"""Objectives and regularisers of learned merging, as small pure functions.
+
+Token-level objectives take logits ``(batch, seq, vocab)`` and a boolean ``mask`` ``(batch,
+seq)`` of the *prediction positions* that count (padding, and optionally the prompt, are
+excluded); they return the mean over counted positions. Only those positions are gathered, and
+the float32 work is done in chunks of positions under activation checkpointing, so the fp32
+copies of a 128k-vocabulary distribution exist for one chunk at a time, in forward and backward.
+
+Definitions (``p`` = softmax(teacher / T), ``q`` = softmax(merged / T)):
+
+- ``kl`` forward: ``T² · Σ_v p log(p / q)`` (the reference code's KL(teacher‖merged), T = 2);
+  reverse: ``T² · Σ_v q log(q / p)``;
+- ``mse``: mean over the vocabulary of (merged − teacher)² logits;
+- ``entropy``: ``−Σ_v q log q`` of the merged distribution at T = 1 (AdaMerging; no teacher);
+- top-K teachers (values and vocabulary indices of the teacher's K largest logits): ``p`` is the
+  teacher renormalised over its K entries. Forward KL uses the merged model's full-vocabulary
+  ``log q`` at those entries; reverse KL renormalises ``q`` over the same K entries (reverse KL
+  against a distribution with zeros elsewhere would be infinite). MSE compares the K entries.
+
+Regularisers act on the effective coefficients, one ``(participants, d)`` tensor per group:
+
+- ``cosine``: per group, the mean cosine similarity over pairs of participants; the mean over
+  groups (the reference code's reduction, so λ_cos does not scale with depth);
+- ``l1`` = Σ|c| and ``l2`` = Σc² over every coefficient (the paper's sums: the gradient per
+  coefficient is λ whatever the model size).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+CHUNK_ELEMENTS = 2**25  # float32 elements per chunk of positions × vocabulary (128 MiB)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16 logits are widened; float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def select_positions(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch, seq, V) -> (n, V): the counted positions only."""
+    if mask is None:
+        return logits.reshape(-1, logits.shape[-1])
+    return logits[mask]
+
+
+def _chunked_mean(
+    fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor], chunk: int | None
+) -> torch.Tensor:
+    """Mean over rows of ``fn(*row_chunks)`` (which returns per-row values), chunk by chunk."""
+    rows = tensors[0].shape[0]
+    if rows == 0:
+        return tensors[0].sum() * 0.0  # keeps the graph; nothing to count
+    width = max(t.shape[-1] for t in tensors)
+    chunk = chunk or max(1, CHUNK_ELEMENTS // max(width, 1))
+    total = tensors[0].new_zeros((), dtype=torch.promote_types(tensors[0].dtype, torch.float32))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    for start in range(0, rows, chunk):
+        parts = [t[start : start + chunk] for t in tensors]
+        if needs_grad and rows > chunk:
+            values = checkpoint(fn, *parts, use_reentrant=False)
+        else:
+            values = fn(*parts)
+        total = total + values.sum()
+    return total / rows
+
+
+def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Σ_v p (log p − log q) per row, for log-probabilities of equal shape."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a·b per row as a batched matrix-vector product (no (rows, V) temporary)."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
+
+
+class _ForwardKLRows(torch.autograd.Function):
+    """Per-row ``KL(p‖q)``, p = softmax(t/T), q = softmax(s/T), with a hand-written gradient.
+
+    Uses ``Σ p (log p − log q) = Σ p log p − Σ p·s/T + logsumexp(s/T)``, so the forward never
+    forms ``log q``, and the gradient ``(q − p) / T`` needs one softmax in backward. Autograd
+    through log-softmax, exp, subtract and multiply made about twice as many passes over the
+    (positions × vocabulary) float32 tensors, the largest tensors of a step.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+        a = _wide(s) / temperature
+        log_p = F.log_softmax(_wide(t) / temperature, dim=-1)
+        p = log_p.exp()
+        rows = _row_dot(p, log_p) - _row_dot(p, a) + torch.logsumexp(a, dim=-1)
+        ctx.save_for_backward(s, p)
+        ctx.temperature = temperature
+        return rows
+
+    @staticmethod
+    def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        s, p = ctx.saved_tensors
+        grad = F.softmax(_wide(s) / ctx.temperature, dim=-1).sub_(p)
+        grad.mul_((grad_rows / ctx.temperature).unsqueeze(-1))
+        return grad.to(s.dtype), None, None
+
+
+class _TopKForwardKLRows(torch.autograd.Function):
+    """Per-row KL from a top-K teacher to the full-vocabulary merged distribution.
+
+    ``Σ_k p_k (log p_k − log q_{i_k})`` with ``log q_i = s_i/T − logsumexp(s/T)``; the
+    gradient is ``(q − scatter(p)) / T``. Only the merged logits' logsumexp is formed in the
+    forward, never a full-vocabulary log-softmax.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, s: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        a = _wide(s) / temperature
+        log_p = F.log_softmax(_wide(values) / temperature, dim=-1)
+        p = log_p.exp()
+        picked = a.gather(-1, indices)
+        rows = _row_dot(p, log_p) - _row_dot(p, picked) + torch.logsumexp(a, dim=-1)
+        ctx.save_for_backward(s, p, indices)
+        ctx.temperature = temperature
+        return rows
+
+    @staticmethod
+    def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        s, p, indices = ctx.saved_tensors
+        grad = F.softmax(_wide(s) / ctx.temperature, dim=-1)
+        grad.scatter_add_(-1, indices, -p)
+        grad.mul_((grad_rows / ctx.temperature).unsqueeze(-1))
+        return grad.to(s.dtype), None, None, None
+
+
+def kl_divergence(
+    merged: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    direction: str = "forward",
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Mean per-position KL between teacher and merged distributions, × T²."""
+    s, t = select_positions(merged, mask), select_positions(teacher, mask).detach()
+
+    def rows(s_part: torch.Tensor, t_part: torch.Tensor) -> torch.Tensor:
+        if direction == "forward":
+            return _ForwardKLRows.apply(s_part, t_part, temperature)
+        log_q = F.log_softmax(_wide(s_part) / temperature, dim=-1)
+        log_p = F.log_softmax(_wide(t_part) / temperature, dim=-1)
+        return _kl_rows(log_q, log_p)
+
+    return _chunked_mean(rows, [s, t], chunk) * temperature**2
+
+
+def topk_kl_divergence(
+    merged: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    direction: str = "forward",
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """KL against a teacher known by its top-K logits (renormalised over those K), × T²."""
+    s = select_positions(merged, mask)
+    v = select_positions(values, mask).detach()
+    idx = select_positions(indices, mask).long()
+
+    def rows(s_part: torch.Tensor, v_part: torch.Tensor, i_part: torch.Tensor) -> torch.Tensor:
+        if direction == "forward":
+            return _TopKForwardKLRows.apply(s_part, v_part, i_part, temperature)
+        log_p = F.log_softmax(_wide(v_part) / temperature, dim=-1)
+        log_q = F.log_softmax(_wide(s_part.gather(-1, i_part)) / temperature, dim=-1)
+        return _kl_rows(log_q, log_p)
+
+    return _chunked_mean(rows, [s, v, idx], chunk) * temperature**2
+
+
+def mse_logits(
+    merged: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Mean over counted positions and the vocabulary of the squared logit difference."""
+    s, t = select_positions(merged, mask), select_positions(teacher, mask).detach()
+
+    def rows(s_part: torch.Tensor, t_part: torch.Tensor) -> torch.Tensor:
+        return (_wide(s_part) - _wide(t_part)).pow(2).mean(-1)
+
+    return _chunked_mean(rows, [s, t], chunk)
+
+
+def topk_mse_logits(
+    merged: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Squared logit difference at the teacher's top-K entries."""
+    s = select_positions(merged, mask)
+    v = select_positions(values, mask).detach()
+    idx = select_positions(indices, mask).long()
+
+    def rows(s_part: torch.Tensor, v_part: torch.Tensor, i_part: torch.Tensor) -> torch.Tensor:
+        return (_wide(s_part.gather(-1, i_part)) - _wide(v_part)).pow(2).mean(-1)
+
+    return _chunked_mean(rows, [s, v, idx], chunk)
+
+
+def entropy(
+    merged: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Mean per-position entropy (nats) of the merged distribution."""
+    s = select_positions(merged, mask)
+
+    def rows(s_part: torch.Tensor) -> torch.Tensor:
+        log_q = F.log_softmax(_wide(s_part) / temperature, dim=-1)
+        return -(log_q.exp() * log_q).sum(-1)
+
+    return _chunked_mean(rows, [s], chunk)
+
+
+def cosine_similarity_loss(groups: Sequence[torch.Tensor], eps: float = 1e-8) -> torch.Tensor:
+    """Mean over groups of the mean pairwise cosine similarity of participants' vectors.
+
+    Groups with fewer than two participants, or that are not (participants, d) matrices, are
+    skipped; with none left the loss is 0. Cosines follow ``F.cosine_similarity``
+    (``x·y / (max(‖x‖, eps) · max(‖y‖, eps))``). Groups of one shape are stacked and done in a
+    few batched ops: a model has hundreds of groups, and a Python loop over every pair of every
+    group cost more than the rest of a small model's training step.
+    """
+    by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for coefficients in groups:
+        if coefficients.dim() == 2 and coefficients.shape[0] >= 2:
+            by_shape.setdefault(tuple(coefficients.shape), []).append(coefficients)
+    if not by_shape:
+        return torch.zeros((), dtype=torch.float32)
+    total, count = None, 0
+    for (participants, _), members in by_shape.items():
+        stacked = torch.stack(members)  # (groups, participants, d)
+        unit = stacked / stacked.norm(dim=-1, keepdim=True).clamp_min(eps)
+        sims = unit @ unit.transpose(1, 2)  # (groups, participants, participants)
+        upper = torch.triu_indices(participants, participants, 1, device=sims.device)
+        per_group = sims[:, upper[0], upper[1]].mean(-1)
+        part = per_group.sum()
+        total = part if total is None else total + part
+        count += len(members)
+    assert total is not None
+    return total / count
+
+
+def l1_loss(groups: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ |c| over every coefficient of every group."""
+    return sum((g.abs().sum() for g in groups), torch.zeros((), dtype=torch.float32))
+
+
+def l2_loss(groups: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ c² over every coefficient of every group."""
+    return sum((g.pow(2).sum() for g in groups), torch.zeros((), dtype=torch.float32))

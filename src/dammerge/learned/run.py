@@ -1,0 +1,462 @@
+"""``dammerge merge`` for learned methods: validate everything, train, export.
+
+Every check that can fail on user input runs before the first forward pass: the training
+options, each model's dataset block, the checkpoints (same architecture, tensor names and
+shapes as the base), the tokenizers (identical vocabularies), the output location, the device,
+and the datasets themselves (readable, fields present, not empty, targets left after
+truncation). ``dry_run`` stops there and prints the plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from dammerge.checkpoint.reader import Checkpoint
+from dammerge.checkpoint.writer import check_output_location
+from dammerge.config import MergeConfig, parse_dtype
+from dammerge.errors import CheckpointError, ConfigError, DammergeError
+from dammerge.learned import LEARNED_METHODS
+from dammerge.learned.data import (
+    SourceData,
+    check_columns,
+    encode_dataset,
+    load_records,
+    select_records,
+)
+from dammerge.learned.settings import (
+    DatasetSettings,
+    TrainingSettings,
+    parse_dataset,
+    parse_settings,
+)
+
+DEFAULT_SHARD_SIZE = 5 * 2**30
+BOOKKEEPING = {
+    "resume",
+    "keep_work",
+    "checkpoint_every",
+    "log_every",
+    "work_dir",
+    "steps",
+    "epochs",
+}
+console = Console(stderr=True)
+
+
+@dataclass
+class LearnedPlan:
+    """Everything validated and prepared; training needs nothing else."""
+
+    cfg: MergeConfig
+    settings: TrainingSettings
+    base: Checkpoint
+    sources: list[Checkpoint]
+    datasets: list[DatasetSettings]
+    data: list[SourceData]
+    tokenizer: Any
+    output: Path
+    work_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    seed: int
+    steps: int
+    fingerprint: str = ""
+    names: list[str] = field(default_factory=list)
+
+
+# -- validation -----------------------------------------------------------------------------
+def _check_recipe(cfg: MergeConfig) -> tuple[TrainingSettings, list[DatasetSettings]]:
+    if cfg.merge_method not in LEARNED_METHODS:
+        raise ConfigError(f"{cfg.merge_method} is not a learned merge method")
+    settings = parse_settings(cfg.merge_method, cfg.training)
+    if cfg.parameters or any(m.parameters for m in cfg.models):
+        raise ConfigError(
+            f"{cfg.merge_method} learns its coefficients; 'parameters' are for data-free methods",
+            "remove 'parameters'; set a starting point with training.init instead",
+        )
+    if not cfg.base_model:
+        raise ConfigError(
+            f"{cfg.merge_method} needs a base_model",
+            "set base_model: the model the sources were fine-tuned from (embeddings, norms "
+            "and architecture come from it)",
+        )
+    if len(cfg.models) < 2:
+        raise ConfigError(f"{cfg.merge_method} merges at least 2 models, got {len(cfg.models)}")
+    datasets = [parse_dataset(m.model, m.dataset) for m in cfg.models]
+    _check_init(settings, len(cfg.models))
+    return settings, datasets
+
+
+def check_architecture(base: Checkpoint, sources: list[Checkpoint]) -> None:
+    """Same model type, tensor names and shapes as the base (all problems at once)."""
+    from dammerge.plan import check_compatible  # the data-free planner's shared check
+
+    base_type = base.config.get("model_type")
+    for ck in sources:
+        other = ck.config.get("model_type")
+        if other != base_type:
+            raise CheckpointError(
+                f"model {ck.path} is a {other} model but the base is {base_type}",
+                "learned merging needs models fine-tuned from the base (same architecture)",
+            )
+    check_compatible(base, sources)
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"cannot load the tokenizer of {folder}: {reason}",
+            "learned merging tokenizes the datasets: the base (or tokenizer_source) needs one",
+        ) from None
+
+
+def check_tokenizers(tokenizer: Any, reference: Path, sources: list[Checkpoint]) -> None:
+    """Every source must share the tokenizer (vocabulary and special tokens) of the base."""
+    vocab = tokenizer.get_vocab()
+    specials = _special_ids(tokenizer)
+    ref_file = reference / "tokenizer.json"
+    for ck in sources:
+        own_file = ck.path / "tokenizer.json"
+        if ref_file.is_file() and own_file.is_file() and _same_bytes(ref_file, own_file):
+            continue
+        if not any((ck.path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+            continue  # no tokenizer of its own: it uses the base's
+        other = load_tokenizer(ck.path)
+        other_vocab = other.get_vocab()
+        if other_vocab != vocab:
+            differing = sorted(set(vocab.items()) ^ set(other_vocab.items()))[:1]
+            detail = f"vocab sizes {len(vocab)} vs {len(other_vocab)}"
+            if len(vocab) == len(other_vocab) and differing:
+                detail = f"token {differing[0][0]!r} has different ids"
+            raise CheckpointError(
+                f"the tokenizer of {ck.path} differs from the base's ({detail})",
+                "learned merging needs one tokenizer: merge models that share the base's",
+            )
+        if _special_ids(other) != specials:
+            raise CheckpointError(
+                f"the tokenizer of {ck.path} has different special tokens than the base's "
+                f"({_special_ids(other)} vs {specials})",
+                "learned merging needs one tokenizer: merge models that share the base's",
+            )
+
+
+def _special_ids(tokenizer: Any) -> dict[str, int | None]:
+    return {k: getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "unk")}
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+
+
+def _weights_dtype(settings: TrainingSettings, base: Checkpoint) -> torch.dtype:
+    explicit = parse_dtype(settings.dtype)
+    if explicit is not None:
+        return explicit
+    for name in base.names():
+        info = base.info(name)
+        if info.kind.value == "linear" and base.dtype(name).is_floating_point:
+            return base.dtype(name)
+    return torch.float32
+
+
+def prepare_data(
+    plan_sources: list[Checkpoint],
+    datasets: list[DatasetSettings],
+    settings: TrainingSettings,
+    tokenizer: Any,
+    seed: int,
+) -> list[SourceData]:
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    out = []
+    with tempfile.TemporaryDirectory(prefix="dammerge-datasets-") as cache:
+        for i, (ck, spec) in enumerate(zip(plan_sources, datasets, strict=True)):
+            where = f"model {ck.name}"
+            records = load_records(spec, Path(cache))
+            check_columns(spec, list(records.column_names), where)
+            records = select_records(records, spec, seed, where)
+            examples = encode_dataset(
+                records,
+                spec,
+                tokenizer,
+                loss_on=settings.loss_on,
+                max_length=settings.max_length,
+                where=where,
+            )
+            out.append(
+                SourceData(
+                    examples, seed=seed, source=i, batch_size=settings.batch_size, pad_id=pad_id
+                )
+            )
+    return out
+
+
+def _fingerprint(plan: LearnedPlan) -> str:
+    payload = {
+        "method": plan.cfg.merge_method,
+        "settings": plan.settings.model_dump(exclude=BOOKKEEPING),
+        "base": str(plan.base.path),
+        "sources": [str(ck.path) for ck in plan.sources],
+        "data": [d.fingerprint() for d in plan.data],
+        "seed": plan.seed,
+        "dtype": str(plan.dtype),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def prepare(
+    cfg: MergeConfig,
+    output: Path,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    overwrite: bool = False,
+) -> LearnedPlan:
+    """Validate the recipe and its inputs and load the data (no model weights yet)."""
+    from dammerge.learned.train import total_steps
+    from dammerge.merge import resolve_device
+
+    settings, datasets = _check_recipe(cfg)
+    base = Checkpoint(cfg.base_model)  # type: ignore[arg-type]
+    sources = [Checkpoint(m.model) for m in cfg.models]
+    check_architecture(base, sources)
+    tokenizer_folder = (
+        base.path if cfg.tokenizer_source in (None, "base") else Path(cfg.tokenizer_source)
+    )
+    tokenizer = load_tokenizer(tokenizer_folder)
+    check_tokenizers(tokenizer, tokenizer_folder, sources)
+    vocab = int(base.config.get("vocab_size") or len(tokenizer))
+    if settings.teacher == "precomputed" and settings.top_k > vocab:
+        raise ConfigError(f"training.top_k={settings.top_k} exceeds the vocabulary ({vocab})")
+    inputs = [base.path, *(ck.path for ck in sources)]
+    output = check_output_location(Path(output), inputs, overwrite=overwrite)
+    work_dir = Path(settings.work_dir or output.parent / f"{output.name}.dammerge-work").resolve()
+    for src in inputs:
+        if work_dir.is_relative_to(src) or src.is_relative_to(work_dir):
+            raise ConfigError(f"work folder {work_dir} overlaps input {src}")
+    torch_device = resolve_device(device)
+    data = prepare_data(sources, datasets, settings, tokenizer, seed)
+    plan = LearnedPlan(
+        cfg=cfg,
+        settings=settings,
+        base=base,
+        sources=sources,
+        datasets=datasets,
+        data=data,
+        tokenizer=tokenizer,
+        output=output,
+        work_dir=work_dir,
+        device=torch_device,
+        dtype=_weights_dtype(settings, base),
+        seed=seed,
+        steps=total_steps(settings, data),
+        names=_unique_names(sources),
+    )
+    plan.fingerprint = _fingerprint(plan)
+    return plan
+
+
+def _unique_names(sources: list[Checkpoint]) -> list[str]:
+    names = [ck.name for ck in sources]
+    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
+
+def describe(plan: LearnedPlan) -> list[str]:
+    """Lines for --dry-run."""
+    s = plan.settings
+    lines = [
+        f"method      {plan.cfg.merge_method}: learned merge ({s.parametrization} weights, "
+        f"{s.granularity} coefficients, activation {s.activation}, init {s.init})",
+        f"base        {plan.base.path}",
+    ]
+    for ck, spec, data in zip(plan.sources, plan.datasets, plan.data, strict=True):
+        lines.append(
+            f"model       {ck.path}  <- {spec.path} ({spec.template}, {len(data)} examples, "
+            f"{data.token_count()} tokens)"
+        )
+    regs = f"cos {s.lambda_cos:g}, l1 {s.lambda_l1:g}, l2 {s.lambda_l2:g}"
+    teacher = "none" if s.objective == "entropy" else s.teacher
+    lines += [
+        f"objective   {s.objective} (T={s.temperature:g}, {s.kl_direction}); {regs}; "
+        f"loss on {s.loss_on} tokens; teacher {teacher}",
+        f"training    {plan.steps} steps, batch {s.batch_size} per source, AdamW lr {s.lr:g}, "
+        f"grad clip {s.grad_clip}",
+        f"merged      embeddings {s.merge_embeddings}, norms {s.merge_norms}, "
+        f"base as participant {s.include_base}",
+        f"weights     {str(plan.dtype).removeprefix('torch.')} on {plan.device} "
+        "(coefficients float32)",
+        f"work folder {plan.work_dir}",
+        f"output      {plan.output}",
+    ]
+    return lines
+
+
+# -- the whole path -------------------------------------------------------------------------
+def _resume_flag(plan: LearnedPlan) -> bool:
+    from dammerge.learned.train import CHECKPOINT
+
+    exists = (plan.work_dir / CHECKPOINT).is_file()
+    if plan.settings.resume is True and not exists:
+        raise ConfigError(
+            f"training.resume is true but {plan.work_dir} holds no checkpoint",
+            "use resume: auto (the default) to start afresh when there is none",
+        )
+    return exists and plan.settings.resume in (True, "auto")
+
+
+def train_plan(
+    plan: LearnedPlan, *, progress: bool = True, stop_after: int | None = None
+) -> tuple[Any, Any]:
+    """Build the merge module and teachers, train; returns (model, TrainResult)."""
+    from dammerge.learned.model import MergeOptions, build_merged_model
+    from dammerge.learned.teachers import OnTheFlyTeacher, precompute_teachers
+    from dammerge.learned.train import Trainer
+
+    s = plan.settings
+    needs_teacher = s.objective != "entropy"
+    teacher = None
+    if needs_teacher and s.teacher == "precomputed":
+        teacher = precompute_teachers(
+            plan.sources,
+            plan.data,
+            s.top_k,
+            plan.work_dir / "teachers",
+            device=plan.device,
+            dtype=plan.dtype,
+            progress=progress,
+        )
+    options = MergeOptions(
+        granularity=s.granularity,
+        parametrization=s.parametrization,
+        activation=s.activation,
+        init=s.init,
+        clamp=s.clamp,
+        merge_embeddings=s.merge_embeddings,
+        merge_norms=s.merge_norms,
+        include_base=s.include_base,
+    )
+    model = build_merged_model(
+        plan.base,
+        plan.sources,
+        options,
+        device=plan.device,
+        dtype=plan.dtype,
+        keep_teacher_weights=needs_teacher and s.teacher == "on_the_fly",
+        seed=plan.seed,
+    )
+    if needs_teacher and teacher is None:
+        teacher = OnTheFlyTeacher(model)
+    trainer = Trainer(
+        model,
+        plan.data,
+        teacher,
+        s,
+        plan.work_dir,
+        device=plan.device,
+        fingerprint=plan.fingerprint,
+        progress=progress,
+        names=plan.names,
+    )
+    resume = _resume_flag(plan)
+    if resume and progress:
+        console.print(f"resuming from {plan.work_dir}", style="yellow")
+    result = trainer.run(resume=resume, stop_after=stop_after)
+    return model, result
+
+
+def _check_init(s: TrainingSettings, n_sources: int) -> None:
+    from dammerge.learned.layers import CoefficientScheme, init_error
+
+    scheme = CoefficientScheme(n_sources, s.parametrization, s.activation, s.include_base)
+    problem = init_error(scheme, s.init)
+    if problem:
+        raise ConfigError(f"training.init: {problem}")
+
+
+def run_learned_merge(
+    cfg: MergeConfig,
+    output: Path,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path | None:
+    """Validate, train and export a learned merge; returns the output folder.
+
+    Returns None for ``dry_run`` and when ``stop_after`` steps ended the run early (the
+    training state stays in the work folder; calling again resumes).
+    """
+    from dammerge.learned.export import export_merged
+
+    plan = prepare(cfg, Path(output), device=device, seed=seed, overwrite=overwrite)
+    if dry_run:
+        for line in describe(plan):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+        console.print("dry run: nothing trained or written", style="green")
+        return None
+    model, result = train_plan(plan, progress=progress, stop_after=stop_after)
+    if result.steps < plan.steps:
+        return None
+    summary = {
+        "steps": result.steps,
+        "seed": seed,
+        "examples per source": ", ".join(str(len(d)) for d in plan.data),
+        **{k: f"{v:.6g}" for k, v in result.last.items()},
+    }
+    out = export_merged(
+        model,
+        plan.base,
+        plan.sources,
+        plan.output,
+        cfg=cfg,
+        settings=plan.settings,
+        shard_size=shard_size,
+        overwrite=overwrite,
+        out_dtype=parse_dtype(cfg.out_dtype),
+        tokenizer_folder=None
+        if cfg.tokenizer_source in (None, "base")
+        else Path(cfg.tokenizer_source),
+        log_path=plan.work_dir / "train_log.jsonl",
+        summary=summary,
+        progress=progress,
+    )
+    if not plan.settings.keep_work:
+        shutil.rmtree(plan.work_dir, ignore_errors=True)
+    if progress:
+        console.print(f"merged model written to {out}", style="green")
+    return out
+
+
+def learned_merge(
+    config: MergeConfig | dict[str, Any] | str | Path,
+    out: str | Path,
+    **kwargs: Any,
+) -> Path | None:
+    """Python API: like :func:`dammerge.merge` for ``merge_method: dam`` / ``adamerging``."""
+    from dammerge.merge import load_config
+
+    cfg = load_config(config)
+    if cfg.merge_method not in LEARNED_METHODS:
+        raise DammergeError(
+            f"{cfg.merge_method} is not a learned method", "use dammerge.merge for data-free ones"
+        )
+    return run_learned_merge(cfg, Path(out), **kwargs)

@@ -1,0 +1,140 @@
+"""The ``training:`` block and per-model ``dataset:`` blocks of a learned-merge recipe.
+
+Both are pydantic models with ``extra="forbid"``: a misspelt option is an error naming it, not a
+silently ignored default. :func:`parse_settings` applies the presets (see
+:mod:`dammerge.learned.presets`) and turns validation errors into one-line ``ConfigError``\\ s.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dammerge.config import DTYPES
+from dammerge.errors import ConfigError
+from dammerge.learned.presets import ABLATION_PRESETS, resolve_training
+
+TEMPLATES = ("alpaca", "chat", "raw")
+FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("instruction", "input", "output")}
+FIELDS["raw"] = ("text",)
+OPTIONAL_FIELDS = {"input"}
+
+
+class DatasetSettings(BaseModel):
+    """One model's representative data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    fields: dict[str, str] = Field(default_factory=dict)  # our name -> the dataset's column
+    template: Literal["alpaca", "chat", "raw"] = "alpaca"
+    samples: int | None = Field(default=None, gt=0)
+    split: str = "train"  # for a saved DatasetDict
+
+    @model_validator(mode="after")
+    def _known_fields(self) -> DatasetSettings:
+        allowed = FIELDS[self.template]
+        for key in self.fields:
+            if key not in allowed:
+                raise ValueError(
+                    f"unknown field {key!r} for template {self.template} (map {', '.join(allowed)})"
+                )
+        return self
+
+    def column(self, field: str) -> str:
+        return self.fields.get(field, field)
+
+
+class TrainingSettings(BaseModel):
+    """Every option of learned merging (defaults before presets are applied)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str | None = None
+    # what is learned
+    parametrization: Literal["full", "task_vectors"] = "full"
+    granularity: Literal["model", "layer", "column"] = "column"
+    activation: Literal["none", "tanh", "sigmoid"] = "none"
+    init: Literal["uniform", "random"] | float | list[float] = "uniform"
+    clamp: bool = False
+    merge_embeddings: bool = False
+    merge_norms: bool = False
+    include_base: bool = False
+    # objective
+    objective: Literal["kl", "mse", "entropy"] = "kl"
+    temperature: float = Field(default=2.0, gt=0)
+    kl_direction: Literal["forward", "reverse"] = "forward"
+    lambda_cos: float = Field(default=0.0, ge=0)
+    lambda_l1: float = Field(default=0.0, ge=0)
+    lambda_l2: float = Field(default=0.0, ge=0)
+    loss_on: Literal["all", "response"] = "all"
+    teacher: Literal["on_the_fly", "precomputed"] = "on_the_fly"
+    top_k: int = Field(default=64, gt=0)
+    # optimisation
+    lr: float = Field(default=2e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    steps: int | None = Field(default=None, gt=0)
+    epochs: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=1, gt=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    max_length: int = Field(default=2048, gt=1)
+    gradient_checkpointing: bool = False
+    dtype: str | None = None  # weights and activations; coefficients are always float32
+    # bookkeeping
+    checkpoint_every: int = Field(default=50, gt=0)
+    log_every: int = Field(default=1, gt=0)
+    resume: bool | Literal["auto"] = "auto"
+    work_dir: str | None = None
+    keep_work: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingSettings:
+        if self.preset is not None and self.preset not in ABLATION_PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r} (use {', '.join(ABLATION_PRESETS)})")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        if self.dtype is not None and self.dtype.lower() not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r} (use {', '.join(sorted(DTYPES))})")
+        if self.include_base and self.parametrization == "task_vectors":
+            raise ValueError(
+                "include_base has no meaning with task_vectors (the base is the origin)"
+            )
+        return self
+
+
+def _first_error(exc: ValidationError, where: str) -> ConfigError:
+    first = exc.errors()[0]
+    parts = []
+    for part in first["loc"]:
+        if not isinstance(part, str) or any(c in part for c in "[-"):
+            break  # pydantic's union/validator branch labels are noise to a user
+        parts.append(part)
+    loc = ".".join(parts)
+    message = first["msg"].removeprefix("Value error, ")
+    place = f"{where}.{loc}" if loc else where
+    return ConfigError(f"{place}: {message}", "check the spelling against the DAM recipe reference")
+
+
+def parse_settings(method: str, training: dict[str, Any] | None) -> TrainingSettings:
+    """The validated training settings of a recipe, presets applied."""
+    if training is not None and not isinstance(training, dict):
+        raise ConfigError("training: must be a mapping of options")
+    try:
+        return TrainingSettings.model_validate(resolve_training(method, training))
+    except ValidationError as exc:
+        raise _first_error(exc, "training") from None
+
+
+def parse_dataset(model: str, dataset: dict[str, Any] | None) -> DatasetSettings:
+    """The validated dataset block of one model."""
+    if dataset is None:
+        raise ConfigError(
+            f"model {model} has no dataset",
+            "learned merging needs representative data per model: add "
+            "dataset: {path: data.jsonl} under that model",
+        )
+    try:
+        return DatasetSettings.model_validate(dataset)
+    except ValidationError as exc:
+        raise _first_error(exc, f"models[{model}].dataset") from None

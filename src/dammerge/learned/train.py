@@ -1,0 +1,409 @@
+"""The training loop of learned merging: readable, deterministic, resumable.
+
+One step = one batch from *every* source's data (the paper's batch size 1 per source): the
+merged model's output on source i's batch is pulled towards teacher i (KL or MSE) or made
+confident (entropy); the regularisers are added; gradients are clipped; AdamW updates the
+float32 coefficients. By default the sources' batches go through the merge together, in one
+forward and one backward (the merged weights are formed once per step, not once per source);
+``fuse_sources=False`` runs one forward and backward per source instead, which keeps only one
+source's activations alive at a time.
+
+State lives in a work folder: ``checkpoint.pt`` (coefficients, optimizer, RNG, step — the data
+position *is* the step, see :class:`~dammerge.learned.data.SourceData`) written atomically every
+``checkpoint_every`` steps, on Ctrl-C and at the end, and ``train_log.jsonl`` with every loss
+term. A run that stops for any reason resumes from the checkpoint and ends with coefficients
+bit-identical to an uninterrupted run. A non-finite loss or gradient stops training *before* the
+update, leaving the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dammerge.errors import DammergeError
+from dammerge.learned import losses
+from dammerge.learned.data import Batch, SourceData
+from dammerge.learned.model import MergedModel
+from dammerge.learned.settings import TrainingSettings
+from dammerge.learned.teachers import TeacherOutput
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "train_log.jsonl"
+Teacher = Callable[[int, Batch], TeacherOutput]
+
+
+class TrainingDiverged(DammergeError):
+    """A loss term or gradient became NaN/Inf; training stopped before the bad update."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int
+    last: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    log: Path | None = None
+
+
+def total_steps(settings: TrainingSettings, data: list[SourceData]) -> int:
+    """``steps`` if given, else ``epochs`` (default 1) passes over the largest dataset."""
+    if settings.steps is not None:
+        return settings.steps
+    longest = max(math.ceil(len(d) / settings.batch_size) for d in data)
+    return max(1, math.ceil((settings.epochs or 1.0) * longest))
+
+
+def objective(
+    settings: TrainingSettings,
+    logits: torch.Tensor,
+    teacher: TeacherOutput | None,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """The token-level objective of one source's batch."""
+    if settings.objective == "entropy":
+        return losses.entropy(logits, mask)
+    assert teacher is not None
+    if teacher.logits is not None:
+        if settings.objective == "mse":
+            return losses.mse_logits(logits, teacher.logits, mask)
+        return losses.kl_divergence(
+            logits,
+            teacher.logits,
+            mask,
+            temperature=settings.temperature,
+            direction=settings.kl_direction,
+        )
+    assert teacher.values is not None and teacher.indices is not None
+    if settings.objective == "mse":
+        return losses.topk_mse_logits(logits, teacher.values, teacher.indices, mask)
+    return losses.topk_kl_divergence(
+        logits,
+        teacher.values,
+        teacher.indices,
+        mask,
+        temperature=settings.temperature,
+        direction=settings.kl_direction,
+    )
+
+
+def regularisers(settings: TrainingSettings, model: MergedModel) -> dict[str, torch.Tensor]:
+    """The weighted regulariser terms that are switched on (λ > 0)."""
+    groups = [model.scheme.activate(p) for p in model.coefficient_parameters()]
+    terms: dict[str, torch.Tensor] = {}
+    if settings.lambda_cos > 0:
+        terms["cosine"] = settings.lambda_cos * losses.cosine_similarity_loss(groups)
+    if settings.lambda_l1 > 0:
+        terms["l1"] = settings.lambda_l1 * losses.l1_loss(groups)
+    if settings.lambda_l2 > 0:
+        terms["l2"] = settings.lambda_l2 * losses.l2_loss(groups)
+    return terms
+
+
+def _stack_batches(batches: list[Batch], pad_id: int) -> Batch:
+    """The sources' batches as one, right-padded to the longest (padding is never counted)."""
+    length = max(b.input_ids.shape[1] for b in batches)
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+
+    return Batch(
+        torch.cat([pad(b.input_ids, pad_id) for b in batches]),
+        torch.cat([pad(b.attention_mask, 0) for b in batches]),
+        torch.cat([pad(b.loss_mask, 0) for b in batches]),
+        [i for b in batches for i in b.indices],
+    )
+
+
+def _flat_positions(mask: torch.Tensor, first_row: int, width: int) -> torch.Tensor | slice:
+    """Flat (row-major) indices, in the stacked batch, of one source's counted positions.
+
+    A contiguous run (the usual case: every position but the last of one sequence) becomes a
+    slice, so selecting it is a view and its gradient a plain copy, not a gather/scatter.
+    """
+    batch, length = mask.shape
+    rows = torch.arange(first_row, first_row + batch, device=mask.device)[:, None] * width
+    index = (rows + torch.arange(length, device=mask.device))[mask]
+    if index.numel() and int(index[-1] - index[0]) + 1 == index.numel():
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
+
+
+def _take_rows(flat: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+    return flat[rows] if isinstance(rows, slice) else flat.index_select(0, rows)
+
+
+def _put_rows(grad: torch.Tensor, rows: torch.Tensor | slice, values: torch.Tensor | None) -> None:
+    if values is None:
+        return
+    if isinstance(rows, slice):
+        grad[rows] += values
+    else:
+        grad.index_add_(0, rows, values)
+
+
+def _select_target(target: TeacherOutput | None, mask: torch.Tensor) -> TeacherOutput | None:
+    """The teacher's signal at the counted positions only, as (positions, ·) rows."""
+    if target is None:
+        return None
+    if target.logits is not None:
+        return TeacherOutput(logits=target.logits[mask])
+    assert target.values is not None and target.indices is not None
+    return TeacherOutput(values=target.values[mask], indices=target.indices[mask])
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    torch.save(obj, partial)
+    os.replace(partial, path)
+
+
+class Trainer:
+    """Trains the coefficients of a :class:`MergedModel` (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: MergedModel,
+        data: list[SourceData],
+        teacher: Teacher | None,
+        settings: TrainingSettings,
+        work_dir: Path,
+        *,
+        device: torch.device,
+        fingerprint: str = "",
+        progress: bool = True,
+        names: list[str] | None = None,
+        fuse_sources: bool = True,
+    ) -> None:
+        self.model, self.data, self.teacher = model, data, teacher
+        self.fuse_sources = fuse_sources
+        self.settings, self.device = settings, device
+        self.work_dir = Path(work_dir)
+        self.fingerprint = fingerprint
+        self.progress = progress
+        self.names = names or [str(i) for i in range(len(data))]
+        self.steps = total_steps(settings, data)
+        self.params = model.coefficient_parameters()
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=settings.lr, weight_decay=settings.weight_decay
+        )
+        self.step = 0
+        self._updating = False
+        if settings.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+
+    def _enable_gradient_checkpointing(self) -> None:
+        inner = self.model.model
+        kwargs = {"use_reentrant": False}
+        enable = getattr(inner, "activation_checkpointing_enable", None)
+        if enable is not None:  # transformers >= 5.x name
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        for module in inner.modules():  # training mode is needed for checkpointing; no dropout
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        for key in ("attention_dropout", "hidden_dropout", "dropout"):
+            if hasattr(inner.config, key):
+                setattr(inner.config, key, 0.0)
+        inner.train()
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.work_dir / CHECKPOINT
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / LOG
+
+    def save_checkpoint(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": self.step,
+            "fingerprint": self.fingerprint,
+            "coefficients": self.model.coefficient_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        _atomic_save(state, self.checkpoint_path)
+
+    def load_checkpoint(self) -> int:
+        """Restore the saved state; returns the step it resumes at."""
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DammergeError(
+                f"cannot read training checkpoint {self.checkpoint_path}: {exc}",
+                "delete the work folder (or set training.resume: false) to start afresh",
+            ) from None
+        if state.get("fingerprint") != self.fingerprint:
+            raise DammergeError(
+                f"the training checkpoint in {self.work_dir} belongs to a different recipe or data",
+                "set training.resume: false to start afresh, or use the original recipe",
+            )
+        self.model.load_coefficient_state(state["coefficients"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = int(state["step"])
+        self._truncate_log(self.step)
+        return self.step
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines of steps after the checkpoint (they will be run again)."""
+        if not self.log_path.is_file():
+            return
+        kept = [
+            line
+            for line in self.log_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        self.log_path.write_text("".join(f"{line}\n" for line in kept))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with self.log_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    # -- one step -------------------------------------------------------------------------
+    def _diverged(self, what: str, value: float) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"training diverged at step {self.step + 1}: {what} is {value}; stopped before the "
+            f"update, the last good checkpoint is kept in {self.work_dir}",
+            "lower training.lr or check the data; running again resumes from that checkpoint",
+        )
+
+    def train_step(self) -> dict[str, float]:
+        """Run step ``self.step`` (forward, backward, clip, update, advance); returns the terms."""
+        self.optimizer.zero_grad(set_to_none=True)
+        batches = [source.batch(self.step).to(self.device) for source in self.data]
+        if self.fuse_sources:
+            terms, total = self._fused_losses(batches)
+        else:
+            terms, total = self._per_source_losses(batches)
+        reg = regularisers(self.settings, self.model)
+        if reg:
+            reg_total = sum(reg.values())
+            for key, term in reg.items():
+                terms[key] = float(term.detach())
+            value = float(reg_total.detach())
+            if not math.isfinite(value):
+                raise self._diverged("the regulariser", value)
+            reg_total.backward()
+            total += value
+        max_norm = self.settings.grad_clip or float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if not math.isfinite(norm):
+            raise self._diverged("the gradient norm", norm)
+        self._updating = True  # from here until the step counter moves, state is mid-update
+        self.optimizer.step()
+        self.model.project_()
+        self.step += 1
+        self._updating = False
+        terms["loss"] = total
+        terms["grad_norm"] = norm
+        return terms
+
+    def _source_loss(
+        self, i: int, logits: torch.Tensor, target: TeacherOutput | None, mask: torch.Tensor
+    ) -> tuple[str, torch.Tensor, float]:
+        loss = objective(self.settings, logits, target, mask)
+        value = float(loss.detach())
+        name = f"{self.settings.objective}/{self.names[i]}"
+        if not math.isfinite(value):
+            raise self._diverged(f"the {name} loss", value)
+        return name, loss, value
+
+    def _per_source_losses(self, batches: list[Batch]) -> tuple[dict[str, float], float]:
+        """One forward and backward per source (the smallest activation memory)."""
+        terms: dict[str, float] = {}
+        total = 0.0
+        for i, batch in enumerate(batches):
+            target = None if self.teacher is None else self.teacher(i, batch)
+            logits = self.model(batch.input_ids, batch.attention_mask)
+            name, loss, value = self._source_loss(i, logits, target, batch.loss_mask)
+            loss.backward()
+            del logits, loss, target
+            terms[name] = value
+            total += value
+        return terms, total
+
+    def _fused_losses(self, batches: list[Batch]) -> tuple[dict[str, float], float]:
+        """Every source's batch through the merge in ONE forward and ONE backward.
+
+        The merged weights are the same for every source within a step, so one pass forms
+        each merged weight once (forward) and once more (backward) and computes ``G = gᵀx``
+        once per layer, instead of once per source: the per-step merge cost stops growing
+        as N². Each source's loss is backpropagated only down to its own logit rows (its
+        teacher's logits are freed before the next teacher runs); the model's backward then
+        runs once with the gathered logit gradient.
+        """
+        stacked = _stack_batches(batches, self.data[0].pad_id)
+        logits = self.model(stacked.input_ids, stacked.attention_mask)
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        grad = torch.zeros_like(flat)
+        terms: dict[str, float] = {}
+        total = 0.0
+        row = 0
+        for i, batch in enumerate(batches):
+            rows = _flat_positions(batch.loss_mask, row, stacked.input_ids.shape[1])
+            row += batch.input_ids.shape[0]
+            target = None if self.teacher is None else self.teacher(i, batch)
+            target = _select_target(target, batch.loss_mask)
+            merged = _take_rows(flat, rows).requires_grad_(True)
+            name, loss, value = self._source_loss(i, merged, target, None)
+            loss.backward()
+            _put_rows(grad, rows, merged.grad)
+            del merged, loss, target
+            terms[name] = value
+            total += value
+        logits.backward(grad.view_as(logits))
+        return terms, total
+
+    # -- loop -----------------------------------------------------------------------------
+    def run(self, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+        """Train to ``self.steps`` (or stop after ``stop_after`` steps of this call)."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        start = self.load_checkpoint() if resume else 0
+        if not resume:
+            self.log_path.write_text("")
+            self.save_checkpoint()  # the initial state is the first "last good" state
+        end = self.steps if stop_after is None else min(self.steps, start + stop_after)
+        result = TrainResult(steps=start, resumed_from=start, log=self.log_path)
+        began = time.perf_counter()
+        bar = tqdm(
+            total=self.steps,
+            initial=start,
+            desc="learning coefficients",
+            unit="step",
+            disable=not self.progress,
+        )
+        try:
+            while self.step < end:
+                terms = self.train_step()
+                result.steps, result.last = self.step, terms
+                if self.step % self.settings.log_every == 0 or self.step == end:
+                    self._log({"step": self.step, **terms, "lr": self.settings.lr})
+                if self.step % self.settings.checkpoint_every == 0 or self.step == end:
+                    self.save_checkpoint()
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items() if k != "grad_norm"})
+        except KeyboardInterrupt:
+            if not self._updating:  # a consistent state: save it so a rerun resumes here
+                self.save_checkpoint()
+            raise
+        finally:
+            bar.close()
+        result.seconds = time.perf_counter() - began
+        return result

@@ -1,0 +1,300 @@
+"""Writing merged checkpoints: sharded safetensors + index that transformers loads, side files,
+and atomicity: failures, a full disk or a kill leave nothing half-written, inputs are refused
+as outputs, and stale temporary folders are cleaned up."""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import dammerge
+from dammerge.checkpoint import writer as writer_module
+from dammerge.checkpoint.writer import TMP_MARKER, CheckpointWriter
+from dammerge.errors import OutputError
+
+# the module, not the function dammerge.merge that the package exports under the same name
+merge_module = importlib.import_module("dammerge.merge")
+
+
+def recipe(family, method="task_arithmetic", **extra):
+    base, variants = family
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(v), "parameters": {"weight": 0.5}} for v in variants],
+        **extra,
+    }
+
+
+def leftovers(out: Path) -> list[str]:
+    """The output and every temporary sibling of it that exists."""
+    found = [p.name for p in out.parent.glob(f".{out.name}{TMP_MARKER}*")]
+    return [*found, out.name] if out.exists() else found
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for file in folder.glob("*.safetensors"):
+        state.update(load_file(file))
+    return state
+
+
+def test_sharding_by_size_gives_a_valid_index_that_transformers_loads(llama_family, tmp_path):
+    shard_size = 20_000
+    whole = dammerge.merge(recipe(llama_family), tmp_path / "whole", progress=False)
+    out = dammerge.merge(
+        recipe(llama_family), tmp_path / "sharded", progress=False, shard_size=shard_size
+    )
+    assert (whole / "model.safetensors").is_file()
+    assert not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 3
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    total = 0
+    for shard in shards:
+        state = load_file(shard)
+        sizes = [t.numel() * t.element_size() for t in state.values()]
+        assert sum(sizes) <= shard_size or len(sizes) == 1  # one tensor may exceed on its own
+        assert all(index["weight_map"][name] == shard.name for name in state)
+        total += sum(sizes)
+    assert index["metadata"]["total_size"] == total
+    reference = tensors_of(whole)
+    assert set(index["weight_map"]) == set(reference)
+    for name, tensor in tensors_of(out).items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    params = dict(model.named_parameters())
+    torch.testing.assert_close(
+        params["model.layers.2.mlp.up_proj.weight"], reference["model.layers.2.mlp.up_proj.weight"]
+    )
+
+
+def test_out_dtype_updates_config_and_tensors(llama_family, tmp_path):
+    out = dammerge.merge(recipe(llama_family, out_dtype="bfloat16"), tmp_path / "m", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert {t.dtype for t in tensors_of(out).values()} == {torch.bfloat16}
+    base_config = json.loads((llama_family[0] / "config.json").read_text())
+    assert {k: v for k, v in config.items() if k != "dtype"} == {
+        k: v for k, v in base_config.items() if k != "dtype"
+    }
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+
+
+def test_write_config_updates_legacy_torch_dtype(tmp_path):
+    with CheckpointWriter(tmp_path / "o") as writer:
+        writer.add("w", torch.zeros(2, dtype=torch.float16))
+        writer.write_config({"model_type": "llama", "torch_dtype": "float32"}, torch.float16)
+        out = writer.commit()
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "float16"
+
+
+def test_side_files_tokenizer_recipe_and_card(llama_family, tmp_path):
+    base, variants = llama_family
+    source = tmp_path / "tok"
+    source.mkdir()
+    tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
+    tokenizer_config["model_max_length"] = 4321
+    (source / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (source / "tokenizer.json").write_bytes((base / "tokenizer.json").read_bytes())
+    cfg = recipe(llama_family, tokenizer_source=str(source))
+    out = dammerge.merge(cfg, tmp_path / "m", progress=False, seed=7)
+    assert (out / "generation_config.json").read_text() == (
+        base / "generation_config.json"
+    ).read_text()
+    assert AutoTokenizer.from_pretrained(out).model_max_length == 4321
+    written = yaml.safe_load((out / "dammerge_config.yml").read_text())
+    assert written["merge_method"] == "task_arithmetic"
+    assert written["tokenizer_source"] == str(source)
+    card = (out / "README.md").read_text()
+    assert "task_arithmetic" in card and "Seed: 7" in card and str(variants[0]) in card
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_exception_mid_write_leaves_nothing(llama_family, tmp_path, monkeypatch, error):
+    calls = {"n": 0}
+    original = merge_module.merge_tensor
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 15:  # after several shards are on disk in the temporary folder
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(merge_module, "merge_tensor", failing)
+    out = tmp_path / "deep" / "er" / "merged"
+    with pytest.raises(type(error)):
+        dammerge.merge(recipe(llama_family), out, progress=False, shard_size=10_000)
+    assert calls["n"] == 15
+    assert not (tmp_path / "deep").exists()  # not even the parents it created
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        ),
+    ],
+)
+def test_disk_full_is_an_output_error_with_no_leftovers(
+    llama_family, tmp_path, monkeypatch, raised
+):
+    written = {"n": 0}
+    original = writer_module.save_file
+
+    def filling(*args, **kwargs):
+        written["n"] += 1
+        if written["n"] == 3:
+            raise raised
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "save_file", filling)
+    out = tmp_path / "merged"
+    with pytest.raises(OutputError, match="disk full") as info:
+        dammerge.merge(recipe(llama_family), out, progress=False, shard_size=10_000)
+    assert info.value.hint
+    assert leftovers(out) == []
+
+
+def test_real_full_disk(llama_family, tmp_path):
+    """On a 64 KiB tmpfs (needs root; skipped otherwise): the real error path of safetensors."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        with pytest.raises(OutputError, match="disk full"):
+            dammerge.merge(
+                recipe(llama_family), mount / "merged", progress=False, shard_size=30_000
+            )
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("where", ["inside", "same", "parent"])
+def test_output_overlapping_an_input_is_refused(llama_family, where):
+    base, variants = llama_family
+    out = {"inside": variants[1] / "merged", "same": base, "parent": base.parent}[where]
+    before = sorted(p.name for p in base.parent.rglob("*"))
+    with pytest.raises(OutputError, match="overlaps input model"):
+        dammerge.merge(recipe(llama_family), out, progress=False, overwrite=True)
+    assert sorted(p.name for p in base.parent.rglob("*")) == before
+
+
+def test_overwrite_semantics(llama_family, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old-marker.txt").write_text("keep me unless overwritten")
+    with pytest.raises(OutputError, match="already exists") as info:
+        dammerge.merge(recipe(llama_family), out, progress=False)
+    assert "--overwrite" in info.value.hint
+    assert (out / "old-marker.txt").is_file()
+    dammerge.merge(recipe(llama_family), out, progress=False, overwrite=True)
+    assert not (out / "old-marker.txt").exists()
+    assert (out / "model.safetensors").is_file()
+    assert leftovers(out) == ["merged"]
+
+
+def test_an_existing_file_is_not_replaced_by_a_folder(llama_family, tmp_path):
+    out = tmp_path / "merged"
+    out.write_text("a file")
+    with pytest.raises(OutputError, match="not a folder"):
+        dammerge.merge(recipe(llama_family), out, progress=False, overwrite=True)
+    assert out.read_text() == "a file"
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_temporaries_of_dead_processes_are_cleaned(llama_family, tmp_path):
+    out = tmp_path / "merged"
+    dead = _dead_pid()
+    stale = [tmp_path / f".merged{TMP_MARKER}{dead}", tmp_path / f".merged{TMP_MARKER}{dead}-old"]
+    alive = tmp_path / f".merged{TMP_MARKER}{os.getppid()}"  # a live process: not ours to touch
+    other = tmp_path / f".other{TMP_MARKER}{dead}"  # another output's: not ours either
+    for folder in [*stale, alive, other]:
+        folder.mkdir()
+        (folder / "shard-00000.tmp").write_bytes(b"x" * 10)
+    dammerge.merge(recipe(llama_family), out, progress=False)
+    assert not any(s.exists() for s in stale)
+    assert alive.exists() and other.exists()
+
+
+SLOW_MERGE = """
+import sys, time
+from dammerge.checkpoint import writer
+
+original = writer.CheckpointWriter.add
+
+def slow_add(self, name, tensor):
+    original(self, name, tensor)
+    print("added", name, flush=True)
+    time.sleep(0.3)
+
+writer.CheckpointWriter.add = slow_add
+sys.argv = ["dammerge", "merge", sys.argv[1], sys.argv[2], "--shard-size", "4000"]
+from dammerge.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_killed_merge_leaves_no_output_and_the_next_run_cleans_up(llama_family, tmp_path):
+    recipe_file = tmp_path / "recipe.yml"
+    recipe_file.write_text(yaml.safe_dump(recipe(llama_family)))
+    out = tmp_path / "merged"
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SLOW_MERGE), str(recipe_file), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        added = 0
+        deadline = time.monotonic() + 120
+        while added < 6 and time.monotonic() < deadline:
+            line = child.stdout.readline()
+            assert line, "the merge ended before it could be killed"
+            added += line.startswith("added")
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    assert not out.exists()
+    stale = tmp_path / f".merged{TMP_MARKER}{child.pid}"
+    assert stale.is_dir() and any(stale.iterdir())  # shards were being written there
+    dammerge.merge(recipe(llama_family), out, progress=False)
+    assert not stale.exists()
+    assert leftovers(out) == ["merged"]
+    AutoModelForCausalLM.from_pretrained(out)

@@ -1,0 +1,32 @@
+"""Fixtures for evolve tests: two tiny sources of one base, a target with a known mix, data."""
+
+from __future__ import annotations
+
+import pytest
+from evolve_helpers import TARGET_WEIGHTS, Sources, write_data
+
+from dammerge.merge import merge
+from dammerge.testing import make_tiny_model, make_variant
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory) -> Sources:
+    root = tmp_path_factory.mktemp("evolve-sources")
+    base = make_tiny_model(root / "base", "llama", seed=0, num_hidden_layers=2)
+    a = make_variant(base, root / "a", seed=1, scale=0.05)
+    b = make_variant(base, root / "b", seed=2, scale=0.05)
+    target = merge(
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(a), "parameters": {"weight": TARGET_WEIGHTS["a"]}},
+                {"model": str(b), "parameters": {"weight": TARGET_WEIGHTS["b"]}},
+            ],
+            "parameters": {"normalize": False},
+        },
+        root / "target",
+        progress=False,
+    )
+    return Sources(
+        base, a, b, target, write_data(root / "a.jsonl", 0), write_data(root / "b.jsonl", 40)
+    )

@@ -1,0 +1,122 @@
+"""Fitness functions against direct computations: KL on response tokens, task scores."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dammerge.errors import ConfigError
+from dammerge.evolve.fitness import (
+    FitnessContext,
+    KLFitness,
+    TaskFitness,
+    default_scorer,
+    held_in,
+    load_examples,
+)
+from dammerge.evolve.settings import DatasetSpec
+
+
+def _load(path):
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _direct_kl(teacher, student, tokenizer, examples) -> float:
+    """Mean over response tokens of sum_v p log(p/q), one unpadded example at a time."""
+    total, count = 0.0, 0
+    for example in examples:
+        prompt = tokenizer(example.prompt)["input_ids"]
+        response = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + response + [tokenizer.eos_token_id]])
+        with torch.no_grad():
+            p = teacher(ids).logits[0].double().softmax(-1)
+            q = student(ids).logits[0].double().softmax(-1)
+        for position in range(len(prompt) - 1, ids.shape[1] - 1):
+            total += float((p[position] * (p[position].log() - q[position].log())).sum())
+            count += 1
+    return total / count
+
+
+def test_kl_fitness_matches_a_direct_computation(sources):
+    tokenizer = AutoTokenizer.from_pretrained(sources.a)
+    models = [_load(sources.a), _load(sources.b)]
+    examples = [
+        held_in(load_examples(DatasetSpec(path=str(sources.data_a)), "a"), 5, seed=0),
+        held_in(load_examples(DatasetSpec(path=str(sources.data_b)), "b"), 5, seed=0),
+    ]
+    slot = _load(sources.base)
+
+    def load_source(index: int) -> None:
+        slot.load_state_dict(models[index].state_dict())
+
+    fitness = KLFitness(examples, batch_size=2)  # batches of 2: padding is exercised
+    work = fitness.setup(FitnessContext(slot, tokenizer, torch.device("cpu"), load_source, []))
+    assert work.sequences == 10 and work.tokens > 0
+
+    candidate = _load(sources.target)
+    expected = -0.5 * sum(
+        _direct_kl(teacher, candidate, tokenizer, ex)
+        for teacher, ex in zip(models, examples, strict=True)
+    )
+    value = fitness(candidate)
+    assert value.score == pytest.approx(expected, rel=1e-4)
+    assert value.sequences == 10
+    # A source scores zero KL against itself, so its fitness is half the other's divergence.
+    own = fitness(models[0]).score
+    assert own == pytest.approx(-0.5 * _direct_kl(models[1], models[0], tokenizer, examples[1]))
+
+
+def test_held_in_subset_is_seeded_and_sized(sources):
+    examples = load_examples(DatasetSpec(path=str(sources.data_a)), "a")
+    first, again = held_in(examples, 7, seed=3), held_in(examples, 7, seed=3)
+    assert [e.prompt for e in first] == [e.prompt for e in again] and len(first) == 7
+    assert [e.prompt for e in held_in(examples, 7, seed=4)] != [e.prompt for e in first]
+
+
+def test_field_mapping_and_missing_fields(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"q": "add w1", "a": "w2"}\n')
+    mapped = load_examples(
+        DatasetSpec(path=str(data), fields={"instruction": "q", "output": "a"}), "m"
+    )
+    assert mapped[0].response == "w2" and "add w1" in mapped[0].prompt
+    with pytest.raises(ConfigError, match="record 1 has no text field 'instruction'"):
+        load_examples(DatasetSpec(path=str(data)), "m")
+
+
+class _Score:
+    def __init__(self, score: float) -> None:
+        self.score = score
+
+
+def test_task_fitness_averages_domains_but_never_the_held_out_sets(sources):
+    calls = []
+
+    def scorer(model, tokenizer, family, *, limit, split):
+        calls.append((family, limit, split, tokenizer is not None))
+        return {
+            "lang": _Score(0.5),
+            "math": _Score(0.25),
+            "average": _Score(9.0),
+            "compositional": _Score(7.0),
+        }
+
+    fitness = TaskFitness("FAMILY", limit=3, evaluate_kwargs={"split": "train"}, scorer=scorer)
+    tokenizer = AutoTokenizer.from_pretrained(sources.a)
+    fitness.setup(FitnessContext(None, tokenizer, torch.device("cpu"), lambda i: None, []))
+    assert fitness(_load(sources.a)).score == pytest.approx(0.375)
+    assert calls == [("FAMILY", 3, "train", True)]
+    only_math = TaskFitness(
+        "FAMILY", limit=3, domains=["math"], scorer=lambda *a, **k: {"math": _Score(0.25)}
+    )
+    assert only_math(None).score == 0.25
+
+
+def test_task_fitness_without_the_evaluator_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dammerge.evaluate", types.ModuleType("dammerge.evaluate"))
+    with pytest.raises(ConfigError, match=r"needs dammerge\.evaluate\.evaluate_model"):
+        default_scorer()

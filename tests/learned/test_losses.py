@@ -1,0 +1,127 @@
+"""Objectives and regularisers against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dammerge.learned import losses
+
+
+def _softmax(row: list[float], t: float = 1.0) -> list[float]:
+    exps = [math.exp(v / t) for v in row]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def _logits(seed: int, shape=(2, 3, 5)) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+MASK = torch.tensor([[True, False, True], [True, True, False]])
+
+
+def _rows(t: torch.Tensor) -> list[list[float]]:
+    return [t[b, s].tolist() for b in range(2) for s in range(3) if MASK[b, s]]
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_matches_hand_computation(direction):
+    merged, teacher, temp = _logits(0), _logits(1), 2.0
+    expected = []
+    for m_row, t_row in zip(_rows(merged), _rows(teacher), strict=True):
+        p, q = _softmax(t_row, temp), _softmax(m_row, temp)
+        a, b = (p, q) if direction == "forward" else (q, p)
+        expected.append(sum(x * math.log(x / y) for x, y in zip(a, b, strict=True)))
+    value = losses.kl_divergence(merged, teacher, MASK, temperature=temp, direction=direction)
+    assert value.item() == pytest.approx(sum(expected) / len(expected) * temp**2, rel=1e-6)
+
+
+def test_kl_is_zero_for_identical_and_positive_otherwise():
+    a = _logits(0)
+    assert losses.kl_divergence(a, a.clone(), MASK).item() == pytest.approx(0.0, abs=1e-7)
+    assert losses.kl_divergence(a, _logits(1), MASK).item() > 0
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_topk_with_full_vocabulary_equals_full_kl(direction):
+    merged, teacher = _logits(0), _logits(1)
+    values, indices = teacher.topk(5, dim=-1)
+    full = losses.kl_divergence(merged, teacher, MASK, temperature=2.0, direction=direction)
+    top = losses.topk_kl_divergence(
+        merged, values, indices, MASK, temperature=2.0, direction=direction
+    )
+    assert top.item() == pytest.approx(full.item(), rel=1e-9)
+
+
+def test_topk_forward_kl_hand_computation():
+    merged, teacher = _logits(0), _logits(1)
+    values, indices = teacher.topk(2, dim=-1)
+    expected = []
+    for b in range(2):
+        for s in range(3):
+            if not MASK[b, s]:
+                continue
+            p = _softmax(values[b, s].tolist())
+            q = _softmax(merged[b, s].tolist())
+            idx = indices[b, s].tolist()
+            expected.append(sum(pk * math.log(pk / q[i]) for pk, i in zip(p, idx, strict=True)))
+    value = losses.topk_kl_divergence(merged, values, indices, MASK)
+    assert value.item() == pytest.approx(sum(expected) / len(expected), rel=1e-9)
+
+
+def test_mse_and_topk_mse():
+    merged, teacher = _logits(0), _logits(1)
+    diffs = [
+        sum((m - t) ** 2 for m, t in zip(mr, tr, strict=True)) / 5
+        for mr, tr in zip(_rows(merged), _rows(teacher), strict=True)
+    ]
+    value = losses.mse_logits(merged, teacher, MASK)
+    assert value.item() == pytest.approx(sum(diffs) / len(diffs), rel=1e-9)
+    values, indices = teacher.topk(5, dim=-1)
+    top = losses.topk_mse_logits(merged, values, indices, MASK)
+    assert top.item() == pytest.approx(value.item(), rel=1e-9)
+
+
+def test_entropy_hand_computation_and_bounds():
+    merged = _logits(3)
+    rows = [_softmax(r) for r in _rows(merged)]
+    expected = sum(-sum(p * math.log(p) for p in row) for row in rows) / len(rows)
+    assert losses.entropy(merged, MASK).item() == pytest.approx(expected, rel=1e-9)
+    uniform = torch.zeros(1, 1, 7)
+    assert losses.entropy(uniform).item() == pytest.approx(math.log(7), rel=1e-6)
+
+
+def test_chunking_changes_neither_value_nor_gradient():
+    merged = _logits(0, (2, 6, 11)).requires_grad_(True)
+    teacher = _logits(1, (2, 6, 11))
+    grads = []
+    for chunk in (None, 2):
+        loss = losses.kl_divergence(merged, teacher, temperature=2.0, chunk=chunk)
+        grads.append((loss.detach(), torch.autograd.grad(loss, merged)[0]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_cosine_l1_l2_hand_computation():
+    a = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    b = torch.tensor([[2.0, 0.0], [-1.0, 0.0]])
+    # group a: all three pairwise cosines are 1/2; group b: -1
+    assert losses.cosine_similarity_loss([a, b]).item() == pytest.approx((0.5 - 1.0) / 2)
+    assert losses.l1_loss([a, b]).item() == pytest.approx(6 + 3)
+    assert losses.l2_loss([a, b]).item() == pytest.approx(6 + 5)
+
+
+def test_cosine_skips_single_participant_and_vectors():
+    assert losses.cosine_similarity_loss([torch.ones(1, 4), torch.ones(3)]).item() == 0.0
+
+
+def test_cosine_gradient_pushes_vectors_apart():
+    a = torch.tensor([[1.0, 0.2], [0.9, 0.3]], requires_grad=True)
+    loss = losses.cosine_similarity_loss([a])
+    loss.backward()
+    with torch.no_grad():
+        moved = a - 0.1 * a.grad
+    assert losses.cosine_similarity_loss([moved]).item() < loss.item()

@@ -1,0 +1,163 @@
+"""The whole path: recipe validation (one-line errors before training) and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from dammerge.config import MergeConfig
+from dammerge.errors import DammergeError
+from dammerge.learned import run as run_module
+from dammerge.learned.export import COEFFICIENTS_FILE
+from dammerge.learned.run import run_learned_merge
+from dammerge.testing import make_tiny_model
+
+
+def _expect_error(recipe: dict, out, match: str, monkeypatch) -> DammergeError:
+    """The recipe fails with a one-line DammergeError and no training ever starts."""
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started despite bad input")
+
+    monkeypatch.setattr(run_module, "train_plan", no_training)
+    with pytest.raises(DammergeError, match=match) as info:
+        run_learned_merge(MergeConfig.from_dict(recipe), out, progress=False)
+    assert "\n" not in info.value.message
+    assert not out.exists()
+    return info.value
+
+
+def test_missing_field(untied_family, tmp_path, dam_recipe, datasets_dir, monkeypatch):
+    bad = tmp_path / "qa.jsonl"
+    bad.write_text(json.dumps({"question": "w3", "answer": "w4"}) + "\n")
+    recipe = dam_recipe(*untied_family, datasets_dir)
+    recipe["models"][1]["dataset"] = {"path": str(bad)}
+    error = _expect_error(recipe, tmp_path / "out", "no column 'instruction'", monkeypatch)
+    assert "question, answer" in error.hint
+    recipe["models"][1]["dataset"]["fields"] = {"instruction": "question", "output": "answer"}
+    monkeypatch.undo()
+    run_module.prepare(MergeConfig.from_dict(recipe), tmp_path / "out")  # mapped: accepted
+
+
+def test_empty_dataset(untied_family, tmp_path, dam_recipe, datasets_dir, monkeypatch):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("instruction,input,output\n")
+    recipe = dam_recipe(*untied_family, datasets_dir)
+    recipe["models"][0]["dataset"] = {"path": str(empty)}
+    _expect_error(recipe, tmp_path / "out", "is empty", monkeypatch)
+
+
+def test_missing_dataset_block(untied_family, tmp_path, dam_recipe, datasets_dir, monkeypatch):
+    recipe = dam_recipe(*untied_family, datasets_dir)
+    del recipe["models"][0]["dataset"]
+    _expect_error(recipe, tmp_path / "out", "has no dataset", monkeypatch)
+
+
+def test_misspelt_training_option(untied_family, tmp_path, dam_recipe, datasets_dir, monkeypatch):
+    recipe = dam_recipe(*untied_family, datasets_dir, lamda_cos=0.1)
+    _expect_error(recipe, tmp_path / "out", "training.lamda_cos", monkeypatch)
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [("shape", "do not share tensor names and shapes"), ("type", "is a mistral model")],
+)
+def test_architecture_mismatch(
+    untied_family, tmp_path, dam_recipe, datasets_dir, monkeypatch, kind, match
+):
+    if kind == "shape":
+        odd = make_tiny_model(
+            tmp_path / "odd",
+            "llama",
+            num_hidden_layers=2,
+            tie_word_embeddings=False,
+            hidden_size=64,
+        )
+    else:
+        odd = make_tiny_model(tmp_path / "odd", "mistral", tie_word_embeddings=False)
+    base, sources = untied_family
+    recipe = dam_recipe(base, [sources[0], odd], datasets_dir)
+    _expect_error(recipe, tmp_path / "out", match, monkeypatch)
+
+
+def test_tokenizer_mismatch(untied_family, tmp_path, dam_recipe, datasets_dir, monkeypatch):
+    base, sources = untied_family
+    other = tmp_path / "other_tok"
+    shutil.copytree(sources[1], other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["w5"], vocab["w6"] = vocab["w6"], vocab["w5"]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    recipe = dam_recipe(base, [sources[0], other], datasets_dir)
+    _expect_error(recipe, tmp_path / "out", "tokenizer of .* differs", monkeypatch)
+
+
+def test_existing_output_refused_before_training(
+    untied_family, tmp_path, dam_recipe, datasets_dir, monkeypatch
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(run_module, "train_plan", no_training)
+    with pytest.raises(DammergeError, match="already exists"):
+        run_learned_merge(MergeConfig.from_dict(dam_recipe(*untied_family, datasets_dir)), out)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_bad_init_for_activation(untied_family, tmp_path, dam_recipe, datasets_dir, monkeypatch):
+    recipe = dam_recipe(*untied_family, datasets_dir, activation="sigmoid", init=1.5)
+    _expect_error(recipe, tmp_path / "out", "outside sigmoid's range", monkeypatch)
+
+
+def _cli(capsys, monkeypatch, *args: str) -> tuple[int, str]:
+    """Run ``dammerge ARGS`` in-process (as the console script does); returns (code, stderr)."""
+    from dammerge.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["dammerge", *args])
+    capsys.readouterr()
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(untied_family, tmp_path, dam_recipe, datasets_dir, capsys, monkeypatch):
+    recipe = dam_recipe(*untied_family, datasets_dir, steps=3, keep_work=True)
+    (tmp_path / "dam.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(capsys, monkeypatch, "merge", "dam.yaml", "out", "--dry-run")
+    assert code == 0, err
+    assert "dry run" in err and not (tmp_path / "out").exists()
+
+    code, err = _cli(capsys, monkeypatch, "merge", "dam.yaml", "out", "--seed", "1")
+    assert code == 0, err
+    out = tmp_path / "out"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.isfinite(model(torch.tensor([[1, 5, 7]])).logits).all()
+    assert (out / COEFFICIENTS_FILE).is_file() and (out / "train_log.jsonl").is_file()
+    assert "merge_method: dam" in (out / "dammerge_config.yml").read_text()
+    assert "dam" in (out / "README.md").read_text()
+    assert (tmp_path / "out.dammerge-work" / "checkpoint.pt").is_file()  # keep_work: true
+
+    code, err = _cli(capsys, monkeypatch, "inspect", "out")
+    assert code == 0, err
+    for name in ("by_layer", "by_module", "by_model"):
+        assert (out / "coefficient_plots" / f"coefficients_{name}.png").stat().st_size > 1000
+
+    code, err = _cli(capsys, monkeypatch, "merge", "dam.yaml", "out")  # output exists
+    assert code == 2
+    assert err.startswith("error: output folder") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 2  # error + hint

@@ -1,0 +1,164 @@
+"""Independent reference implementations of the data-free methods, in plain numpy and loops.
+
+Written from the method definitions (the papers and mergekit's documented semantics), not from
+dammerge's code: no dammerge import here. Every function works on float64 numpy arrays and
+favours the obvious loop over speed, so that a disagreement points at the library.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def as_np(tensor) -> np.ndarray:
+    """A torch tensor (or array) as a float64 numpy array."""
+    if hasattr(tensor, "detach"):
+        return tensor.detach().cpu().double().numpy()
+    return np.asarray(tensor, dtype=np.float64)
+
+
+def linear(xs: Sequence[np.ndarray], weights: Sequence[float], normalize: bool) -> np.ndarray:
+    total = np.zeros_like(xs[0])
+    for x, w in zip(xs, weights, strict=True):
+        total = total + w * x
+    return total / sum(weights) if normalize else total
+
+
+def top_k_mask(delta: np.ndarray, k: int) -> np.ndarray:
+    """1 for the k entries of largest magnitude (ties broken by position), else 0."""
+    flat = delta.ravel()
+    order = sorted(range(flat.size), key=lambda i: (-abs(flat[i]), i))
+    mask = np.zeros(flat.size)
+    for i in order[:k]:
+        mask[i] = 1.0
+    return mask.reshape(delta.shape)
+
+
+def trim(delta: np.ndarray, density: float) -> np.ndarray:
+    """TIES' trim: keep the int(density * n) largest-magnitude entries."""
+    if density >= 1:
+        return delta.copy()
+    return delta * top_k_mask(delta, int(density * delta.size))
+
+
+def band(delta: np.ndarray, density: float, gamma: float) -> np.ndarray:
+    """Breadcrumbs: drop the top int(gamma*n) outliers (fewer if density needs them), keep
+    the next int(density*n) by magnitude, drop the rest."""
+    if density >= 1:
+        return delta.copy()
+    n = delta.size
+    n_keep = int(density * n)
+    n_top = int(gamma * n)
+    if n_top + n_keep > n:
+        n_top = n - n_keep
+    flat = delta.ravel()
+    order = sorted(range(n), key=lambda i: (-abs(flat[i]), i))
+    out = np.zeros(n)
+    for i in order[n_top : n_top + n_keep]:
+        out[i] = flat[i]
+    return out.reshape(delta.shape)
+
+
+def l1_rescaled(original: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    before, after = np.abs(original).sum(), np.abs(kept).sum()
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return kept * (before / after)
+
+
+def combine(
+    base: np.ndarray,
+    deltas: Sequence[np.ndarray],
+    weights: Sequence[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float = 1.0,
+) -> np.ndarray:
+    """Generalised task arithmetic, entry by entry.
+
+    Without consensus: base + λ Σ wᵢδᵢ (÷ Σ wᵢ if normalize). With consensus (TIES): the elected
+    sign of an entry is the sign of Σ wᵢδᵢ, + on an exact tie; only models whose weighted delta
+    has that sign (zeros never) contribute; normalize divides by the sum of their weights.
+    """
+    out = base.astype(np.float64).ravel().copy()
+    flat = [d.ravel() for d in deltas]
+    for j in range(out.size):
+        values = [w * d[j] for w, d in zip(weights, flat, strict=True)]
+        if consensus:
+            elected = 1.0 if sum(values) >= 0 else -1.0
+            chosen = [(w, v) for w, v in zip(weights, values, strict=True) if np.sign(v) == elected]
+            mixed = sum(v for _, v in chosen)
+            divisor = sum(w for w, _ in chosen)
+            if divisor == 0:
+                divisor = 1.0
+        else:
+            mixed = sum(values)
+            divisor = sum(weights)
+            if abs(divisor) < 1e-8:
+                divisor = 1.0
+        if normalize:
+            mixed = mixed / divisor
+        out[j] += lambda_ * mixed
+    return out.reshape(base.shape)
+
+
+def della_probabilities(delta: np.ndarray, density: float, epsilon: float) -> np.ndarray:
+    """Keep probability of each entry: per row (a 1-D tensor is one row), rising linearly with
+    the magnitude rank from density − ε (smallest) to density + ε (largest)."""
+    rows = delta.reshape(1, -1) if delta.ndim < 2 else delta.reshape(delta.shape[0], -1)
+    probs = np.zeros(rows.shape)
+    width = rows.shape[1]
+    for r in range(rows.shape[0]):
+        order = sorted(range(width), key=lambda i, r=r: (abs(rows[r, i]), i))
+        for rank, i in enumerate(order):
+            fraction = rank / (width - 1) if width > 1 else 0.0
+            probs[r, i] = density - epsilon + 2 * epsilon * fraction
+    return probs.reshape(delta.shape)
+
+
+def slerp(t: float, v0: np.ndarray, v1: np.ndarray, threshold: float = 0.9995) -> np.ndarray:
+    """Spherical interpolation of flattened tensors; linear when (anti-)parallel or zero."""
+    a, b = v0.ravel(), v1.ravel()
+    na, nb = math.sqrt(float(a @ a)), math.sqrt(float(b @ b))
+    if na < 1e-8 or nb < 1e-8:
+        return (1 - t) * v0 + t * v1
+    cos = float(a @ b) / (na * nb)
+    cos = max(-1.0, min(1.0, cos))
+    if abs(cos) > threshold:
+        return (1 - t) * v0 + t * v1
+    theta = math.acos(cos)
+    return (math.sin((1 - t) * theta) * v0 + math.sin(t * theta) * v1) / math.sin(theta)
+
+
+def model_stock(base: np.ndarray, xs: Sequence[np.ndarray], filter_wise: bool) -> np.ndarray:
+    """Model Stock: per tensor (or per row), the mean pairwise cosine of the task vectors sets
+    t = N cos / (1 + (N − 1) cos); result t·mean(xᵢ) + (1 − t)·base."""
+    if filter_wise and base.ndim >= 2:
+        rows = [(base[r], [x[r] for x in xs]) for r in range(base.shape[0])]
+        return np.stack([model_stock(b, rs, filter_wise=False) for b, rs in rows])
+    n = len(xs)
+    offsets = [(x - base).ravel() for x in xs]
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            norm = max(np.linalg.norm(offsets[i]) * np.linalg.norm(offsets[j]), 1e-6)
+            cosines.append(min(1.0, max(-1.0, float(offsets[i] @ offsets[j]) / norm)))
+    cos = sum(cosines) / len(cosines)
+    t = n * cos / (1 + (n - 1) * cos)
+    mean = sum(xs) / n
+    return t * mean + (1 - t) * base
+
+
+def gradient(values: Sequence[float], t: float) -> float:
+    """A list of numbers spread evenly over [0, 1], read at t by linear interpolation."""
+    if len(values) == 1:
+        return float(values[0])
+    scaled = t * (len(values) - 1)
+    i0 = min(math.floor(scaled), len(values) - 1)
+    i1 = min(i0 + 1, len(values) - 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]

@@ -1,0 +1,96 @@
+"""The shared kernels of the task-vector family (dammerge.methods.sparsify), one by one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dammerge.methods.sparsify import (
+    bernoulli_mask,
+    magnitude_band,
+    magnitude_prune,
+    magnitude_ranked_drop,
+    random_drop,
+    rescale_kept,
+    sign_consensus,
+)
+
+from . import reference as ref
+from .harness import tensor
+
+
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.33, 0.5, 0.999, 1.0, 1.5])
+def test_magnitude_prune_matches_top_k(density):
+    delta = np.random.default_rng(71).normal(size=(7, 9))
+    got = magnitude_prune(tensor(delta), density).numpy()
+    np.testing.assert_array_equal(got, ref.trim(delta, density))
+
+
+def test_magnitude_prune_breaks_exact_ties_by_position():
+    got = magnitude_prune(torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0]), 0.4)
+    np.testing.assert_array_equal(got.numpy(), [1.0, -1.0, 0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize(("density", "gamma"), [(0.3, 0.1), (0.0, 0.2), (0.95, 0.3), (0.5, 0.0)])
+def test_magnitude_band_matches_reference(density, gamma):
+    delta = np.random.default_rng(72).normal(size=(5, 11))
+    got = magnitude_band(tensor(delta), density, gamma).numpy()
+    np.testing.assert_array_equal(got, ref.band(delta, density, gamma))
+
+
+def test_rescale_kept_modes():
+    original = torch.tensor([1.0, -2.0, 3.0, -4.0])
+    kept = torch.tensor([0.0, -2.0, 0.0, -4.0])
+    torch.testing.assert_close(rescale_kept(original, kept, 0.5, "none"), kept)
+    torch.testing.assert_close(rescale_kept(original, kept, 0.5, "density"), kept * 2)
+    torch.testing.assert_close(rescale_kept(original, kept, 0.5, "l1"), kept * (10 / 6))
+    zeros = torch.zeros(4)
+    torch.testing.assert_close(rescale_kept(original, zeros, 0.5, "l1"), zeros)  # nothing kept
+
+
+def test_bernoulli_mask_per_entry_probabilities():
+    probs = torch.tensor([0.0, 1.0, 0.25]).repeat(20000, 1)
+    mask = bernoulli_mask(probs, probs, torch.Generator().manual_seed(0))
+    rates = mask.mean(dim=0)
+    assert rates[0] == 0 and rates[1] == 1 and abs(rates[2] - 0.25) < 0.01
+    again = bernoulli_mask(probs, probs, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mask, again)
+
+
+@pytest.mark.parametrize("density", [0.0, 1.0])
+def test_random_drop_boundaries_are_exact(density):
+    delta = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    got = random_drop(delta, density, torch.Generator().manual_seed(2), "density")
+    torch.testing.assert_close(got, delta * density)
+
+
+def test_magnitude_ranked_drop_with_zero_epsilon_is_uniform_dare():
+    delta = torch.randn(30, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    a = magnitude_ranked_drop(
+        delta, 0.3, 0.0, torch.Generator().manual_seed(4), rescale_mode="probability"
+    )
+    b = random_drop(delta, 0.3, torch.Generator().manual_seed(4), "density")
+    torch.testing.assert_close(a, b)
+
+
+def test_sign_consensus_by_hand():
+    weighted = torch.tensor([[2.0, 0.0, -1.0, 1.0], [-2.0, 0.0, -1.0, -3.0]])
+    mask = sign_consensus(weighted)
+    # column 0: tie → + (only the +2 kept); column 1: zeros never kept; 2: both −; 3: − wins
+    np.testing.assert_array_equal(mask.numpy(), [[1, 0, 1, 0], [0, 0, 1, 1]])
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.77])
+def test_selection_with_many_exact_ties_matches_the_stable_order(density):
+    """bf16 checkpoints repeat magnitudes a lot: ties must go to the lower index, always."""
+    delta = np.round(np.random.default_rng(73).normal(size=(20, 25)), 1)
+    got = magnitude_prune(tensor(delta), density).numpy()
+    np.testing.assert_array_equal(got, ref.trim(delta, density))
+    got = magnitude_band(tensor(delta), density, 0.1).numpy()
+    np.testing.assert_array_equal(got, ref.band(delta, density, 0.1))
+    bf16 = torch.tensor(delta, dtype=torch.bfloat16)
+    as_np = bf16.double().numpy()
+    np.testing.assert_array_equal(
+        magnitude_prune(bf16, density).double().numpy(), ref.trim(as_np, density)
+    )

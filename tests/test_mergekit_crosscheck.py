@@ -1,0 +1,288 @@
+"""Cross-check against mergekit 0.1.5, run from its own virtual environment.
+
+Our recipes are meant to be mergekit's recipes: the same YAML must give the same tensors. Each
+recipe below is merged once by mergekit's own command-line tools (``mergekit-multi`` runs all of
+them in one process, so mergekit is imported once; ``mergekit-yaml`` is exercised once too) and
+once by :func:`dammerge.merge`, and every output tensor is compared within float tolerance.
+
+Only deterministic settings are compared: DARE and DELLA are checked at density 1 (no random
+drop), breadcrumbs at density 1 with gamma 0. The gradient/filter recipe pins down where each
+tensor sits on the depth axis, including tensors outside the blocks (embeddings, final norm,
+``lm_head``), which mergekit places at ``t = 0``.
+
+mergekit lives in ``.venv-mergekit`` (``make .venv-mergekit/.installed``, which ``make test``
+builds); without it these tests fail rather than skip, so CI cannot pass them silently.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import dammerge
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+MERGEKIT_BIN = REPO / ".venv-mergekit" / "bin"
+RTOL, ATOL = 1e-5, 1e-6
+
+# mergekit options shared by every call: local folders only, CPU, no tokenizer/model card.
+MERGEKIT_OPTIONS = ["--no-copy-tokenizer", "--no-write-model-card", "--lazy-unpickle", "--quiet"]
+
+# Recipes use the placeholders BASE, FT0, FT1, FT2 for the tiny Llama family's folders.
+RECIPES: dict[str, dict[str, Any]] = {
+    "linear_weighted": {
+        "merge_method": "linear",
+        "models": [
+            {"model": "FT0", "parameters": {"weight": 0.5}},
+            {"model": "FT1", "parameters": {"weight": 0.3}},
+            {"model": "FT2", "parameters": {"weight": 0.4}},
+        ],
+        "parameters": {"normalize": False},
+    },
+    "linear_normalize": {
+        "merge_method": "linear",
+        "models": [
+            {"model": "FT0", "parameters": {"weight": 1.0}},
+            {"model": "FT1", "parameters": {"weight": 2.0}},
+            {"model": "FT2", "parameters": {"weight": 3.0}},
+        ],
+        "parameters": {"normalize": True},
+    },
+    "task_arithmetic": {
+        "merge_method": "task_arithmetic",
+        "base_model": "BASE",
+        "models": [
+            {"model": "FT0", "parameters": {"weight": 0.7}},
+            {"model": "FT1", "parameters": {"weight": 0.4}},
+            {"model": "FT2", "parameters": {"weight": -0.2}},
+        ],
+        "parameters": {"lambda": 0.8},
+    },
+    "ties": {
+        "merge_method": "ties",
+        "base_model": "BASE",
+        "models": [
+            {"model": "FT0", "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": "FT1", "parameters": {"weight": 0.3, "density": 0.5}},
+            {"model": "FT2", "parameters": {"weight": 0.5, "density": 0.5}},
+        ],
+    },
+    "ties_unnormalized_densities": {
+        "merge_method": "ties",
+        "base_model": "BASE",
+        "models": [
+            {"model": "FT0", "parameters": {"weight": 1.0, "density": 0.3}},
+            {"model": "FT1", "parameters": {"weight": 0.5, "density": 0.7}},
+        ],
+        "parameters": {"normalize": False},
+    },
+    "slerp_scalar": {
+        "merge_method": "slerp",
+        "base_model": "BASE",
+        "models": [{"model": "BASE"}, {"model": "FT0"}],
+        "parameters": {"t": 0.35},
+    },
+    "slerp_gradient": {
+        "merge_method": "slerp",
+        "base_model": "BASE",
+        "models": [{"model": "BASE"}, {"model": "FT1"}],
+        "parameters": {"t": [0, 0.3, 0.7, 1]},
+    },
+    "model_stock": {
+        "merge_method": "model_stock",
+        "base_model": "BASE",
+        "models": [{"model": "FT0"}, {"model": "FT1"}, {"model": "FT2"}],
+    },
+    "model_stock_filter_wise": {
+        "merge_method": "model_stock",
+        "base_model": "BASE",
+        "models": [{"model": "FT0"}, {"model": "FT1"}, {"model": "FT2"}],
+        "parameters": {"filter_wise": True},
+    },
+    "dare_linear_density1": {
+        "merge_method": "dare_linear",
+        "base_model": "BASE",
+        "models": [
+            {"model": "FT0", "parameters": {"weight": 0.6, "density": 1.0}},
+            {"model": "FT1", "parameters": {"weight": 0.3, "density": 1.0}},
+        ],
+    },
+    "dare_ties_density1": {
+        "merge_method": "dare_ties",
+        "base_model": "BASE",
+        "models": [
+            {"model": "FT0", "parameters": {"weight": 0.6, "density": 1.0}},
+            {"model": "FT1", "parameters": {"weight": 0.3, "density": 1.0}},
+            {"model": "FT2", "parameters": {"weight": 0.5, "density": 1.0}},
+        ],
+    },
+    "della_density1": {
+        "merge_method": "della",
+        "base_model": "BASE",
+        "models": [
+            {"model": "FT0", "parameters": {"weight": 0.6, "density": 1.0}},
+            {"model": "FT1", "parameters": {"weight": 0.3, "density": 1.0}},
+        ],
+    },
+    "breadcrumbs_density1": {
+        "merge_method": "breadcrumbs",
+        "base_model": "BASE",
+        "models": [
+            {"model": "FT0", "parameters": {"weight": 0.6, "density": 1.0, "gamma": 0.0}},
+            {"model": "FT1", "parameters": {"weight": 0.3, "density": 1.0, "gamma": 0.0}},
+        ],
+    },
+    # Gradients and {filter, value} lists resolved per tensor. The lm_head/embed/norm entries
+    # use steep gradients so that any disagreement about their depth position is large.
+    "gradient_filters": {
+        "merge_method": "task_arithmetic",
+        "base_model": "BASE",
+        "models": [
+            {
+                "model": "FT0",
+                "parameters": {
+                    "weight": [
+                        {"filter": "self_attn", "value": [0.1, 0.9]},
+                        {"filter": "mlp", "value": 0.5},
+                        {"value": [1.0, 0.0]},
+                    ]
+                },
+            },
+            {"model": "FT1", "parameters": {"weight": [0.2, 0.8, 0.4]}},
+            {
+                "model": "FT2",
+                "parameters": {"weight": [{"filter": "lm_head", "value": 0.9}]},
+            },
+        ],
+        # FT2's filter list matches only lm_head; elsewhere the global default applies.
+        "parameters": {"weight": [{"filter": "*", "value": [0.3, -0.3]}]},
+    },
+    "ties_gradient_density": {
+        "merge_method": "ties",
+        "base_model": "BASE",
+        "models": [
+            {"model": "FT0", "parameters": {"weight": 0.5, "density": [0.2, 0.9]}},
+            {"model": "FT1", "parameters": {"weight": [0.9, 0.1], "density": 0.6}},
+        ],
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def family_paths(llama_family) -> dict[str, str]:
+    base, variants = llama_family
+    return {"BASE": str(base), **{f"FT{i}": str(v) for i, v in enumerate(variants)}}
+
+
+def fill_paths(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
+    """The recipe with placeholders replaced by folders, computed in float32 for both tools."""
+    filled = copy.deepcopy(recipe)
+    if "base_model" in filled:
+        filled["base_model"] = paths[filled["base_model"]]
+    for entry in filled["models"]:
+        entry["model"] = paths[entry["model"]]
+    filled["dtype"] = "float32"
+    return filled
+
+
+def mergekit_tool(name: str) -> Path:
+    tool = MERGEKIT_BIN / name
+    if not tool.is_file():
+        pytest.fail(
+            f"mergekit 0.1.5 is not installed ({tool} missing): run "
+            "`make .venv-mergekit/.installed` (`make test` builds it)",
+            pytrace=False,
+        )
+    return tool
+
+
+def run_mergekit(args: list[str]) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        pytest.fail(f"mergekit failed ({done.returncode}):\n{done.stderr[-3000:]}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def mergekit_outputs(family_paths, tmp_path_factory) -> dict[str, Path]:
+    """Every recipe merged by mergekit in one ``mergekit-multi`` process."""
+    tool = mergekit_tool("mergekit-multi")
+    work = tmp_path_factory.mktemp("mergekit")
+    # Names get a prefix: mergekit-multi treats any string equal to a merge's name as a
+    # reference to that merge, and a name equal to its own merge_method would depend on itself.
+    documents = [
+        {"name": f"recipe-{name}", **fill_paths(r, family_paths)} for name, r in RECIPES.items()
+    ]
+    config = work / "recipes.yml"
+    config.write_text(yaml.safe_dump_all(documents, sort_keys=False))
+    out = work / "out"
+    run_mergekit([str(tool), str(config), "-I", str(out), "--no-lazy", *MERGEKIT_OPTIONS])
+    return {name: out / f"recipe-{name}" for name in RECIPES}
+
+
+def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    assert tensors, f"no safetensors in {folder}"
+    return tensors
+
+
+def assert_same_tensors(ours: Path, theirs: Path) -> None:
+    a, b = load_tensors(ours), load_tensors(theirs)
+    assert sorted(a) == sorted(b), "the two tools wrote different tensor names"
+    mismatched = []
+    for name in sorted(a):
+        assert a[name].dtype == b[name].dtype, f"{name}: {a[name].dtype} vs {b[name].dtype}"
+        if not torch.allclose(a[name], b[name], rtol=RTOL, atol=ATOL):
+            diff = (a[name].double() - b[name].double()).abs().max().item()
+            mismatched.append(f"{name} (max |diff| {diff:.3g})")
+    assert not mismatched, f"{len(mismatched)} tensors differ from mergekit: {mismatched[:6]}"
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_same_tensors_as_mergekit(name, family_paths, mergekit_outputs, tmp_path):
+    ours = dammerge.merge(fill_paths(RECIPES[name], family_paths), tmp_path / name, progress=False)
+    assert_same_tensors(ours, mergekit_outputs[name])
+
+
+def test_recipe_file_through_mergekit_yaml(family_paths, tmp_path):
+    """The canonical command, on one YAML file that both tools read as it is."""
+    tool = mergekit_tool("mergekit-yaml")
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(fill_paths(RECIPES["ties"], family_paths)))
+    run_mergekit([str(tool), str(recipe), str(tmp_path / "mergekit"), *MERGEKIT_OPTIONS])
+    ours = dammerge.merge(recipe, tmp_path / "ours", progress=False)
+    assert_same_tensors(ours, tmp_path / "mergekit")
+
+
+def test_outside_block_tensors_take_the_first_gradient_value(family_paths, tmp_path):
+    """mergekit places embeddings, the final norm and lm_head at t = 0 (the first value).
+
+    Checked directly against a hand computation, independent of mergekit, so the meaning of
+    a gradient for these tensors is pinned even where the venv comparison is not run.
+    """
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": "BASE",
+        "models": [{"model": "FT0", "parameters": {"weight": [1.0, 0.0]}}],
+    }
+    out = dammerge.merge(fill_paths(recipe, family_paths), tmp_path / "out", progress=False)
+    merged = load_tensors(out)
+    base = load_tensors(Path(family_paths["BASE"]))
+    ft0 = load_tensors(Path(family_paths["FT0"]))
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        torch.testing.assert_close(merged[name], ft0[name], rtol=RTOL, atol=ATOL)
+    last = max(int(n.split(".")[2]) for n in base if n.startswith("model.layers."))
+    name = f"model.layers.{last}.mlp.down_proj.weight"
+    torch.testing.assert_close(merged[name], base[name], rtol=RTOL, atol=ATOL)
