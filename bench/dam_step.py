@@ -201,7 +201,12 @@ def teacher_files(
     checkpoints = [Checkpoint(s) for s in sources]
     folder = WORK / "teachers" / tag
     precompute_teachers(
-        checkpoints, data, top_k, folder, device=torch.device("cpu"), dtype=torch.float32,
+        checkpoints,
+        data,
+        top_k,
+        folder,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
         progress=False,
     )
     return checkpoints, folder
@@ -267,7 +272,12 @@ def dam_runner(
     if teacher == "on_the_fly":
         signal = OnTheFlyTeacher(model)
     trainer = Trainer(
-        model, data, signal, settings, WORK / "trainer", device=torch.device("cpu"),
+        model,
+        data,
+        signal,
+        settings,
+        WORK / "trainer",
+        device=torch.device("cpu"),
         progress=False,
     )
     return trainer.train_step, model
@@ -351,8 +361,8 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     # import everything every variant could need before the baseline is taken
     import transformers  # noqa: F401
 
-    import dammerge.learned.model  # noqa: F401
-    import dammerge.learned.teachers  # noqa: F401
+    import dammerge.learned.model
+    import dammerge.learned.teachers
     import dammerge.learned.train  # noqa: F401
 
     cfg = _config_from_dict(spec["config"])
@@ -436,8 +446,7 @@ def summarise(
             "cpu_median_s": cpu,
             "cpu_samples_s": measured["cpu"],
             "cpu_ratio_vs_plain": {v: cpu[v] / cpu["plain"] for v in VARIANTS},
-            "ours_on_the_fly_speedup_vs_reference": median["reference"]
-            / median["ours_on_the_fly"],
+            "ours_on_the_fly_speedup_vs_reference": median["reference"] / median["ours_on_the_fly"],
             "ours_precomputed_speedup_vs_reference": median["reference"]
             / median["ours_precomputed"],
             "reference_code_ratio_quoted": REFERENCE_CODE_RATIOS.get(n),
@@ -451,30 +460,51 @@ def targets(cfg: BenchConfig, timing: dict[str, Any], memory: dict[str, Any] | N
     def add(name: str, value: float, limit: float, at_most: bool) -> None:
         ok = value <= limit if at_most else value >= limit
         out.append(
-            {"name": name, "value": round(value, 3), "target": f"{'<=' if at_most else '>='} "
-             f"{limit}", "pass": bool(ok)}
+            {
+                "name": name,
+                "value": round(value, 3),
+                "target": f"{'<=' if at_most else '>='} {limit}",
+                "pass": bool(ok),
+            }
         )
 
     ns = sorted(int(k.split("=")[1]) for k in timing)
     for n in ns:
         ratios = timing[f"N={n}"]["ratio_vs_plain"]
-        add(f"on-the-fly / plain, N={n}", ratios["ours_on_the_fly"],
-            TARGETS["on_the_fly_vs_plain"], True)
-        add(f"precomputed / plain, N={n}", ratios["ours_precomputed"],
-            TARGETS["precomputed_vs_plain"], True)
+        add(
+            f"on-the-fly / plain, N={n}",
+            ratios["ours_on_the_fly"],
+            TARGETS["on_the_fly_vs_plain"],
+            True,
+        )
+        add(
+            f"precomputed / plain, N={n}",
+            ratios["ours_precomputed"],
+            TARGETS["precomputed_vs_plain"],
+            True,
+        )
     lo, hi = timing[f"N={ns[0]}"], timing[f"N={ns[-1]}"]
     for variant in ("ours_on_the_fly", "ours_precomputed"):
         growth = hi["ratio_vs_plain"][variant] / lo["ratio_vs_plain"][variant]
-        add(f"flat in N: {variant} ratio N={ns[-1]} / N={ns[0]}", growth,
-            TARGETS["flat_in_n"], True)
-    add(f"reference / ours (on the fly), N={ns[-1]}", hi["ours_on_the_fly_speedup_vs_reference"],
-        TARGETS["speedup_vs_reference"], False)
+        add(
+            f"flat in N: {variant} ratio N={ns[-1]} / N={ns[0]}", growth, TARGETS["flat_in_n"], True
+        )
+    add(
+        f"reference / ours (on the fly), N={ns[-1]}",
+        hi["ours_on_the_fly_speedup_vs_reference"],
+        TARGETS["speedup_vs_reference"],
+        False,
+    )
     if memory:
         ref = memory["reference"]["peak_minus_baseline_bytes"]
         for variant in ("ours_on_the_fly", "ours_precomputed"):
             ours = memory[variant]["peak_minus_baseline_bytes"]
-            add(f"peak memory reference / {variant}, N={cfg.memory_n}", ref / ours,
-                TARGETS["memory_vs_reference"], False)
+            add(
+                f"peak memory reference / {variant}, N={cfg.memory_n}",
+                ref / ours,
+                TARGETS["memory_vs_reference"],
+                False,
+            )
     return out
 
 
@@ -490,12 +520,12 @@ def print_report(timing: dict[str, Any], memory: dict[str, Any] | None, checks: 
     table.add_column("ref / ours", justify="right")
     table.add_column("ref code (quoted)", justify="right")
     for key, row in timing.items():
-        cells = [
-            f"{row['median_s'][v]:.3f} s ({row['ratio_vs_plain'][v]:.2f}×)" for v in VARIANTS
-        ]
+        cells = [f"{row['median_s'][v]:.3f} s ({row['ratio_vs_plain'][v]:.2f}×)" for v in VARIANTS]
         quoted = row["reference_code_ratio_quoted"]
         table.add_row(
-            key.split("=")[1], *cells, f"{row['ours_on_the_fly_speedup_vs_reference']:.2f}×",
+            key.split("=")[1],
+            *cells,
+            f"{row['ours_on_the_fly_speedup_vs_reference']:.2f}×",
             f"{quoted}×" if quoted else "-",
         )
     console.print(table)
@@ -556,8 +586,17 @@ def main(argv: list[str] | None = None) -> int:
             "threads": THREADS,
             "batch": "1 sequence per source; plain step: the N sequences as one batch",
             "dam_settings": dam_settings("on_the_fly", cfg.top_k).model_dump(
-                include={"objective", "temperature", "kl_direction", "lambda_cos", "lr",
-                         "grad_clip", "granularity", "parametrization", "activation"}
+                include={
+                    "objective",
+                    "temperature",
+                    "kl_direction",
+                    "lambda_cos",
+                    "lr",
+                    "grad_clip",
+                    "granularity",
+                    "parametrization",
+                    "activation",
+                }
             ),
             "engine_step": "dammerge.learned.train.Trainer.train_step",
         },

@@ -85,4 +85,4 @@ def reference_step(
         total = total + kl * temperature**2
     total.backward()
     optimizer.step()
-    return float(total)
+    return float(total.detach())

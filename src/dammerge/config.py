@@ -138,6 +138,11 @@ class MergeConfig(BaseModel):
                 return dataset
             return {**dataset, "path": fix(dataset["path"])}
 
+        def fix_training(training: dict[str, Any] | None) -> dict[str, Any] | None:
+            if not training or not isinstance(training.get("family"), str):
+                return training
+            return {**training, "family": fix(training["family"])}  # evolve's task fitness
+
         # 'base' and 'union' are keywords only for tokenizer_source; a model folder may well be
         # called 'base'
         tokenizer = self.tokenizer_source
@@ -149,6 +154,7 @@ class MergeConfig(BaseModel):
                     for m in self.models
                 ],
                 "tokenizer_source": tokenizer if tokenizer in ("base", "union") else fix(tokenizer),
+                "training": fix_training(self.training),
             }
         )
 

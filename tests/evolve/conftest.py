@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from evolve_helpers import TARGET_WEIGHTS, Sources, write_data
+import torch
 
 from dammerge.merge import merge
 from dammerge.testing import make_tiny_model, make_variant
+
+from .evolve_helpers import TARGET_WEIGHTS, Sources, write_data
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +32,12 @@ def sources(tmp_path_factory) -> Sources:
     return Sources(
         base, a, b, target, write_data(root / "a.jsonl", 0), write_data(root / "b.jsonl", 40)
     )
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core CI box contention costs 5-10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

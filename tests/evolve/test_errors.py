@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from evolve_helpers import evolve_recipe
 
 import dammerge.evolve.run as evolve_run
 from dammerge.errors import DammergeError
 from dammerge.evolve import evolve_merge
+
+from .evolve_helpers import evolve_recipe
 
 
 def _set(path: str, value):
@@ -89,6 +90,8 @@ def test_output_rules(sources, tmp_path):
         evolve_merge(evolve_recipe(sources), sources.a / "inside", progress=False)
 
 
-def test_dry_run_writes_nothing(sources, tmp_path, capsys):
+def test_dry_run_describes_and_writes_nothing(sources, tmp_path, capsys):
     assert evolve_merge(evolve_recipe(sources), tmp_path / "out", dry_run=True) is None
     assert list(tmp_path.iterdir()) == []
+    printed = capsys.readouterr().err
+    assert "genes       4 (2 layer group(s)" in printed and "dry run: nothing written" in printed

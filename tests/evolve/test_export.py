@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from evolve_helpers import evolve_recipe, logits_mse_fitness
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -16,6 +15,8 @@ from dammerge.evolve import evolve_merge
 from dammerge.evolve.candidate import InMemoryMerger
 from dammerge.evolve.run import prepare
 from dammerge.merge import merge
+
+from .evolve_helpers import evolve_recipe, logits_mse_fitness
 
 
 def _tensors(folder):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 
@@ -17,8 +18,9 @@ from dammerge.evolve.fitness import (
     default_scorer,
     held_in,
     load_examples,
+    task_fitness_from_recipe,
 )
-from dammerge.evolve.settings import DatasetSpec
+from dammerge.evolve.settings import DatasetSpec, EvolveSettings
 
 
 def _load(path):
@@ -120,3 +122,31 @@ def test_task_fitness_without_the_evaluator_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "dammerge.evaluate", types.ModuleType("dammerge.evaluate"))
     with pytest.raises(ConfigError, match=r"needs dammerge\.evaluate\.evaluate_model"):
         default_scorer()
+
+
+def _fake_family(root):
+    domains = {
+        d: {"specialist": d, "train": f"{d}.jsonl", "eval": f"{d}.jsonl", "metric": "exact_match"}
+        for d in ("lang", "math")
+    }
+    manifest = {
+        "format": "dammerge-family/1",
+        "models": {"base": "base", "lang": "lang", "math": "math"},
+        "domains": domains,
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_task_fitness_from_a_recipe(tmp_path):
+    family = _fake_family(tmp_path)
+    settings = EvolveSettings(fitness="task", family=str(family), task_limit=2)
+    fitness = task_fitness_from_recipe(settings, scorer=lambda *a, **k: {"math": _Score(1.0)})
+    assert fitness.family.root == family and fitness.limit == 2
+    with pytest.raises(ConfigError, match="family has no domain 'sql'"):
+        task_fitness_from_recipe(
+            EvolveSettings(fitness="task", family=str(family), task_domains=["sql"]),
+            scorer=lambda *a, **k: {},
+        )
+    with pytest.raises(ConfigError, match=r"needs training\.family"):
+        task_fitness_from_recipe(EvolveSettings(fitness="task"))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from evolve_helpers import TARGET_WEIGHTS, evolve_recipe, logits_mse_fitness
 
 from dammerge.evolve import evolve_merge
+
+from .evolve_helpers import TARGET_WEIGHTS, evolve_recipe, logits_mse_fitness
 
 
 @pytest.mark.slow

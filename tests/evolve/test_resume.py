@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from evolve_helpers import evolve_recipe, logits_mse_fitness
 from safetensors.torch import load_file
 
 from dammerge.errors import DammergeError
 from dammerge.evolve import evolve_merge
+
+from .evolve_helpers import evolve_recipe, logits_mse_fitness
 
 
 class Killed(Exception):
@@ -33,7 +34,6 @@ def _log(folder):
     return [(r["generation"], r["index"], r["x"], r["fitness"], r["params"]) for r in rows[1:]]
 
 
-@pytest.mark.slow
 def test_resumed_search_equals_uninterrupted_one(sources, tmp_path):
     recipe = evolve_recipe(sources, budget=30, popsize=6)
     base_fitness = logits_mse_fitness(sources.target)
@@ -75,3 +75,22 @@ def test_log_of_a_different_search_is_not_replayed(sources, tmp_path):
     fresh = CountingFitness(logits_mse_fitness(sources.target))
     evolve_merge(changed, tmp_path / "out", fitness=fresh, overwrite=True, progress=False)
     assert fresh.calls == 16  # --overwrite starts the search again
+
+
+def test_parallel_workers_give_the_sequential_result(sources, tmp_path):
+    fitness = logits_mse_fitness(sources.target)
+    results = [
+        evolve_merge(
+            evolve_recipe(sources, budget=16, workers=workers),
+            tmp_path / f"w{workers}",
+            fitness=fitness,
+            progress=False,
+        )
+        for workers in (1, 2)
+    ]
+    sequential, parallel = (_log(tmp_path / f"w{w}") for w in (1, 2))
+    assert [r[:3] for r in parallel[:8]] == [r[:3] for r in sequential[:8]]  # same candidates
+    for (*_, f_par, _p), (*_, f_seq, _q) in zip(parallel, sequential, strict=True):
+        assert f_par == pytest.approx(f_seq, rel=1e-6)
+    assert results[1].stats["workers"] == 2
+    assert results[0].recipe == results[1].recipe

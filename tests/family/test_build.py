@@ -113,14 +113,17 @@ def test_second_build_into_the_same_folder_is_a_cache_hit(micro_family):
     assert (micro_family / "manifest.json").read_text() == before
 
 
-def test_different_seed_gives_different_tensors(tmp_path):
+def test_different_seed_differs_and_thread_count_does_not_matter(tmp_path):
     nano = with_steps(SIZES["micro"], "nano", pretrain=4, finetune=2)
-    a = build_family(tmp_path / "a", nano, 0)
-    b = build_family(tmp_path / "b", nano, 1)
+    a = build_family(tmp_path / "a", nano, 0, threads=1)
+    b = build_family(tmp_path / "b", nano, 1, threads=1)
     assert a.manifest["content_hash"] != b.manifest["content_hash"]
     wa, wb = tensors(a.root), tensors(b.root)
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(wa["base"][key], wb["base"][key])
+    two = build_family(tmp_path / "two", nano, 0, threads=2)
+    assert two.manifest["threads"] == 2 and a.manifest["threads"] == 1
+    assert two.manifest["content_hash"] == a.manifest["content_hash"]
     assert not list(tmp_path.glob(".*dammerge-tmp*"))  # temporary folders renamed away
 
 

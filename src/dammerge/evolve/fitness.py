@@ -8,9 +8,9 @@ plain ``model -> float`` callable is wrapped). Two are built in:
   teachers never change, so their log-probabilities are computed once at the start and kept in
   memory (response positions only: about ``tokens × vocab × 4`` bytes per source).
 - ``task``: the mean per-domain score of ``dammerge.evaluate.evaluate_model`` (imported lazily,
-  so evolve works without the evaluator). It calls ``evaluate_model(model, tokenizer, family,
-  limit=..., **evaluate_kwargs)``; pass e.g. ``evaluate_kwargs: {split: train}`` when the
-  evaluator supports it, so the search does not tune on the sets the final evaluation uses.
+  so evolve works without the evaluator) on the family's *training* records (``task_split``),
+  never the sets the final evaluation scores. It calls ``evaluate_model(model, tokenizer,
+  family, limit=..., **evaluate_kwargs)``; any scorer with that shape can be passed instead.
 """
 
 from __future__ import annotations
@@ -296,11 +296,15 @@ def default_scorer() -> Scorer:
 
 
 def _score_of(result: Any) -> float:
-    if hasattr(result, "score"):
-        return float(result.score)
-    if isinstance(result, dict) and "score" in result:
-        return float(result["score"])
-    return float(result)
+    score = getattr(result, "score", result)
+    if isinstance(score, dict):
+        score = score.get("score")
+    if score is None:
+        raise DammergeError(
+            "the evaluator returned no task score (generation was switched off?)",
+            "do not pass generate: false in training.evaluate_kwargs",
+        )
+    return float(score)
 
 
 class TaskFitness:
@@ -344,6 +348,12 @@ class TaskFitness:
 
 
 def task_fitness_from_recipe(settings: EvolveSettings, scorer: Scorer | None = None) -> TaskFitness:
+    """The task fitness of a recipe, with the family's held-in records loaded once.
+
+    With the built-in evaluator the records of ``task_split`` (default ``train``: never the
+    sets the final evaluation scores) are loaded here, once, and only generation is scored
+    (``likelihood: false``) unless ``evaluate_kwargs`` says otherwise.
+    """
     from dammerge.family.manifest import load_family
 
     if settings.family is None:
@@ -358,10 +368,24 @@ def task_fitness_from_recipe(settings: EvolveSettings, scorer: Scorer | None = N
                 f"training.task_domains: family has no domain {unknown[0]!r}",
                 f"domains: {', '.join(family.domains)}",
             )
+    kwargs = dict(settings.evaluate_kwargs)
+    target: Any = family
+    if scorer is None:
+        scorer = default_scorer()
+        from dammerge.evaluate import load_domains  # type: ignore[attr-defined]
+
+        target = load_domains(
+            family,
+            split=settings.task_split,
+            limit=settings.task_limit,
+            domains=settings.task_domains,
+            compositional=False,
+        )
+        kwargs = {"likelihood": False, "progress": False, **kwargs}
     return TaskFitness(
-        family,
+        target,
         limit=settings.task_limit,
         domains=settings.task_domains,
-        evaluate_kwargs=settings.evaluate_kwargs,
+        evaluate_kwargs=kwargs,
         scorer=scorer,
     )

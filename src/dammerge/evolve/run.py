@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedModel
 
 from dammerge import __version__
@@ -98,7 +99,10 @@ class PreparedSearch:
     def generations(self) -> int:
         return self.settings.budget // self.popsize
 
-    def workers(self) -> int:
+    def workers(self, device: torch.device | None = None) -> int:
+        """Worker processes for scoring: 1 on CUDA (a forked CUDA context is unusable)."""
+        if device is not None and device.type != "cpu":
+            return 1
         wanted = self.settings.workers
         cores = os.cpu_count() or 1
         count = cores if wanted == "auto" else int(wanted)
@@ -167,7 +171,7 @@ def evolve_merge(
     )
     if dry_run:
         for line in describe_search(prepared):
-            console.print(line, highlight=False, markup=False)
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
         console.print("dry run: nothing written", style="green")
         return None
     torch_device = resolve_device(device)
@@ -178,7 +182,7 @@ def evolve_merge(
     resumed = len(log.records)
     if resumed:
         console.print(f"resuming: {resumed} evaluations replayed from {log.path}", style="cyan")
-    scorer = Scorer(_evaluator(prepared, merger, slot), prepared.workers())
+    scorer = Scorer(_evaluator(prepared, merger, slot), prepared.workers(torch_device))
     try:
         result = run_cma(
             x0=prepared.space.x0(),
@@ -207,7 +211,15 @@ def evolve_merge(
         "resumed_evaluations": resumed,
         **_work_stats(prepared, result, setup_work, torch_device),
     }
-    recipe = export(prepared, result, stats, started, shard_size=shard_size, progress=progress)
+    recipe = export(
+        prepared,
+        result,
+        stats,
+        started,
+        device=torch_device,
+        shard_size=shard_size,
+        progress=progress,
+    )
     shutil.rmtree(prepared.work_dir, ignore_errors=True)
     return EvolveResult(prepared.output, recipe, float(result.best.fitness or 0.0), stats)
 
@@ -384,7 +396,7 @@ def _work_stats(
         "setup_forward_tokens": setup_work.tokens,
         "evaluation_seconds_total": round(sum(seconds), 3),
         "seconds_per_evaluation": round(sum(seconds) / max(1, len(seconds)), 4),
-        "workers": prepared.workers(),
+        "workers": prepared.workers(device),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "seed": prepared.seed,
@@ -401,6 +413,7 @@ def export(
     stats: dict[str, Any],
     started: float,
     *,
+    device: torch.device,
     shard_size: int,
     progress: bool,
 ) -> MergeConfig:
@@ -408,14 +421,13 @@ def export(
     recipe = prepared.space.to_config(np.asarray(result.best.x, dtype=float))
     plan = build_plan(recipe)
     export_start = time.perf_counter()
-    device = torch.device("cpu")
     writer = CheckpointWriter(prepared.output, shard_size=shard_size, overwrite=prepared.overwrite)
     with writer:
-        for tensor in plan.tensors:
+        for tensor in tqdm(plan.tensors, desc="export", unit="tensor", disable=not progress):
             merged = merge_tensor(plan, tensor, device, prepared.seed)
             writer.add(tensor.name, merged.to(plan.output_dtype(tensor)))
         write_side_files(writer, plan, prepared.seed)
-        writer.write_text(RECIPE_NAME, _recipe_text(recipe, result, prepared.seed))
+        writer.write_text(RECIPE_NAME, _recipe_text(recipe, result, prepared.seed, device))
         writer.write_text(SOURCE_RECIPE_NAME, prepared.cfg.to_yaml())
         writer.copy_file(prepared.work_dir / LOG_NAME)
         plot_fitness(
@@ -434,10 +446,11 @@ def export(
     return recipe
 
 
-def _recipe_text(recipe: MergeConfig, result: SearchResult, seed: int) -> str:
+def _recipe_text(recipe: MergeConfig, result: SearchResult, seed: int, device: torch.device) -> str:
     header = (
         f"# Evolved by dammerge {__version__}: best of {len(result.records)} fitness "
         f"evaluations (fitness {result.best.fitness:.6g}, evaluation {result.best.evaluation}).\n"
-        f"# Reproduce the checkpoint with: dammerge merge {RECIPE_NAME} OUT --seed {seed}\n"
+        f"# Reproduce the checkpoint with: dammerge merge {RECIPE_NAME} OUT --seed {seed} "
+        f"--device {device.type}\n"
     )
     return header + recipe.to_yaml()

@@ -201,7 +201,6 @@ def run_experiment(
 ) -> Path:
     """Run every missing cell of ``config`` into ``out`` and write the report; return its folder."""
     from dammerge.experiment.evaluation import evaluate_cell
-
     from dammerge.experiment.report import write_report
 
     out = Path(out)
@@ -227,10 +226,14 @@ def run_experiment(
 
 
 def _family(config: ExperimentConfig) -> Family:
-    root = Path(config.family)
-    if not (root / "manifest.json").exists() and config.build is not None:
+    """The experiment's family, built first if the file asks (a cached build is instant)."""
+    if config.build is not None:
         from dammerge.family.build import build_family
 
-        console.print(f"building the {config.build.size} family in {root}")
-        build_family(root, size=config.build.size, seed=config.build.seed)
-    return load_family(root)
+        build_family(
+            config.family,
+            config.build.size,
+            config.build.seed,
+            report=lambda message: console.print(message, style="dim"),
+        )
+    return load_family(config.family)

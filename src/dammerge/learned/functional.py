@@ -18,6 +18,7 @@ bfloat16's resolution there and would silently vanish.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -28,14 +29,49 @@ def accumulation_dtype(scales: torch.Tensor) -> torch.dtype:
     return torch.promote_types(scales.dtype, torch.float32)
 
 
-def merge_weight(scales: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``Σ_m weights[m] · diag(scales[m])`` computed in float32.
+class _Scratch:
+    """Reusable CPU work buffers, one per role, grown to the largest layer seen.
+
+    On CPU every fresh tensor above glibc's mmap threshold (32 MiB: an ``lm_head`` of a 32k
+    vocabulary at hidden 256 already is one) is a new mapping whose pages the kernel faults in
+    and zeroes, on every call: that cost as much as the arithmetic it served. The merged weight,
+    ``G = gᵀx`` and the column-sum product live only inside one call of the function below, so
+    one buffer per role serves every layer in turn. CUDA's caching allocator already reuses
+    memory, so there nothing is kept.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(
+        self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor | None:
+        if device.type != "cpu":
+            return None
+        numel = math.prod(shape)
+        buffer = self._buffers.get((role, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype)
+            self._buffers[(role, dtype)] = buffer
+        return buffer[:numel].view(shape)
+
+
+_SCRATCH = _Scratch()
+
+
+def merge_weight(
+    scales: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``Σ_m weights[m] · diag(scales[m])`` computed in float32 (into ``out`` when given).
 
     ``scales`` is (M, in) float32 and ``weights`` the (M, out, in) store in any float dtype.
     Accumulating one source at a time keeps the transient memory at two out×in tensors.
     """
     acc = accumulation_dtype(scales)
-    merged = weights[0].to(acc) * scales[0]
+    if out is None:
+        merged = weights[0].to(acc) * scales[0]
+    else:
+        merged = torch.mul(weights[0], scales[0], out=out)
     for m in range(1, weights.shape[0]):
         if weights.dtype == acc:
             merged.addcmul_(weights[m], scales[m])  # fused, no temporary
@@ -47,6 +83,34 @@ def merge_weight(scales: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def merge_bias(scales: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
     """``Σ_m scales[m] · biases[m]`` in float32 (``scales`` (M,), ``biases`` (M, out))."""
     return (biases.to(accumulation_dtype(scales)) * scales[:, None]).sum(0)
+
+
+def _merged_for(scales: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The merged weight in ``dtype`` for one matmul (in the scratch buffer on CPU)."""
+    acc = accumulation_dtype(scales)
+    out = _SCRATCH.get("merged", tuple(weights.shape[1:]), acc, weights.device)
+    return merge_weight(scales, weights, out=out).to(dtype)
+
+
+def _column_grads(
+    g2: torch.Tensor, x2: torch.Tensor, scales: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """``grad_s_m = column-sums(G ⊙ W_m)`` with ``G = gᵀx`` formed once (out × in)."""
+    acc = accumulation_dtype(scales)
+    shape = (g2.shape[1], x2.shape[1])
+    outer_buffer = _SCRATCH.get("outer", shape, g2.dtype, g2.device)
+    if outer_buffer is None:
+        outer = (g2.transpose(0, 1) @ x2).to(acc)
+    else:
+        outer = torch.mm(g2.transpose(0, 1), x2, out=outer_buffer).to(acc)
+    product = _SCRATCH.get("product", shape, acc, g2.device)
+    grads = torch.empty_like(scales, dtype=acc)
+    for m in range(len(weights)):
+        if product is None:
+            grads[m] = (outer * weights[m]).sum(0, dtype=acc)
+        else:
+            grads[m] = torch.mul(outer, weights[m], out=product).sum(0, dtype=acc)
+    return grads.to(scales.dtype)
 
 
 class MergedLinearFunction(torch.autograd.Function):
@@ -61,7 +125,7 @@ class MergedLinearFunction(torch.autograd.Function):
         bias_scales: torch.Tensor | None,
         biases: torch.Tensor | None,
     ) -> torch.Tensor:
-        weight = merge_weight(scales, weights).to(x.dtype)
+        weight = _merged_for(scales, weights, x.dtype)
         bias = None
         if biases is not None and bias_scales is not None:
             bias = merge_bias(bias_scales, biases).to(x.dtype)
@@ -77,16 +141,11 @@ class MergedLinearFunction(torch.autograd.Function):
         grad_x = grad_scales = grad_bias_scales = None
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         if need_x:
-            weight = merge_weight(scales, weights).to(grad_out.dtype)
+            weight = _merged_for(scales, weights, grad_out.dtype)
             grad_x = (g2 @ weight).reshape(x.shape)
             del weight
         if need_scales:
-            x2 = x.reshape(-1, x.shape[-1])
-            acc = accumulation_dtype(scales)
-            outer = (g2.transpose(0, 1) @ x2).to(acc)  # G = gᵀx, out × in, formed once
-            grad_scales = torch.stack(
-                [(outer * weights[m]).sum(0, dtype=acc) for m in range(len(weights))]
-            ).to(scales.dtype)
+            grad_scales = _column_grads(g2, x.reshape(-1, x.shape[-1]), scales, weights)
         if need_bias_scales and biases is not None:
             acc = accumulation_dtype(bias_scales)
             grad_bias_scales = (biases.to(acc) @ g2.sum(0, dtype=acc)).to(bias_scales.dtype)

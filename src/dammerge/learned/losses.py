@@ -3,8 +3,10 @@
 Token-level objectives take logits ``(batch, seq, vocab)`` and a boolean ``mask`` ``(batch,
 seq)`` of the *prediction positions* that count (padding, and optionally the prompt, are
 excluded); they return the mean over counted positions. Only those positions are gathered, and
-the float32 work is done in chunks of positions under activation checkpointing, so the fp32
-copies of a 128k-vocabulary distribution exist for one chunk at a time, in forward and backward.
+the float32 work is done in chunks of positions, so the fp32 copies of a 128k-vocabulary
+distribution exist for one chunk at a time, in forward and backward: forward KL (DAM's
+objective) and its top-K form are hand-written autograd functions that loop over small chunks
+and save only their inputs; the other objectives run chunks under activation checkpointing.
 
 Definitions (``p`` = softmax(teacher / T), ``q`` = softmax(merged / T)):
 
@@ -27,7 +29,6 @@ Regularisers act on the effective coefficients, one ``(participants, d)`` tensor
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -76,66 +77,92 @@ def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_v a·b per row as a batched matrix-vector product (no (rows, V) temporary)."""
-    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).reshape(a.shape[:-1])
+FUSED_CHUNK_ELEMENTS = 2**20  # float32 elements per chunk inside the fused KL functions (4 MiB)
 
 
-class _ForwardKLRows(torch.autograd.Function):
-    """Per-row ``KL(p‖q)``, p = softmax(t/T), q = softmax(s/T), with a hand-written gradient.
+def _rows_per_chunk(width: int, chunk: int | None) -> int:
+    return chunk or max(1, FUSED_CHUNK_ELEMENTS // max(width, 1))
 
-    Uses ``Σ p (log p − log q) = Σ p log p − Σ p·s/T + logsumexp(s/T)``, so the forward never
-    forms ``log q``, and the gradient ``(q − p) / T`` needs one softmax in backward. Autograd
-    through log-softmax, exp, subtract and multiply made about twice as many passes over the
-    (positions × vocabulary) float32 tensors, the largest tensors of a step.
+
+def _spans(rows: int, chunk: int) -> list[slice]:
+    return [slice(start, min(start + chunk, rows)) for start in range(0, rows, chunk)]
+
+
+class _ForwardKLSum(torch.autograd.Function):
+    """Σ over rows of ``KL(p‖q)``, p = softmax(t/T), q = softmax(s/T), gradient ``(q − p)/T``.
+
+    Hand-written and chunked over rows inside, saving only its inputs: autograd through
+    log-softmax, exp, subtract and multiply kept several (positions × vocabulary) float32
+    tensors per source for backward and made about twice as many passes over them, and on CPU
+    each fresh tensor that large is a new mmap whose pages the kernel must fault in and zero.
+    Here every transient is one small chunk, reused by the allocator; the forward values are
+    computed elementwise as before (no cancellation between large sums).
     """
 
     @staticmethod
-    def forward(ctx: Any, s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
-        a = _wide(s) / temperature
-        log_p = F.log_softmax(_wide(t) / temperature, dim=-1)
-        p = log_p.exp()
-        rows = _row_dot(p, log_p) - _row_dot(p, a) + torch.logsumexp(a, dim=-1)
-        ctx.save_for_backward(s, p)
-        ctx.temperature = temperature
-        return rows
-
-    @staticmethod
-    def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        s, p = ctx.saved_tensors
-        grad = F.softmax(_wide(s) / ctx.temperature, dim=-1).sub_(p)
-        grad.mul_((grad_rows / ctx.temperature).unsqueeze(-1))
-        return grad.to(s.dtype), None, None
-
-
-class _TopKForwardKLRows(torch.autograd.Function):
-    """Per-row KL from a top-K teacher to the full-vocabulary merged distribution.
-
-    ``Σ_k p_k (log p_k − log q_{i_k})`` with ``log q_i = s_i/T − logsumexp(s/T)``; the
-    gradient is ``(q − scatter(p)) / T``. Only the merged logits' logsumexp is formed in the
-    forward, never a full-vocabulary log-softmax.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, s: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, temperature: float
+    def forward(  # type: ignore[override]
+        ctx: Any, s: torch.Tensor, t: torch.Tensor, temperature: float, chunk: int
     ) -> torch.Tensor:
-        a = _wide(s) / temperature
-        log_p = F.log_softmax(_wide(values) / temperature, dim=-1)
-        p = log_p.exp()
-        picked = a.gather(-1, indices)
-        rows = _row_dot(p, log_p) - _row_dot(p, picked) + torch.logsumexp(a, dim=-1)
-        ctx.save_for_backward(s, p, indices)
-        ctx.temperature = temperature
-        return rows
+        total = s.new_zeros((), dtype=_wide(s[:0]).dtype)
+        for span in _spans(s.shape[0], chunk):
+            log_q = F.log_softmax(_wide(s[span]) / temperature, dim=-1)
+            log_p = F.log_softmax(_wide(t[span]) / temperature, dim=-1)
+            p = log_p.exp()
+            total += torch.dot(p.reshape(-1), log_p.sub_(log_q).reshape(-1))
+        ctx.save_for_backward(s, t)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return total
 
     @staticmethod
-    def backward(ctx: Any, grad_rows: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        s, p, indices = ctx.saved_tensors
-        grad = F.softmax(_wide(s) / ctx.temperature, dim=-1)
-        grad.scatter_add_(-1, indices, -p)
-        grad.mul_((grad_rows / ctx.temperature).unsqueeze(-1))
-        return grad.to(s.dtype), None, None, None
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        s, t = ctx.saved_tensors
+        grad = torch.empty_like(s)
+        scale = grad_total / ctx.temperature
+        for span in _spans(s.shape[0], ctx.chunk):
+            q = F.softmax(_wide(s[span]) / ctx.temperature, dim=-1)
+            q -= F.softmax(_wide(t[span]) / ctx.temperature, dim=-1)
+            grad[span] = q.mul_(scale)
+        return grad, None, None, None
+
+
+class _TopKForwardKLSum(torch.autograd.Function):
+    """Σ over rows of the KL from a top-K teacher to the full merged distribution.
+
+    ``Σ_k p_k (log p_k − log q_{i_k})`` with p the teacher renormalised over its K entries and
+    ``log q_i = s_i/T − logsumexp(s/T)``; gradient ``(q − scatter(p))/T``. Chunked inside and
+    saving only its inputs, like :class:`_ForwardKLSum`.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        s: torch.Tensor,
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        temperature: float,
+        chunk: int,
+    ) -> torch.Tensor:
+        total = s.new_zeros((), dtype=_wide(s[:0]).dtype)
+        for span in _spans(s.shape[0], chunk):
+            log_q = F.log_softmax(_wide(s[span]) / temperature, dim=-1).gather(-1, indices[span])
+            log_p = F.log_softmax(_wide(values[span]) / temperature, dim=-1)
+            p = log_p.exp()
+            total += torch.dot(p.reshape(-1), log_p.sub_(log_q).reshape(-1))
+        ctx.save_for_backward(s, values, indices)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        s, values, indices = ctx.saved_tensors
+        grad = torch.empty_like(s)
+        scale = grad_total / ctx.temperature
+        for span in _spans(s.shape[0], ctx.chunk):
+            q = F.softmax(_wide(s[span]) / ctx.temperature, dim=-1)
+            p = F.softmax(_wide(values[span]) / ctx.temperature, dim=-1)
+            q.scatter_add_(-1, indices[span], p.neg_())
+            grad[span] = q.mul_(scale)
+        return grad, None, None, None, None
 
 
 def kl_divergence(
@@ -150,9 +177,13 @@ def kl_divergence(
     """Mean per-position KL between teacher and merged distributions, × T²."""
     s, t = select_positions(merged, mask), select_positions(teacher, mask).detach()
 
+    if direction == "forward":
+        if s.shape[0] == 0:
+            return s.sum() * 0.0
+        chunk = _rows_per_chunk(s.shape[-1], chunk)
+        return _ForwardKLSum.apply(s, t, temperature, chunk) / s.shape[0] * temperature**2
+
     def rows(s_part: torch.Tensor, t_part: torch.Tensor) -> torch.Tensor:
-        if direction == "forward":
-            return _ForwardKLRows.apply(s_part, t_part, temperature)
         log_q = F.log_softmax(_wide(s_part) / temperature, dim=-1)
         log_p = F.log_softmax(_wide(t_part) / temperature, dim=-1)
         return _kl_rows(log_q, log_p)
@@ -175,9 +206,14 @@ def topk_kl_divergence(
     v = select_positions(values, mask).detach()
     idx = select_positions(indices, mask).long()
 
+    if direction == "forward":
+        if s.shape[0] == 0:
+            return s.sum() * 0.0
+        chunk = _rows_per_chunk(s.shape[-1], chunk)
+        total = _TopKForwardKLSum.apply(s, v, idx, temperature, chunk)
+        return total / s.shape[0] * temperature**2
+
     def rows(s_part: torch.Tensor, v_part: torch.Tensor, i_part: torch.Tensor) -> torch.Tensor:
-        if direction == "forward":
-            return _TopKForwardKLRows.apply(s_part, v_part, i_part, temperature)
         log_p = F.log_softmax(_wide(v_part) / temperature, dim=-1)
         log_q = F.log_softmax(_wide(s_part.gather(-1, i_part)) / temperature, dim=-1)
         return _kl_rows(log_q, log_p)

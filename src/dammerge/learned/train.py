@@ -155,10 +155,15 @@ def _select_target(target: TeacherOutput | None, mask: torch.Tensor) -> TeacherO
     """The teacher's signal at the counted positions only, as (positions, ·) rows."""
     if target is None:
         return None
+    rows = _flat_positions(mask, 0, mask.shape[1])
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return _take_rows(t.reshape(-1, t.shape[-1]), rows)
+
     if target.logits is not None:
-        return TeacherOutput(logits=target.logits[mask])
+        return TeacherOutput(logits=pick(target.logits))
     assert target.values is not None and target.indices is not None
-    return TeacherOutput(values=target.values[mask], indices=target.indices[mask])
+    return TeacherOutput(values=pick(target.values), indices=pick(target.indices))
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

@@ -46,13 +46,48 @@ def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=magnitudes.device)
-    threshold = torch.kthvalue(magnitudes, n - k + 1).values
+    if torch.isnan(magnitudes).any():  # NaN sorts first: keep the sort's exact semantics
+        keep = torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
+        keep[torch.argsort(magnitudes, descending=True, stable=True)[:k]] = True
+        return keep
+    threshold = kth_largest(magnitudes, k)
     keep = magnitudes > threshold
-    missing = k - int(keep.sum())
+    missing = k - int(torch.count_nonzero(keep))  # count_nonzero: no int64 copy, unlike sum
     if missing > 0:
         tied = torch.nonzero(magnitudes == threshold).squeeze(1)[:missing]
         keep[tied] = True
     return keep
+
+
+SELECT_DIRECTLY_BELOW = 1 << 20
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The exact k-th largest entry (1 <= k <= n) of a flat tensor without NaN.
+
+    ``kthvalue`` on a large tensor copies it and allocates an int64 index per entry (3x the
+    tensor's memory) and runs on one core. Instead, a strided sample brackets the answer
+    between two values, two vectorised counting passes check that the bracket holds it, and
+    ``kthvalue`` runs only on the few entries inside. If the bracket misses (adversarial
+    data), the direct ``kthvalue`` is used: the answer is exact either way.
+    """
+    n = values.numel()
+    if n <= SELECT_DIRECTLY_BELOW:
+        return torch.kthvalue(values, n - k + 1).values
+    sample = values[:: max(1, n // (1 << 18))].contiguous()
+    s = sample.numel()
+    centre, margin = k / n * s, 4.0 * s**0.5 + 2  # k-th largest's rank in the sample, +- slack
+    high_rank, low_rank = max(1, int(centre - margin)), min(s, int(centre + margin) + 1)
+    high = torch.kthvalue(sample, s - high_rank + 1).values
+    low = torch.kthvalue(sample, s - low_rank + 1).values
+    above = int(torch.count_nonzero(values > high))
+    band = (values >= low) & (values <= high)
+    inside = int(torch.count_nonzero(band))
+    if above < k <= above + inside:
+        candidates = values[band]
+        del band
+        return torch.kthvalue(candidates, candidates.numel() - (k - above) + 1).values
+    return torch.kthvalue(values, n - k + 1).values
 
 
 def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
