@@ -74,3 +74,12 @@ def derive_checkpoint(
 def derive() -> Callable[..., Path]:
     """The :func:`derive_checkpoint` helper, as a fixture (tests import nothing from conftest)."""
     return derive_checkpoint
+
+
+@pytest.fixture(scope="session")
+def micro_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``micro`` family (seed 0), built once per session (read-only: do not modify)."""
+    from dammerge.family.build import build_family
+
+    root = tmp_path_factory.mktemp("family") / "micro"
+    return build_family(root, "micro", 0).root

@@ -1,0 +1,133 @@
+"""`dammerge experiment` end to end on the micro family: cells, report, resume, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dammerge.errors import DammergeError
+from dammerge.experiment.config import ExperimentConfig
+from dammerge.experiment.runner import run_experiment
+
+
+def experiment(family: Path, methods: list[dict], **extra) -> dict:
+    return {
+        "name": "tiny",
+        "family": str(family),
+        "seeds": [0],
+        "references": ["base", "math"],
+        "evaluation": {"limit": 2, "batch_size": 4, "max_new_tokens": 8},
+        "methods": methods,
+        **extra,
+    }
+
+
+SOUPS = {"name": "Soups", "recipe": {"merge_method": "linear", "parameters": {"weight": 1.0}}}
+TIES = {
+    "name": "TIES",
+    "recipe": {"merge_method": "ties", "parameters": {"weight": 1, "density": 0.5}},
+}
+DAM = {
+    "name": "DAM",
+    "recipe": {"merge_method": "dam", "training": {"steps": 3, "checkpoint_every": 1}},
+    "dataset": {"samples": 3},
+}
+EVOLVE = {
+    "name": "Evolve",
+    "recipe": {
+        "merge_method": "evolve",
+        "parameters": {"method": "linear"},
+        "training": {"budget": 4, "popsize": 2, "layer_groups": 1, "samples": 2},
+    },
+}
+
+
+@pytest.mark.slow
+def test_experiment_runs_every_method_and_reports(micro_family: Path, tmp_path: Path) -> None:
+    config = ExperimentConfig.model_validate(experiment(micro_family, [SOUPS, DAM, EVOLVE]))
+    report = run_experiment(config, tmp_path / "out", progress=False)
+    text = (report / "report.md").read_text()
+    for row in ("| base |", "| math |", "| Soups |", "| DAM |", "| Evolve |"):
+        assert row in text
+    assert "Compute per merge" in text
+    for plot in ("scores.png", "score_vs_compute.png", "coefficients.png"):
+        assert (report / plot).is_file()
+    dam = tmp_path / "out" / "cells" / "dam" / "seed-0"
+    assert (dam / "model" / "dam_coefficients.safetensors").is_file()
+    assert (dam / "merge.json").is_file() and (dam / "scores.json").is_file()
+
+    # A cell whose records vanished (as after a kill) is the only one recomputed.
+    soups = tmp_path / "out" / "cells" / "soups"
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "cells").rglob("*.json")}
+    (dam / "merge.json").unlink()
+    (dam / "scores.json").unlink()
+    run_experiment(config, tmp_path / "out", progress=False)
+    for path, mtime in kept.items():
+        if not path.is_relative_to(dam):
+            assert path.stat().st_mtime_ns == mtime, path
+    assert (dam / "scores.json").is_file() and (soups / "scores.json").is_file()
+
+
+@pytest.mark.slow
+def test_killed_experiment_finishes_only_missing_cells(micro_family: Path, tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment(micro_family, [SOUPS, TIES])))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "dammerge.cli", "experiment", str(path), "-o", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = out / "cells" / "soups" / "merge.json"
+    deadline = time.monotonic() + 300
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert first.exists(), process.stderr.read().decode() if process.poll() is not None else ""
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    mtime = first.stat().st_mtime_ns
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert first.stat().st_mtime_ns == mtime  # the finished merge was not redone
+    assert (out / "cells" / "ties" / "scores.json").is_file()
+    assert (out / "report" / "report.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ({"name": "Bad", "recipe": {"merge_method": "frobnicate"}}, "cell 'Bad'.*frobnicate"),
+        (
+            {"name": "DAM typo", "recipe": {"merge_method": "dam", "training": {"lamda": 1}}},
+            "cell 'DAM typo \\(seed 0\\)'.*lamda",
+        ),
+    ],
+)
+def test_bad_methods_fail_before_compute(
+    micro_family: Path, tmp_path: Path, method: dict, message: str
+) -> None:
+    config = ExperimentConfig.model_validate(experiment(micro_family, [SOUPS, method]))
+    with pytest.raises(DammergeError, match=message):
+        run_experiment(config, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_missing_dataset_and_unloadable_model_are_named(micro_family: Path, tmp_path: Path) -> None:
+    import shutil
+
+    family = tmp_path / "family"
+    shutil.copytree(micro_family, family)
+    (family / "data" / "sql" / "train.jsonl").unlink()
+    config = ExperimentConfig.model_validate(experiment(family, [SOUPS, DAM]))
+    with pytest.raises(DammergeError, match="cell 'DAM \\(seed 0\\)'"):
+        run_experiment(config, tmp_path / "out", progress=False)
+    (family / "math" / "config.json").unlink()
+    config = ExperimentConfig.model_validate(experiment(family, [SOUPS]))
+    with pytest.raises(DammergeError, match="math"):
+        run_experiment(config, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "cells").exists()
