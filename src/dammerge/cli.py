@@ -119,14 +119,17 @@ def methods_command() -> None:
 
 @app.command("demo")
 def demo_command(
-    output: Annotated[Path, typer.Argument(help="Folder for the demo's models and merges.")] = Path(
+    output: Annotated[Path, typer.Argument(help="Folder for family and report.")] = Path(
         "demo-output"
     ),
+    full: Annotated[
+        bool, typer.Option(help="Run the full comparison: 3 seeds, AdaMerging, the ablation.")
+    ] = False,
 ) -> None:
-    """Build small checkpoints, merge them with several methods, and check each result loads."""
+    """Build the miniature family, merge its specialists every way, and score each merge."""
     from dammerge.demo import run_demo
 
-    run_demo(output)
+    run_demo(output, full=full)
 
 
 # Commands that live with their packages. Each package keeps its typer functions in its own

@@ -118,3 +118,18 @@ def test_unknown_source_domain_is_a_clear_error(tmp_path: Path) -> None:
     )
     with pytest.raises(DammergeError, match="no domain 'code'"):
         complete_recipe(config.methods[0], family)
+
+
+@pytest.mark.parametrize("name", ["quick", "small-family"])
+def test_shipped_experiments_validate_on_a_family(
+    name: str, micro_family: Path, tmp_path: Path
+) -> None:
+    from dammerge.demo import SHIPPED
+    from dammerge.experiment.runner import validate_cells
+
+    config = ExperimentConfig.from_yaml(SHIPPED / f"{name}.yaml")
+    assert config.build is not None and config.build.size == "small"
+    family = load_family(micro_family)
+    cells = plan_cells(config, family, tmp_path / "out")
+    validate_cells(cells, "cpu")  # every recipe accepted by its method, nothing computed
+    assert not (tmp_path / "out").exists()

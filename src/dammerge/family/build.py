@@ -46,6 +46,7 @@ class FamilySpec:
     n_train: int
     n_eval: int
     quality_records: int
+    code_chars: int = 0
     max_example_tokens: int = 192
     finetune_overrides: dict[str, Schedule] = field(default_factory=dict)
 
@@ -303,7 +304,7 @@ def build_family(
 
 
 def _build_into(root: Path, spec: FamilySpec, seed: int, say: Reporter) -> dict[str, Any]:
-    from dammerge.family.corpus import stdlib_corpus
+    from dammerge.family.corpus import stdlib_code, stdlib_corpus
     from dammerge.family.tasks import generate_splits
     from dammerge.family.tokenizer import train_tokenizer
 
@@ -325,8 +326,8 @@ def _build_into(root: Path, spec: FamilySpec, seed: int, say: Reporter) -> dict[
             data_paths[(domain, split)] = rel
     t = lap("data", started)
 
-    say("reading English from the Python standard library")
-    corpus = stdlib_corpus(spec.corpus_chars)
+    say("reading English and code from the Python standard library")
+    corpus = stdlib_corpus(spec.corpus_chars) + stdlib_code(spec.code_chars)
     t = lap("corpus", t)
 
     say("training the byte-level BPE tokenizer")

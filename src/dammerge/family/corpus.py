@@ -23,6 +23,7 @@ _SKIP_FILES = re.compile(r"^(test_|_pydecimal|_pydatetime|pydoc_data)")
 _CODE_LINE = re.compile(r"^\s*(>>>|\.\.\.|[-=*~^]{3,}|[{}\[\]()]|$)")
 _WORDS = re.compile(r"[A-Za-z]{2,}")
 MIN_PARAGRAPH_CHARS = 40
+MIN_CODE_CHARS, MAX_CODE_CHARS = 200, 4000
 
 
 def stdlib_root() -> Path:
@@ -95,6 +96,34 @@ def _file_paragraphs(path: Path) -> Iterator[str]:
         yield from _paragraphs(doc)
     for block in _comment_blocks(source):
         yield from _paragraphs(block)
+
+
+def stdlib_code(max_chars: int, root: Path | None = None) -> list[str]:
+    """Up to ``max_chars`` of top-level code blocks (functions, classes) from the stdlib.
+
+    Code repeats its identifiers within a few lines, which is what teaches a small model to
+    attend back and copy (induction heads): the skill every specialist task needs (copying
+    numbers into SQL, words into a translation). Blocks are the chunks between PEP 8's double
+    blank lines, in sorted file order.
+    """
+    blocks: list[str] = []
+    seen: set[str] = set()
+    total = 0
+    for path in _python_files(root or stdlib_root()):
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        for block in re.split(r"\n\s*\n\s*\n", source):
+            block = block.strip("\n")
+            if not MIN_CODE_CHARS <= len(block) <= MAX_CODE_CHARS or block in seen:
+                continue
+            seen.add(block)
+            blocks.append(block)
+            total += len(block) + 1
+            if total >= max_chars:
+                return blocks
+    return blocks
 
 
 def stdlib_corpus(max_chars: int, root: Path | None = None) -> list[str]:

@@ -91,12 +91,14 @@ def _spans(rows: int, chunk: int) -> list[slice]:
 class _ForwardKLSum(torch.autograd.Function):
     """Σ over rows of ``KL(p‖q)``, p = softmax(t/T), q = softmax(s/T), gradient ``(q − p)/T``.
 
-    Hand-written and chunked over rows inside, saving only its inputs: autograd through
-    log-softmax, exp, subtract and multiply kept several (positions × vocabulary) float32
-    tensors per source for backward and made about twice as many passes over them, and on CPU
-    each fresh tensor that large is a new mmap whose pages the kernel must fault in and zero.
-    Here every transient is one small chunk, reused by the allocator; the forward values are
-    computed elementwise as before (no cancellation between large sums).
+    Hand-written and chunked over rows inside: autograd through log-softmax, exp, subtract and
+    multiply kept several (positions × vocabulary) float32 tensors per source for backward and
+    made about twice as many passes over them, and on CPU each fresh tensor that large is a new
+    mmap whose pages the kernel must fault in and zero. Here every transient is one small
+    chunk, reused by the allocator. The forward already holds ``log q`` and ``p``, so it forms
+    the gradient ``q − p`` there (one exp more) and saves only that, in the logits' dtype;
+    backward merely scales it. The values are computed elementwise as before (no cancellation
+    between large sums).
     """
 
     @staticmethod
@@ -104,33 +106,32 @@ class _ForwardKLSum(torch.autograd.Function):
         ctx: Any, s: torch.Tensor, t: torch.Tensor, temperature: float, chunk: int
     ) -> torch.Tensor:
         total = s.new_zeros((), dtype=_wide(s[:0]).dtype)
+        grad = torch.empty_like(s) if ctx.needs_input_grad[0] else None
         for span in _spans(s.shape[0], chunk):
             log_q = F.log_softmax(_wide(s[span]) / temperature, dim=-1)
             log_p = F.log_softmax(_wide(t[span]) / temperature, dim=-1)
             p = log_p.exp()
+            if grad is not None and grad.dtype == log_q.dtype:
+                torch.exp(log_q, out=grad[span]).sub_(p)
+            elif grad is not None:
+                grad[span] = log_q.exp().sub_(p)
             total += torch.dot(p.reshape(-1), log_p.sub_(log_q).reshape(-1))
-        ctx.save_for_backward(s, t)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.save_for_backward(grad)
+        ctx.temperature = temperature
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        s, t = ctx.saved_tensors
-        grad = torch.empty_like(s)
-        scale = grad_total / ctx.temperature
-        for span in _spans(s.shape[0], ctx.chunk):
-            q = F.softmax(_wide(s[span]) / ctx.temperature, dim=-1)
-            q -= F.softmax(_wide(t[span]) / ctx.temperature, dim=-1)
-            grad[span] = q.mul_(scale)
-        return grad, None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_total / ctx.temperature).to(grad.dtype), None, None, None
 
 
 class _TopKForwardKLSum(torch.autograd.Function):
     """Σ over rows of the KL from a top-K teacher to the full merged distribution.
 
     ``Σ_k p_k (log p_k − log q_{i_k})`` with p the teacher renormalised over its K entries and
-    ``log q_i = s_i/T − logsumexp(s/T)``; gradient ``(q − scatter(p))/T``. Chunked inside and
-    saving only its inputs, like :class:`_ForwardKLSum`.
+    ``log q_i = s_i/T − logsumexp(s/T)``; gradient ``(q − scatter(p))/T``, formed in the
+    forward and chunked like :class:`_ForwardKLSum`.
     """
 
     @staticmethod
@@ -143,26 +144,23 @@ class _TopKForwardKLSum(torch.autograd.Function):
         chunk: int,
     ) -> torch.Tensor:
         total = s.new_zeros((), dtype=_wide(s[:0]).dtype)
+        grad = torch.empty_like(s) if ctx.needs_input_grad[0] else None
         for span in _spans(s.shape[0], chunk):
-            log_q = F.log_softmax(_wide(s[span]) / temperature, dim=-1).gather(-1, indices[span])
+            log_q_all = F.log_softmax(_wide(s[span]) / temperature, dim=-1)
+            log_q = log_q_all.gather(-1, indices[span])
             log_p = F.log_softmax(_wide(values[span]) / temperature, dim=-1)
             p = log_p.exp()
+            if grad is not None:
+                grad[span] = log_q_all.exp_().scatter_add_(-1, indices[span], -p)
             total += torch.dot(p.reshape(-1), log_p.sub_(log_q).reshape(-1))
-        ctx.save_for_backward(s, values, indices)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.save_for_backward(grad)
+        ctx.temperature = temperature
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        s, values, indices = ctx.saved_tensors
-        grad = torch.empty_like(s)
-        scale = grad_total / ctx.temperature
-        for span in _spans(s.shape[0], ctx.chunk):
-            q = F.softmax(_wide(s[span]) / ctx.temperature, dim=-1)
-            p = F.softmax(_wide(values[span]) / ctx.temperature, dim=-1)
-            q.scatter_add_(-1, indices[span], p.neg_())
-            grad[span] = q.mul_(scale)
-        return grad, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_total / ctx.temperature).to(grad.dtype), None, None, None, None
 
 
 def kl_divergence(

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from dammerge.errors import DammergeError
 from dammerge.learned import losses
 from dammerge.learned.data import Batch, SourceData
+from dammerge.learned.functional import MergedLinearFunction
 from dammerge.learned.model import MergedModel
 from dammerge.learned.settings import TrainingSettings
 from dammerge.learned.teachers import TeacherOutput
@@ -142,13 +143,35 @@ def _take_rows(flat: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
     return flat[rows] if isinstance(rows, slice) else flat.index_select(0, rows)
 
 
-def _put_rows(grad: torch.Tensor, rows: torch.Tensor | slice, values: torch.Tensor | None) -> None:
+def _put_rows(
+    grad: torch.Tensor,
+    rows: torch.Tensor | slice,
+    values: torch.Tensor | None,
+    *,
+    overwrite: bool,
+) -> None:
+    """Write (``overwrite``) or add one source's logit-row gradients into the stacked buffer."""
     if values is None:
+        if overwrite:
+            grad[rows] = 0
         return
     if isinstance(rows, slice):
-        grad[rows] += values
+        if overwrite:
+            grad[rows] = values
+        else:
+            grad[rows] += values
+    elif overwrite:
+        grad.index_copy_(0, rows, values)
     else:
         grad.index_add_(0, rows, values)
+
+
+def _output_not_saved(logits: torch.Tensor) -> bool:
+    """True when ``logits`` is the output of the merged-linear function, which never saves its
+    output for backward (a plain ``nn.Linear`` head or a soft-capped one may differ, and
+    then the logits must not be overwritten)."""
+    backward_cls = getattr(MergedLinearFunction, "_backward_cls", None)
+    return backward_cls is not None and isinstance(logits.grad_fn, backward_cls)
 
 
 def _select_target(target: TeacherOutput | None, mask: torch.Tensor) -> TeacherOutput | None:
@@ -357,7 +380,11 @@ class Trainer:
         stacked = _stack_batches(batches, self.data[0].pad_id)
         logits = self.model(stacked.input_ids, stacked.attention_mask)
         flat = logits.detach().reshape(-1, logits.shape[-1])
-        grad = torch.zeros_like(flat)
+        # The logit gradient can overwrite the logits in place (each source's rows once its
+        # loss is done) when nothing saved the logits for backward: one (positions × vocab)
+        # tensor less, and no fresh one to fault in and zero.
+        in_place = _output_not_saved(logits)
+        grad = flat if in_place else torch.zeros_like(flat)
         terms: dict[str, float] = {}
         total = 0.0
         row = 0
@@ -369,10 +396,12 @@ class Trainer:
             merged = _take_rows(flat, rows).requires_grad_(True)
             name, loss, value = self._source_loss(i, merged, target, None)
             loss.backward()
-            _put_rows(grad, rows, merged.grad)
+            _put_rows(grad, rows, merged.grad, overwrite=in_place)
             del merged, loss, target
             terms[name] = value
             total += value
+        if in_place:  # padding and uncounted positions get no gradient
+            grad[~stacked.loss_mask.reshape(-1)] = 0
         logits.backward(grad.view_as(logits))
         return terms, total
 

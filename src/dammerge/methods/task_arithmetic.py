@@ -46,7 +46,7 @@ def combine_task_vectors(
             agrees = torch.where(elected_positive, weighted > 0, weighted < 0)
             mixed.add_(weighted.mul_(agrees))
             if divisor is not None:
-                divisor.add_(agrees.to(dtype).mul_(weight))
+                divisor.add_(agrees, alpha=weight)  # += weight where agreeing, no float copy
         if divisor is not None:
             mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
     elif normalize:

@@ -30,6 +30,7 @@ def ties(
         delta = t - base
         kept = magnitude_prune(delta, d)
         deltas.append(rescale_kept(delta, kept, d, "l1") if rescale else kept)
+        del delta, kept  # not alive during the next model's selection or the combine
     return combine_task_vectors(
         base, deltas, weights, consensus=True, normalize=normalize, lambda_=lambda_
     )
