@@ -17,14 +17,24 @@ on a model from ``build_merged_model`` with the ``dam`` preset's settings (KL at
 cosine regulariser), teachers from ``dammerge.learned.teachers``.
 
 Peak memory is measured at a weight-dominated size in separate subprocesses, one per variant:
-the child records ``ru_maxrss`` after its imports (the baseline), builds what it needs, runs two
-steps and reports the growth of ``ru_maxrss`` over the baseline.
+the child records its RSS after its imports (the baseline), builds what it needs, runs two steps
+and reports its peak RSS minus that baseline. The peak is the kernel's ``VmHWM`` of the child's
+own address space: ``ru_maxrss`` would be wrong here, because on Linux a child inherits its
+parent's high-water mark across fork and exec, and the harness is several GiB by then.
+
+Both wall time and process CPU time (all threads) are recorded; the targets use wall-time
+medians, CPU time is the steadier figure when other jobs share the cores. ``OMP_WAIT_POLICY`` is
+set to PASSIVE: on an oversubscribed machine spinning OpenMP workers made a 2-thread step up to
+50x slower, whichever variant it was.
 
 Targets (issue 4): ours ≤ 1.5× a plain step with teachers on the fly and ≤ 1.15× with precomputed
 teachers, flat in N; ≥ 1.4× faster than the reference at N = 5; ≥ 1.8× less peak memory.
 
     .venv/bin/python bench/dam_step.py            # full run -> bench/results/dam_step.json
     .venv/bin/python bench/dam_step.py --quick    # smoke run -> bench/results/dam_step_quick.json
+
+``--quick`` uses toy sizes (hidden 64) where fixed per-call overheads dominate: it checks that
+everything runs, its ratios mean nothing.
 """
 
 from __future__ import annotations

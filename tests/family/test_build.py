@@ -113,7 +113,7 @@ def test_second_build_into_the_same_folder_is_a_cache_hit(micro_family):
     assert (micro_family / "manifest.json").read_text() == before
 
 
-def test_different_seed_differs_and_thread_count_does_not_matter(tmp_path):
+def test_different_seed_differs_and_thread_count_is_part_of_the_cache_key(tmp_path):
     nano = with_steps(SIZES["micro"], "nano", pretrain=4, finetune=2)
     a = build_family(tmp_path / "a", nano, 0, threads=1)
     b = build_family(tmp_path / "b", nano, 1, threads=1)
@@ -121,10 +121,26 @@ def test_different_seed_differs_and_thread_count_does_not_matter(tmp_path):
     wa, wb = tensors(a.root), tensors(b.root)
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(wa["base"][key], wb["base"][key])
-    two = build_family(tmp_path / "two", nano, 0, threads=2)
-    assert two.manifest["threads"] == 2 and a.manifest["threads"] == 1
-    assert two.manifest["content_hash"] == a.manifest["content_hash"]
+    again = build_family(tmp_path / "again", nano, 0, threads=1)
+    assert again.manifest["content_hash"] == a.manifest["content_hash"]
+    assert a.manifest["threads"] == 1
+    # Another thread count may change the bits, so it never reuses a build made with this one.
+    assert build_family(tmp_path / "a", nano, 0, threads=1).cached
+    assert not build_family(tmp_path / "a", nano, 0, threads=2, force=True).cached
     assert not list(tmp_path.glob(".*dammerge-tmp*"))  # temporary folders renamed away
+
+
+def test_thread_count_comes_from_the_environment_or_is_two(monkeypatch):
+    from dammerge.errors import DammergeError
+    from dammerge.family.build import build_threads
+
+    monkeypatch.delenv("DAMMERGE_THREADS", raising=False)
+    assert build_threads() == 2
+    monkeypatch.setenv("DAMMERGE_THREADS", "1")
+    assert build_threads() == 1
+    monkeypatch.setenv("DAMMERGE_THREADS", "many")
+    with pytest.raises(DammergeError, match="DAMMERGE_THREADS"):
+        build_threads()
 
 
 def test_build_refuses_a_folder_holding_something_else(tmp_path):

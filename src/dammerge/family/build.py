@@ -100,8 +100,14 @@ def resolve_spec(size: str | FamilySpec) -> FamilySpec:
     return SIZES[size]
 
 
-def cached_manifest(out: Path, spec: FamilySpec, seed: int) -> dict[str, Any] | None:
-    """The manifest of a complete family in ``out`` built with the same inputs, else None."""
+def cached_manifest(
+    out: Path, spec: FamilySpec, seed: int, threads: int | None = None
+) -> dict[str, Any] | None:
+    """The manifest of a complete family in ``out`` built with the same inputs, else None.
+
+    The inputs are the size's spec, the seed, the dammerge version and the thread count (which
+    changes the bits of trained weights).
+    """
     try:
         manifest = json.loads((out / MANIFEST_NAME).read_text())
     except (OSError, json.JSONDecodeError):
@@ -112,6 +118,7 @@ def cached_manifest(out: Path, spec: FamilySpec, seed: int) -> dict[str, Any] | 
         and manifest.get("seed") == seed
         and manifest.get("dammerge_version") == dammerge_version()
         and manifest.get("spec") == _spec_json(spec)
+        and manifest.get("threads") == (threads or build_threads())
     )
     if not same:
         return None
@@ -143,20 +150,24 @@ def _check_output(out: Path, force: bool) -> None:
 
 
 def build_threads() -> int:
-    """Threads for the build: 2, or 1 when other processes already keep the cores busy.
+    """Threads for the build: always 2 (``DAMMERGE_THREADS`` overrides), never load-dependent.
 
-    On a shared machine two OpenMP threads that fight other processes for two cores run up
-    to 7x slower than one thread (measured here: spinning at barriers). The thread count does
-    not change the result: the kernels split work over output elements, never over a
-    reduction, so 1 and 2 threads give bit-identical tensors (a test checks this).
-    ``DAMMERGE_THREADS`` overrides the choice.
+    The thread count changes the bits: matmul kernels split reductions differently over 1 and
+    2 threads, so the micro family's hash differs between them (measured here). A build is
+    reproducible for the same seed *and* thread count, so the count is fixed rather than
+    chosen from the machine's load, recorded in the manifest, and part of the cache key.
+    Two threads is the target machine's core count; on a machine whose cores are busy with
+    other work, ``DAMMERGE_THREADS=1`` is faster but builds a (slightly) different family.
     """
     override = os.environ.get("DAMMERGE_THREADS", "").strip()
-    if override.isdigit() and int(override) > 0:
+    if override:
+        if not override.isdigit() or int(override) < 1:
+            raise DammergeError(
+                f"DAMMERGE_THREADS must be a positive integer, got {override!r}",
+                "unset it to use the default of 2 threads",
+            )
         return int(override)
-    cores = os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return BUILD_THREADS if cores >= BUILD_THREADS and busy < cores - 1 else 1
+    return BUILD_THREADS
 
 
 @contextlib.contextmanager
@@ -280,7 +291,7 @@ def build_family(
         raise DammergeError(f"seed must be a non-negative integer, got {seed!r}")
     say = report or (lambda _message: None)
     if not force:
-        manifest = cached_manifest(out, spec, seed)
+        manifest = cached_manifest(out, spec, seed, threads)
         if manifest is not None:
             say(f"cache hit: {out} already holds the {spec.name} family with seed {seed}")
             return BuildResult(out, manifest, cached=True)

@@ -88,6 +88,20 @@ def _spans(rows: int, chunk: int) -> list[slice]:
     return [slice(start, min(start + chunk, rows)) for start in range(0, rows, chunk)]
 
 
+def _log_softmax_and_softmax(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, ...]:
+    """``(log_softmax(x/T), softmax(x/T))`` in float32 (or wider) from ONE exp pass.
+
+    ``F.log_softmax`` followed by ``exp`` (or a separate ``F.softmax``) evaluates the
+    exponential twice; on CPU exp dominates these row-wise ops.
+    """
+    log_values = _wide(x) / temperature
+    shift = log_values.amax(dim=-1, keepdim=True)
+    probabilities = (log_values - shift).exp_()
+    total = probabilities.sum(dim=-1, keepdim=True)
+    log_values.sub_(shift.add_(total.log()))
+    return log_values, probabilities.div_(total)
+
+
 class _ForwardKLSum(torch.autograd.Function):
     """Σ over rows of ``KL(p‖q)``, p = softmax(t/T), q = softmax(s/T), gradient ``(q − p)/T``.
 
@@ -95,9 +109,9 @@ class _ForwardKLSum(torch.autograd.Function):
     multiply kept several (positions × vocabulary) float32 tensors per source for backward and
     made about twice as many passes over them, and on CPU each fresh tensor that large is a new
     mmap whose pages the kernel must fault in and zero. Here every transient is one small
-    chunk, reused by the allocator. The forward already holds ``log q`` and ``p``, so it forms
-    the gradient ``q − p`` there (one exp more) and saves only that, in the logits' dtype;
-    backward merely scales it. The values are computed elementwise as before (no cancellation
+    chunk, reused by the allocator. One exp pass per distribution gives both its log-softmax and
+    softmax, so the forward forms the gradient ``q − p`` too and saves only that, in the logits'
+    dtype; backward merely scales it. The values are computed elementwise as before (no cancellation
     between large sums).
     """
 
@@ -108,13 +122,10 @@ class _ForwardKLSum(torch.autograd.Function):
         total = s.new_zeros((), dtype=_wide(s[:0]).dtype)
         grad = torch.empty_like(s) if ctx.needs_input_grad[0] else None
         for span in _spans(s.shape[0], chunk):
-            log_q = F.log_softmax(_wide(s[span]) / temperature, dim=-1)
-            log_p = F.log_softmax(_wide(t[span]) / temperature, dim=-1)
-            p = log_p.exp()
-            if grad is not None and grad.dtype == log_q.dtype:
-                torch.exp(log_q, out=grad[span]).sub_(p)
-            elif grad is not None:
-                grad[span] = log_q.exp().sub_(p)
+            log_q, q = _log_softmax_and_softmax(s[span], temperature)
+            log_p, p = _log_softmax_and_softmax(t[span], temperature)
+            if grad is not None:
+                grad[span] = q.sub_(p)
             total += torch.dot(p.reshape(-1), log_p.sub_(log_q).reshape(-1))
         ctx.save_for_backward(grad)
         ctx.temperature = temperature
@@ -146,12 +157,12 @@ class _TopKForwardKLSum(torch.autograd.Function):
         total = s.new_zeros((), dtype=_wide(s[:0]).dtype)
         grad = torch.empty_like(s) if ctx.needs_input_grad[0] else None
         for span in _spans(s.shape[0], chunk):
-            log_q_all = F.log_softmax(_wide(s[span]) / temperature, dim=-1)
+            log_q_all, q = _log_softmax_and_softmax(s[span], temperature)
             log_q = log_q_all.gather(-1, indices[span])
             log_p = F.log_softmax(_wide(values[span]) / temperature, dim=-1)
             p = log_p.exp()
             if grad is not None:
-                grad[span] = log_q_all.exp_().scatter_add_(-1, indices[span], -p)
+                grad[span] = q.scatter_add_(-1, indices[span], -p)
             total += torch.dot(p.reshape(-1), log_p.sub_(log_q).reshape(-1))
         ctx.save_for_backward(grad)
         ctx.temperature = temperature
