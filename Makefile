@@ -30,11 +30,15 @@ $(MK_STAMP): bench/mergekit-requirements.txt
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/dammerge demo $(if $(OUT),$(OUT),demo-output)
 
+lint: $(STAMP)
+	$(BIN)/ruff check src tests $(wildcard bench)
+	$(BIN)/ruff format --check src tests $(wildcard bench)
+
 test: $(STAMP) $(MK_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/ruff check src tests $(wildcard bench)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP) $(MK_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/merge_speed.py
 
 lock: $(STAMP)

@@ -92,6 +92,8 @@ def test_output_folder_contents_and_stats(sources, tmp_path):
     # every evaluation forwards the 4 + 4 held-in sequences once
     assert stats["forward_sequences"] == 16 * 8 and stats["setup_forward_sequences"] == 8
     assert stats["forward_tokens"] == 16 * stats["setup_forward_tokens"]
+    assert stats["forward_passes"] == 16 * 8 + 8 and stats["backward_passes"] == 0
+    assert stats["fitness_evaluations"] == 16
     assert stats["peak_rss_mib"] > 0 and stats["wall_seconds"] > 0
     assert stats["best_fitness"] == result.best_fitness <= 0.0
     lines = (out / "evolve_log.jsonl").read_text().splitlines()

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from dammerge.config import MergeConfig
 from dammerge.errors import DammergeError
 from dammerge.learned import run as run_module
-from dammerge.learned.export import COEFFICIENTS_FILE
+from dammerge.learned.export import COEFFICIENTS_FILE, STATS_FILE
 from dammerge.learned.run import run_learned_merge
 from dammerge.testing import make_tiny_model
 
@@ -151,6 +151,10 @@ def test_cli_end_to_end(untied_family, tmp_path, dam_recipe, datasets_dir, capsy
     assert "merge_method: dam" in (out / "dammerge_config.yml").read_text()
     assert "dam" in (out / "README.md").read_text()
     assert (tmp_path / "out.dammerge-work" / "checkpoint.pt").is_file()  # keep_work: true
+    stats = json.loads((out / STATS_FILE).read_text())
+    trained = 3 * 1 * len(recipe["models"])  # steps x batch size x sources
+    assert stats["steps"] == 3 and stats["backward_passes"] == trained
+    assert stats["forward_passes"] == 2 * trained  # merged + on-the-fly teacher forwards
 
     code, err = _cli(capsys, monkeypatch, "inspect", "out")
     assert code == 0, err

@@ -391,6 +391,10 @@ def _work_stats(
         "best_fitness": result.best.fitness,
         "best_evaluation": result.best.evaluation,
         "forward_sequences": sum(r.sequences for r in records),
+        # The experiment report's compute columns, in passes over one sequence.
+        "forward_passes": sum(r.sequences for r in records) + setup_work.sequences,
+        "backward_passes": 0,
+        "fitness_evaluations": len(records),
         "forward_tokens": sum(r.tokens for r in records),
         "setup_forward_sequences": setup_work.sequences,
         "setup_forward_tokens": setup_work.tokens,

@@ -29,7 +29,7 @@ import numpy as np
 
 from dammerge.config import InputModel, MergeConfig, resolve_value
 from dammerge.errors import ConfigError
-from dammerge.evolve.settings import EvolveSettings, bounds_of
+from dammerge.evolve.settings import DEFAULT_LAYER_GROUPS, EvolveSettings, bounds_of
 from dammerge.methods import MergeMethod
 
 REST = None  # the module group of tensors that match no filter
@@ -94,7 +94,7 @@ class SearchSpace:
     @staticmethod
     def _layer_group_count(settings: EvolveSettings, num_layers: int | None) -> int:
         if settings.layer_groups is None:
-            return min(4, num_layers or 1)
+            return min(DEFAULT_LAYER_GROUPS, num_layers or 1)
         if num_layers is None and settings.layer_groups > 1:
             raise ConfigError(
                 "training.layer_groups > 1 needs the number of layers, which this "

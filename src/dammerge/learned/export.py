@@ -29,6 +29,7 @@ from dammerge.learned.model import MergedModel
 from dammerge.learned.settings import TrainingSettings
 
 COEFFICIENTS_FILE = "dam_coefficients.safetensors"
+STATS_FILE = "learned_stats.json"
 COEFFICIENTS_FORMAT = "dammerge-coefficients/1"
 
 
@@ -86,9 +87,14 @@ def export_merged(
     tokenizer_folder: Path | None = None,
     log_path: Path | None = None,
     summary: dict[str, Any] | None = None,
+    stats: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Write the folded merge to ``out`` atomically; returns the final path."""
+    """Write the folded merge to ``out`` atomically; returns the final path.
+
+    ``stats`` (the training's compute counts) goes to ``learned_stats.json``, which the
+    experiment runner reads into its compute table.
+    """
     store = sources + ([base] if model.scheme.base_in_store else [])
     summary = summary or {}
     with CheckpointWriter(out, shard_size=shard_size, overwrite=overwrite) as writer:
@@ -115,4 +121,6 @@ def export_merged(
         )
         if log_path is not None and log_path.is_file():
             shutil.copyfile(log_path, writer.tmp / "train_log.jsonl")
+        if stats is not None:
+            writer.write_text(STATS_FILE, json.dumps(stats, indent=2) + "\n")
         return writer.commit()

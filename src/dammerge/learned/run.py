@@ -388,6 +388,33 @@ def _check_init(s: TrainingSettings, n_sources: int) -> None:
         raise ConfigError(f"training.init: {problem}")
 
 
+def compute_stats(plan: LearnedPlan, model: Any, result: Any) -> dict[str, Any]:
+    """Compute counts of a finished training, in passes over one sequence.
+
+    Every step runs ``batch_size`` sequences of every source through the merged model, forward
+    and backward. Teachers on the fly add one teacher forward per trained sequence; precomputed
+    teachers ran once over each source's examples; the entropy objective has no teacher.
+    """
+    s = plan.settings
+    trained = result.steps * s.batch_size * len(plan.sources)
+    if s.objective == "entropy":
+        teacher_forwards = 0
+    elif s.teacher == "precomputed":
+        teacher_forwards = sum(len(d) for d in plan.data)
+    else:
+        teacher_forwards = trained
+    return {
+        "steps": result.steps,
+        "training_seconds": round(result.seconds, 3),
+        "merged_forward_sequences": trained,
+        "teacher_forward_sequences": teacher_forwards,
+        "forward_passes": trained + teacher_forwards,
+        "backward_passes": trained,
+        "fitness_evaluations": 0,
+        "trainable_coefficients": sum(p.numel() for p in model.coefficient_parameters()),
+    }
+
+
 def run_learned_merge(
     cfg: MergeConfig,
     output: Path,
@@ -437,6 +464,7 @@ def run_learned_merge(
         else Path(cfg.tokenizer_source),
         log_path=plan.work_dir / "train_log.jsonl",
         summary=summary,
+        stats=compute_stats(plan, model, result),
         progress=progress,
     )
     if not plan.settings.keep_work:
