@@ -74,6 +74,19 @@ def test_experiment_runs_every_method_and_reports(micro_family: Path, tmp_path: 
             assert path.stat().st_mtime_ns == mtime, path
     assert (dam / "scores.json").is_file() and (soups / "scores.json").is_file()
 
+    # A method whose recipe changed in the experiment file is recomputed; the others are not.
+    changed = experiment(micro_family, [SOUPS, DAM, EVOLVE])
+    changed["methods"][0] = {
+        **SOUPS,
+        "recipe": {"merge_method": "linear", "parameters": {"weight": 2.0}},
+    }
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "cells").rglob("*.json")}
+    run_experiment(ExperimentConfig.model_validate(changed), tmp_path / "out", progress=False)
+    for path, mtime in kept.items():
+        redone = path.stat().st_mtime_ns != mtime
+        assert redone == path.is_relative_to(soups), path
+    assert "weight: 2.0" in (soups / "model" / "dammerge_config.yml").read_text()
+
 
 @pytest.mark.slow
 def test_killed_experiment_finishes_only_missing_cells(micro_family: Path, tmp_path: Path) -> None:

@@ -7,14 +7,18 @@ runs each missing cell and writes the report. A cell's state lives in its own fo
     OUT/cells/<method>/<seed-k>/model/       the merged checkpoint (written atomically)
     OUT/cells/<method>/<seed-k>/merge.json   compute of the merge (wall time, peak memory, passes)
     OUT/cells/<method>/<seed-k>/scores.json  the evaluation
+    OUT/cells/<method>/<seed-k>/cell.json    what the cell computes (a key)
 
 Each file is written only once its step is complete, so re-running a killed experiment redoes
-only the missing steps. Every merge runs in a fresh process: peak memory is then the merge's
-own, and a crash cannot take the runner down with it.
+only the missing steps. ``cell.json`` holds a key of what the cell computes (recipe, seed,
+evaluation settings): a cell whose method or evaluation changed in the experiment file is
+recomputed instead of silently reporting results of the old recipe. Every merge runs in a fresh
+process: peak memory is then the merge's own, and a crash cannot take the runner down with it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -57,6 +61,20 @@ class Cell:
     @property
     def scores_record(self) -> Path:
         return self.folder / "scores.json"
+
+    @property
+    def key_record(self) -> Path:
+        return self.folder / "cell.json"
+
+    def key(self, evaluation: dict[str, Any]) -> str:
+        """What this cell computes: its recipe, seed or reference model, and the evaluation."""
+        what = {
+            "recipe": self.recipe,
+            "seed": self.seed,
+            "model": None if self.model_dir is None else str(self.model_dir),
+            "evaluation": evaluation,
+        }
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
     @property
     def label(self) -> str:
@@ -211,8 +229,10 @@ def run_experiment(
     write_json(out / "experiment.json", config.model_dump(mode="json"))
     if rerun:
         shutil.rmtree(out / "cells", ignore_errors=True)
+    evaluation = config.evaluation.model_dump(mode="json")
     for number, cell in enumerate(cells, 1):
         prefix = f"[{number}/{len(cells)}] {cell.label}"
+        _forget_if_changed(cell, cell.key(evaluation), prefix)
         if cell.recipe is not None and not cell.merge_record.exists():
             console.print(f"{prefix}: merging ({cell.recipe['merge_method']})")
             write_json(cell.merge_record, run_merge(cell, config.device))
@@ -223,6 +243,23 @@ def run_experiment(
         else:
             console.print(f"{prefix}: done earlier", style="dim")
     return write_report(config, cells, out)
+
+
+def _forget_if_changed(cell: Cell, key: str, prefix: str) -> None:
+    """Remove a cell's records when the experiment file now asks for something else.
+
+    Records without a ``cell.json`` (from an older dammerge) are adopted as they are.
+    """
+    if cell.key_record.is_file():
+        try:
+            stored = json.loads(cell.key_record.read_text()).get("key")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            stored = None
+        if stored == key:
+            return
+        console.print(f"{prefix}: changed since the last run, recomputing", style="yellow")
+        shutil.rmtree(cell.folder)
+    write_json(cell.key_record, {"cell": cell.label, "key": key})
 
 
 def _family(config: ExperimentConfig) -> Family:
