@@ -45,6 +45,22 @@ def test_missing_field(untied_family, tmp_path, dam_recipe, datasets_dir, monkey
     run_module.prepare(MergeConfig.from_dict(recipe), tmp_path / "out")  # mapped: accepted
 
 
+def test_weights_dtype_follows_training_then_recipe_then_base(
+    untied_family, tmp_path, dam_recipe, datasets_dir
+):
+    recipe = dam_recipe(*untied_family, datasets_dir)
+    base_dtype = run_module.prepare(MergeConfig.from_dict(recipe), tmp_path / "out").dtype
+    assert base_dtype == torch.float32
+    recipe["dtype"] = "bfloat16"  # a mergekit recipe's compute dtype
+    assert run_module.prepare(MergeConfig.from_dict(recipe), tmp_path / "out").dtype == (
+        torch.bfloat16
+    )
+    recipe["training"]["dtype"] = "float16"  # training.dtype wins
+    assert run_module.prepare(MergeConfig.from_dict(recipe), tmp_path / "out").dtype == (
+        torch.float16
+    )
+
+
 def test_empty_dataset(untied_family, tmp_path, dam_recipe, datasets_dir, monkeypatch):
     empty = tmp_path / "empty.csv"
     empty.write_text("instruction,input,output\n")

@@ -162,8 +162,12 @@ def _same_bytes(a: Path, b: Path) -> bool:
     return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
 
 
-def _weights_dtype(settings: TrainingSettings, base: Checkpoint) -> torch.dtype:
-    explicit = parse_dtype(settings.dtype)
+def _weights_dtype(
+    settings: TrainingSettings, recipe_dtype: str | None, base: Checkpoint
+) -> torch.dtype:
+    """``training.dtype``, else the recipe's top-level ``dtype`` (as in a mergekit recipe), else
+    the dtype of the base's linear weights."""
+    explicit = parse_dtype(settings.dtype) or parse_dtype(recipe_dtype)
     if explicit is not None:
         return explicit
     for name in base.names():
@@ -262,7 +266,7 @@ def prepare(
         output=output,
         work_dir=work_dir,
         device=torch_device,
-        dtype=_weights_dtype(settings, base),
+        dtype=_weights_dtype(settings, cfg.dtype, base),
         seed=seed,
         steps=total_steps(settings, data),
         names=_unique_names(sources),
