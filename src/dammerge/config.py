@@ -67,6 +67,20 @@ class InputModel(BaseModel):
     dataset: dict[str, Any] | None = None  # representative data, used by learned methods
 
 
+def read_yaml_file(path: Path, what: str) -> Any:
+    """The parsed YAML of a user's file (recipe, experiment), with one-line errors."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder, not a {what}", "pass the YAML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from None
+
+
 class MergeConfig(BaseModel):
     """A whole merge recipe."""
 
@@ -92,16 +106,7 @@ class MergeConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path) -> MergeConfig:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"recipe not found: {path}") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{path} is a folder, not a recipe", "pass the YAML file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read recipe {path}: {exc}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from None
+        data = read_yaml_file(path, "recipe")
         config = cls.from_dict(data, source=str(path))
         return config.relative_to(path.parent)
 

@@ -84,7 +84,7 @@ def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
         raise ConfigError("the recipe lists no models", "add a 'models:' list")
     if method.requires_base and not config.base_model:
         raise ConfigError(f"{method.name} needs a base_model", "set base_model: PATH")
-    if config.tokenizer_source not in (None, "base") and config.tokenizer_source == "union":
+    if config.tokenizer_source == "union":
         raise ConfigError(
             "tokenizer_source: union is not supported",
             "merge models that share one tokenizer; use 'base' or a model path",

@@ -74,6 +74,17 @@ def test_bad_experiment_files_name_the_cause(tmp_path: Path, text: str, message:
         ExperimentConfig.from_yaml(path)
 
 
+def test_unreadable_experiment_files_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="experiment file not found"):
+        ExperimentConfig.from_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a folder, not a experiment file"):
+        ExperimentConfig.from_yaml(tmp_path)
+    binary = tmp_path / "exp.yaml"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    with pytest.raises(ConfigError, match="cannot read experiment file"):
+        ExperimentConfig.from_yaml(binary)
+
+
 def test_cells_fill_models_and_datasets_from_the_family(tmp_path: Path) -> None:
     family = load_family(write_family(tmp_path / "fam"))
     path = write_experiment(

@@ -13,7 +13,6 @@ from dammerge.methods.sparsify import (
     magnitude_ranked_drop,
     random_drop,
     rescale_kept,
-    sign_consensus,
 )
 
 from . import reference as ref
@@ -74,11 +73,14 @@ def test_magnitude_ranked_drop_with_zero_epsilon_is_uniform_dare():
     torch.testing.assert_close(a, b)
 
 
-def test_sign_consensus_by_hand():
-    weighted = torch.tensor([[2.0, 0.0, -1.0, 1.0], [-2.0, 0.0, -1.0, -3.0]])
-    mask = sign_consensus(weighted)
-    # column 0: tie → + (only the +2 kept); column 1: zeros never kept; 2: both −; 3: − wins
-    np.testing.assert_array_equal(mask.numpy(), [[1, 0, 1, 0], [0, 0, 1, 1]])
+def test_sign_election_by_hand():
+    """The sign election the merges run (inside ``combine_task_vectors``)."""
+    from dammerge.methods.task_arithmetic import combine_task_vectors
+
+    deltas = [torch.tensor([2.0, 0.0, -1.0, 1.0]), torch.tensor([-2.0, 0.0, -1.0, -3.0])]
+    got = combine_task_vectors(torch.zeros(4), deltas, [1.0, 1.0], consensus=True, normalize=True)
+    # column 0: tie -> + (only +2 kept); 1: zeros never count; 2: both -; 3: - wins (-3 alone)
+    np.testing.assert_array_equal(got.numpy(), [2.0, 0.0, -1.0, -3.0])
 
 
 @pytest.mark.parametrize("density", [0.05, 0.3, 0.77])

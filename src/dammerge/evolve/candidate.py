@@ -48,9 +48,6 @@ class InMemoryCheckpoint:
     def names(self) -> list[str]:
         return list(self._tensors)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors.values())
-
 
 class InMemoryMerger:
     """Merges candidate recipes from sources held in memory."""
@@ -58,7 +55,6 @@ class InMemoryMerger:
     def __init__(self, plan: MergePlan, device: torch.device, seed: int) -> None:
         self.device = device
         self.seed = seed
-        self.compute_dtype = plan.compute_dtype
         self.sources = {
             ck.path: InMemoryCheckpoint(ck, plan.compute_dtype, device) for ck in plan.inputs
         }
@@ -81,9 +77,6 @@ class InMemoryMerger:
 
     def source(self, path: str | Path) -> InMemoryCheckpoint:
         return self.sources[Path(path).resolve()]
-
-    def nbytes(self) -> int:
-        return sum(src.nbytes() for src in self.sources.values())
 
 
 class ModelSlot:

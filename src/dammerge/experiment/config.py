@@ -29,9 +29,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dammerge.config import read_yaml_file
 from dammerge.errors import ConfigError
 
 # Methods whose result depends on the seed (stochastic kernels or a learned / searched merge).
@@ -126,12 +126,7 @@ class ExperimentConfig(BaseModel):
     def from_yaml(cls, path: str | Path) -> ExperimentConfig:
         """Read an experiment file; relative paths are taken from the file's folder."""
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"experiment file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from None
+        data = read_yaml_file(path, "experiment file")
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping (name, family, methods, ...)")
         try:

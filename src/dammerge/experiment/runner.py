@@ -22,7 +22,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Any
 from rich.console import Console
 
 from dammerge.errors import DammergeError
+from dammerge.evolve.report import peak_rss_mib
 from dammerge.experiment.config import ExperimentConfig, MethodSpec
 from dammerge.family.manifest import Family, load_family
 
@@ -170,7 +170,7 @@ def _merge_in_child(recipe: dict[str, Any], out: str, seed: int, device: str, qu
     queue.put(
         {
             "wall_seconds": time.perf_counter() - start,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": int(peak_rss_mib() * 2**20),
         }
     )
 

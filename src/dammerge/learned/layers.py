@@ -193,12 +193,6 @@ class MergedLinear(nn.Module):
             raw = self.coefficients[:, 0]
         return self.scheme.scales(raw[:, None])[:, 0]
 
-    def merged_weight(self) -> torch.Tensor:
-        """The plain merged weight (float32), for export and checks."""
-        with torch.no_grad():
-            s = self.scales()
-            return (self.weights.float() * s[:, None, :]).sum(0)
-
     def merged_bias(self) -> torch.Tensor | None:
         with torch.no_grad():
             scales = self.bias_scales()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -396,17 +395,3 @@ def build_merged_model(
         seed,
     )
     return builder.build()
-
-
-def describe_model(model: MergedModel) -> dict[str, Any]:
-    """Counts for plans and logs: merge modules, coefficients, store bytes."""
-    linears = sum(1 for _, m in model.merge_modules() if isinstance(m, MergedLinear))
-    others = sum(1 for _, m in model.merge_modules() if isinstance(m, MergedParameterModule))
-    coefficients = sum(p.numel() for p in model.coefficient_parameters())
-    store = sum(b.numel() * b.element_size() for b in model.buffers())
-    return {
-        "merged_linears": linears,
-        "embeddings_and_norms": others,
-        "coefficients": coefficients,
-        "store_bytes": store,
-    }

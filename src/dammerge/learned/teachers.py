@@ -123,10 +123,10 @@ def precompute_source(
         logits = model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
         ).logits
-        top = logits.float().topk(top_k, dim=-1)
+        top = logits.topk(top_k, dim=-1)  # widen only the K kept values, not the logits
         for b, i in enumerate(chunk):
             n = len(data.examples[i].input_ids)
-            values_parts.append(top.values[b, :n].cpu())
+            values_parts.append(top.values[b, :n].float().cpu())
             index_parts.append(top.indices[b, :n].to(torch.int32).cpu())
             offsets.append(offsets[-1] + n)
     del model

@@ -13,14 +13,14 @@ def linear(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True
 ) -> torch.Tensor:
     """``sum_i w_i W_i``, divided by ``sum_i w_i`` when ``normalize`` (a true average)."""
-    stacked = torch.stack(list(tensors))
-    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
-    merged = torch.tensordot(w, stacked, dims=1)
+    merged = torch.zeros_like(tensors[0])
+    for tensor, weight in zip(tensors, weights, strict=True):
+        merged.add_(tensor, alpha=weight)  # one output buffer, never a stack of N copies
     if normalize:
-        total = w.sum()
-        if total.abs() < 1e-8:
+        total = sum(weights)
+        if abs(total) < 1e-8:
             raise ValueError("linear merge with normalize=true needs weights that do not sum to 0")
-        merged = merged / total
+        merged.div_(total)
     return merged
 
 

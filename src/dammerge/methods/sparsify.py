@@ -181,14 +181,3 @@ def magnitude_ranked_drop(
     elif rescale:
         kept = rescale_kept(rows, kept, density, "l1")
     return kept.view_as(delta)
-
-
-def sign_consensus(weighted_deltas: torch.Tensor) -> torch.Tensor:
-    """TIES' sign election over stacked deltas (models on dim 0).
-
-    The elected sign of each entry is that of the summed (weighted) deltas, ties going to +;
-    an entry of a model is kept where its sign equals the elected one (zeros are never kept).
-    Returns a 0/1 mask of the same shape as ``weighted_deltas``.
-    """
-    elected = torch.where(weighted_deltas.sum(dim=0) >= 0, 1.0, -1.0).to(weighted_deltas.dtype)
-    return (weighted_deltas.sign() == elected).to(weighted_deltas.dtype)
