@@ -1,6 +1,6 @@
 """A FAKE family for the evaluator's tests: tiny random Llama checkpoints and hand-written records.
 
-It follows .notes/family-contract.md exactly (manifest, folders, record fields), but its models
+It follows docs/family-format.md exactly (manifest, folders, record fields), but its models
 are random (word-level tokenizer over w0..w124), so scores are near 0 and only the plumbing,
 the likelihood arithmetic and the report formats are under test here.
 """

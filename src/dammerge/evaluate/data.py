@@ -59,7 +59,7 @@ def _check_records(records: list[dict[str, Any]], metric: str, path: Path) -> No
         if missing:
             raise DammergeError(
                 f"record {number} of {path} lacks {', '.join(missing)} (needed by {metric})",
-                "see .notes/family-contract.md for the record fields",
+                "docs/family-format.md lists the fields each metric needs",
             )
 
 

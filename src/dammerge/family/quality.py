@@ -2,7 +2,8 @@
 
 It is not the evaluator (``dammerge evaluate`` scores full eval sets with NLL and KL); it is a
 cheap sanity table stored in the manifest so that a user, a test or a benchmark sees at once
-whether the specialists learned their domains (and the base did not).
+whether the specialists learned their domains (and the base did not). It generates exactly as
+the evaluator does (same prompts, stops and greedy settings), so the two agree.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from dammerge.evaluate.data import encode_prompt
+from dammerge.evaluate.generation import generate_responses
 from dammerge.evaluate.metrics import score_record
-from dammerge.templates import alpaca_prompt
 
 
 def max_new_tokens_for(
@@ -23,33 +24,6 @@ def max_new_tokens_for(
     """Enough new tokens for the longest reference output, plus a little slack."""
     lengths = [len(tokenizer(r["output"])["input_ids"]) for r in records]
     return max(lengths, default=16) + slack
-
-
-@torch.no_grad()
-def greedy_responses(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerFast,
-    records: Sequence[dict[str, Any]],
-    max_new_tokens: int,
-    batch_size: int = 16,
-) -> list[str]:
-    """Greedy completions of the records' Alpaca prompts (left-padded batches)."""
-    tokenizer.padding_side = "left"
-    responses: list[str] = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        prompts = [alpaca_prompt(r["instruction"], r.get("input", "")) for r in chunk]
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True)
-        output = model.generate(
-            **encoded,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        new_tokens = output[:, encoded["input_ids"].shape[1] :]
-        responses += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return responses
 
 
 def score_domain(
@@ -61,6 +35,11 @@ def score_domain(
     """Mean ``score_record`` of greedy responses over ``records`` (in [0, 1])."""
     if not records:
         return 0.0
-    responses = greedy_responses(model, tokenizer, records, max_new_tokens_for(records, tokenizer))
+    responses = generate_responses(
+        model,
+        tokenizer,
+        [encode_prompt(tokenizer, r) for r in records],
+        max_new_tokens=max_new_tokens_for(records, tokenizer),
+    )
     scores = [score_record(metric, text, r) for text, r in zip(responses, records, strict=True)]
     return sum(scores) / len(scores)

@@ -1,6 +1,6 @@
 """Instruction data of the family's three domains and the compositional set, generated offline.
 
-Every record follows the family contract (``.notes/family-contract.md``): ``id``, ``domain``,
+Every record follows the family contract (``docs/family-format.md``): ``id``, ``domain``,
 ``instruction``, ``input``, ``output``, plus ``answer`` (maths) or ``context`` (SQL). All text
 comes from ``random.Random`` streams seeded by the family seed, so the data is a pure function
 of (seed, sizes). Held-out eval records never share their (instruction, input) with a train

@@ -22,7 +22,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from dammerge.checkpoint.architecture import TensorKind
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.errors import CheckpointError
-from dammerge.learned.functional import merge_weight
 from dammerge.learned.layers import (
     Activation,
     CoefficientScheme,
@@ -173,26 +172,23 @@ class MergedModel(nn.Module):
         if isinstance(module, TiedHead):
             module, param = module._embedding[0], "weight"
         if isinstance(module, MergedLinear):
-            if param == "weight":
-                scales = module.scales().detach().float().cpu()
-                return merge_weight(scales, _stack(store, tensor_name))
-            bias_scales = module.bias_scales()
-            assert bias_scales is not None
-            values = _stack(store, tensor_name)
-            return (values * bias_scales.detach().float().cpu()[:, None]).sum(0)
+            scales = module.scales() if param == "weight" else module.bias_scales()
+            assert scales is not None
+            return _fold(store, tensor_name, scales.detach().float().cpu())
         if isinstance(module, MergedParameterModule) and module.merged:
-            values = _stack(store, tensor_name)
             scales = module.scales().detach().float().cpu()
-            scales = scales.reshape(scales.shape[0], *([1] * (values.dim() - 2)), -1)
-            merged = values[0] * scales[0]
-            for m in range(1, len(values)):
-                merged = merged + values[m] * scales[m]
-            return merged
+            ones = [1] * (len(base.shape(tensor_name)) - 1)  # scale the last dimension
+            return _fold(store, tensor_name, scales.reshape(scales.shape[0], *ones, -1))
         return base.get(tensor_name)
 
 
-def _stack(checkpoints: list[Checkpoint], name: str) -> torch.Tensor:
-    return torch.stack([ck.get(name).float() for ck in checkpoints])
+def _fold(checkpoints: list[Checkpoint], name: str, scales: torch.Tensor) -> torch.Tensor:
+    """``Σ_m scales[m] · tensor_m`` in float32, one source at a time (``scales[m]`` broadcasts
+    against the tensor): two tensor-sized buffers however many sources, never a stack."""
+    merged = checkpoints[0].get(name).float() * scales[0]
+    for checkpoint, scale in zip(checkpoints[1:], scales[1:], strict=True):
+        merged.addcmul_(checkpoint.get(name).float(), scale)
+    return merged
 
 
 def load_store(

@@ -38,17 +38,7 @@ def combine_task_vectors(
     for delta, weight in zip(deltas, w, strict=True):
         mixed.add_(torch.mul(delta, weight, out=scratch))
     if consensus:
-        elected_positive = mixed >= 0  # TIES' sign election: sign of the weighted sum, 0 -> +
-        mixed.zero_()
-        divisor = torch.zeros_like(mixed) if normalize else None
-        for delta, weight in zip(deltas, w, strict=True):
-            weighted = torch.mul(delta, weight, out=scratch)
-            agrees = torch.where(elected_positive, weighted > 0, weighted < 0)
-            mixed.add_(weighted.mul_(agrees))
-            if divisor is not None:
-                divisor.add_(agrees, alpha=weight)  # += weight where agreeing, no float copy
-        if divisor is not None:
-            mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
+        mixed = _disjoint_sum(mixed, deltas, w, scratch, normalize=normalize)
     elif normalize:
         total = w.sum()
         mixed.div_(torch.where(total.abs() < 1e-8, torch.ones_like(total), total))
@@ -56,6 +46,40 @@ def combine_task_vectors(
     if lambda_ != 1.0:
         mixed.mul_(lambda_)
     return mixed.add_(base)
+
+
+def _disjoint_sum(
+    mixed: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    w: torch.Tensor,
+    scratch: torch.Tensor,
+    *,
+    normalize: bool,
+) -> torch.Tensor:
+    """TIES' elected-sign sum of the weighted task vectors (over the weights of the
+    contributors when ``normalize``), given their plain sum ``mixed`` (overwritten).
+
+    The elected sign is ``e = +1`` where ``mixed >= 0``, else ``-1`` (``copysign``: the sum
+    starts from +0.0, so it is never -0.0). A term ``t = w_i * delta_i`` agrees when
+    ``t * e > 0``, so the agreeing sum is ``e * Σ relu(t * e)``: bit for bit the sum of the
+    agreeing terms (negation is exact), computed with float passes only. Boolean masks and
+    mixed-dtype arithmetic ran several times slower per element on the CPU and were most of a
+    TIES merge's time.
+    """
+    elected = torch.copysign(torch.ones_like(mixed), mixed)
+    total = mixed.zero_()
+    divisor = torch.zeros_like(mixed) if normalize else None
+    indicator = torch.empty_like(mixed) if normalize else None
+    for delta, weight in zip(deltas, w, strict=True):
+        agreeing = torch.mul(delta, weight, out=scratch).mul_(elected).clamp_(min=0)
+        total.add_(agreeing)
+        if divisor is not None:
+            # sign(relu(.)) is 1 exactly where the term agrees: += weight there
+            divisor.add_(torch.sign(agreeing, out=indicator), alpha=float(weight))
+    total.mul_(elected)
+    if divisor is not None:
+        total.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    return total
 
 
 def task_arithmetic(
