@@ -24,18 +24,23 @@ class StopOnText(StoppingCriteria):
     """Marks a row finished once its generated text (decoded) contains a stop string.
 
     Decoding (rather than matching token strings) sees exactly the text that is scored,
-    whatever the tokenizer; lm-eval's stop criterion works the same way.
+    whatever the tokenizer; lm-eval's stop criterion works the same way. Only the last few
+    tokens are decoded each step: every token holds at least one byte, so a stop string of
+    b bytes completed by the newest token lies within its last b tokens, and ``generate``
+    keeps a row finished once it was marked.
     """
 
     def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_width: int) -> None:
         self.tokenizer = tokenizer
         self.stops = list(stops)
         self.prompt_width = prompt_width
+        self.window = max((len(stop.encode()) for stop in self.stops), default=0) + 1
 
     def __call__(
         self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :])
+        start = max(self.prompt_width, input_ids.shape[1] - self.window)
+        texts = self.tokenizer.batch_decode(input_ids[:, start:])
         done = [any(stop in text for stop in self.stops) for text in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 

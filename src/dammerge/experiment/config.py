@@ -33,17 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dammerge.config import read_yaml_file
 from dammerge.errors import ConfigError
+from dammerge.merge import DATA_INFORMED_RUNNERS
+from dammerge.methods import METHODS
 
-# Methods whose result depends on the seed (stochastic kernels or a learned / searched merge).
-SEEDED_METHODS = {
-    "dam",
-    "adamerging",
-    "evolve",
-    "dare_linear",
-    "dare_ties",
-    "della",
-    "della_linear",
-}
+
+def depends_on_seed(method: str) -> bool:
+    """Whether a merge method's result changes with the seed: the data-informed methods
+    (learned or searched) and the registry's stochastic kernels (DARE, DELLA)."""
+    return method in DATA_INFORMED_RUNNERS or (method in METHODS and METHODS[method].stochastic)
 
 
 class FamilyBuild(BaseModel):
@@ -61,7 +58,7 @@ class MethodSpec(BaseModel):
     name: str
     recipe: dict[str, Any]
     group: Literal["main", "ablation"] = "main"
-    seeded: bool | None = None  # None: decided by the merge method (SEEDED_METHODS)
+    seeded: bool | None = None  # None: decided by the merge method
     dataset: dict[str, Any] = Field(default_factory=dict)  # merged into every model's dataset
     sources: list[str] | None = None  # family domains to merge (default: all; slerp takes 1)
 
@@ -83,7 +80,7 @@ class MethodSpec(BaseModel):
 
     @property
     def is_seeded(self) -> bool:
-        return self.method in SEEDED_METHODS if self.seeded is None else self.seeded
+        return depends_on_seed(self.method) if self.seeded is None else self.seeded
 
     @property
     def slug(self) -> str:

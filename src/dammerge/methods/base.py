@@ -46,7 +46,6 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     stochastic: bool = False
-    notes: str = ""
 
     def weights(self, inputs: MergeInputs) -> list[float]:
         return [float(p["weight"]) for p in inputs.model_params]

@@ -82,7 +82,6 @@ DARE_LINEAR = MergeMethod(
     global_params=dict(_GLOBALS),
     requires_base=True,
     stochastic=True,
-    notes=__doc__ or "",
 )
 
 DARE_TIES = MergeMethod(
@@ -93,5 +92,4 @@ DARE_TIES = MergeMethod(
     global_params=dict(_GLOBALS),
     requires_base=True,
     stochastic=True,
-    notes=__doc__ or "",
 )

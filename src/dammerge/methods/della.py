@@ -77,7 +77,6 @@ DELLA = MergeMethod(
     },
     requires_base=True,
     stochastic=True,
-    notes=__doc__ or "",
 )
 
 DELLA_LINEAR = MergeMethod(
@@ -94,5 +93,4 @@ DELLA_LINEAR = MergeMethod(
     },
     requires_base=True,
     stochastic=True,
-    notes=__doc__ or "",
 )
