@@ -13,6 +13,7 @@ from dammerge.methods.sparsify import (
     magnitude_ranked_drop,
     random_drop,
     rescale_kept,
+    top_k_mask,
 )
 
 from . import reference as ref
@@ -96,3 +97,35 @@ def test_selection_with_many_exact_ties_matches_the_stable_order(density):
     np.testing.assert_array_equal(
         magnitude_prune(bf16, density).double().numpy(), ref.trim(as_np, density)
     )
+
+
+def _stable_top_k(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """The definition: the first k of a stable descending sort."""
+    keep = torch.zeros(magnitudes.numel(), dtype=torch.bool)
+    keep[torch.argsort(magnitudes, descending=True, stable=True)[:k]] = True
+    return keep
+
+
+@pytest.mark.parametrize(
+    "levels, fraction",
+    [(None, 0.5), (7, 0.3), (7, 0.9), (2, 0.5), (1, 0.25)],
+    ids=["continuous", "7-levels-30%", "7-levels-90%", "2-levels", "all-equal"],
+)
+def test_top_k_mask_on_a_large_tensor_matches_the_stable_sort(levels, fraction):
+    """Above the direct-selection size the sampled bracket and the block-wise tie cut are
+    used; with a handful of distinct magnitudes millions of entries tie at the threshold."""
+    generator = torch.Generator().manual_seed(11)
+    n = (1 << 21) + 12345  # not a multiple of the counting block
+    values = torch.rand(n, generator=generator)
+    if levels is not None:
+        values = torch.floor(values * levels) / levels
+    k = int(fraction * n)
+    assert torch.equal(top_k_mask(values, k), _stable_top_k(values, k))
+
+
+def test_top_k_mask_when_the_sampled_bracket_misses():
+    """A sample that sees only one value brackets nothing: the direct selection answers."""
+    values = torch.zeros(1 << 21)
+    values[1::4096] = torch.arange(1, 513, dtype=torch.float32)  # the sample's stride skips them
+    k = 300
+    assert torch.equal(top_k_mask(values, k), _stable_top_k(values, k))
