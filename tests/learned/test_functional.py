@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dammerge.learned import functional
 from dammerge.learned.functional import merged_linear, naive_merged_linear
 
 
@@ -27,7 +28,11 @@ def test_gradcheck_float64(bias):
     )
 
 
-def test_matches_naive_values_and_gradients():
+@pytest.mark.parametrize("block", [None, 8, 12], ids=["one-block", "rows-of-2", "rows-of-3"])
+def test_matches_naive_values_and_gradients(block, monkeypatch):
+    """Also with G formed a few output rows at a time (5 rows: blocks of 2 leave a tail)."""
+    if block is not None:
+        monkeypatch.setattr(functional, "COLUMN_GRAD_BLOCK", block)
     x, scales, weights, bias_scales, biases = _inputs(torch.float64)
     upstream = torch.randn(2, 3, 5, dtype=torch.float64)
     grads = []

@@ -92,24 +92,39 @@ def _merged_for(scales: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype)
     return merge_weight(scales, weights, out=out).to(dtype)
 
 
+COLUMN_GRAD_BLOCK = 1 << 20  # elements of G formed at a time on CPU (4 MiB of float32)
+
+
 def _column_grads(
     g2: torch.Tensor, x2: torch.Tensor, scales: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """``grad_s_m = column-sums(G ⊙ W_m)`` with ``G = gᵀx`` formed once (out × in)."""
+    """``grad_s_m = column-sums(G ⊙ W_m)`` with ``G = gᵀx``, formed once per block of rows.
+
+    On CPU, G is formed a block of output rows at a time (each block one matmul), and the N
+    products with that block of every W_m are summed while the block is still in cache:
+    neither G nor a product is ever written to main memory whole.
+    """
     acc = accumulation_dtype(scales)
-    shape = (g2.shape[1], x2.shape[1])
-    outer_buffer = _SCRATCH.get("outer", shape, g2.dtype, g2.device)
-    if outer_buffer is None:
-        outer = (g2.transpose(0, 1) @ x2).to(acc)
-    else:
-        outer = torch.mm(g2.transpose(0, 1), x2, out=outer_buffer).to(acc)
-    product = _SCRATCH.get("product", shape, acc, g2.device)
-    grads = torch.empty_like(scales, dtype=acc)
-    for m in range(len(weights)):
-        if product is None:
-            grads[m] = (outer * weights[m]).sum(0, dtype=acc)
+    out_features, in_features = weights.shape[1], weights.shape[2]
+    rows = out_features
+    if g2.device.type == "cpu":
+        rows = max(1, min(out_features, COLUMN_GRAD_BLOCK // max(in_features, 1)))
+    outer_buffer = _SCRATCH.get("outer", (rows, in_features), g2.dtype, g2.device)
+    product = _SCRATCH.get("product", (rows, in_features), acc, g2.device)
+    grads = torch.zeros(scales.shape, dtype=acc, device=scales.device)
+    g_t = g2.transpose(0, 1)
+    for start in range(0, out_features, rows):
+        block = slice(start, min(start + rows, out_features))
+        n = block.stop - block.start
+        if outer_buffer is None:
+            outer = (g_t[block] @ x2).to(acc)
         else:
-            grads[m] = torch.mul(outer, weights[m], out=product).sum(0, dtype=acc)
+            outer = torch.mm(g_t[block], x2, out=outer_buffer[:n]).to(acc)
+        for m in range(len(weights)):
+            if product is None:
+                grads[m] += (outer * weights[m, block]).sum(0, dtype=acc)
+            else:
+                grads[m] += torch.mul(outer, weights[m, block], out=product[:n]).sum(0, dtype=acc)
     return grads.to(scales.dtype)
 
 

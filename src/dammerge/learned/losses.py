@@ -102,6 +102,18 @@ def _log_softmax_and_softmax(x: torch.Tensor, temperature: float) -> tuple[torch
     return log_values, probabilities.div_(total)
 
 
+def _scaled_saved_grad(ctx: Any, grad_total: torch.Tensor) -> torch.Tensor | None:
+    """``(q − p) · grad_total / T`` from the gradient the forward saved, scaled in place.
+
+    The saved tensor belongs to this graph alone and backward runs once (the trainer never
+    retains the graph), so no second (positions × vocabulary) tensor is allocated.
+    """
+    (grad,) = ctx.saved_tensors
+    if grad is None:
+        return None
+    return grad.mul_((grad_total / ctx.temperature).to(grad.dtype))
+
+
 class _ForwardKLSum(torch.autograd.Function):
     """Σ over rows of ``KL(p‖q)``, p = softmax(t/T), q = softmax(s/T), gradient ``(q − p)/T``.
 
@@ -133,8 +145,7 @@ class _ForwardKLSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (grad,) = ctx.saved_tensors
-        return grad * (grad_total / ctx.temperature).to(grad.dtype), None, None, None
+        return _scaled_saved_grad(ctx, grad_total), None, None, None
 
 
 class _TopKForwardKLSum(torch.autograd.Function):
@@ -170,8 +181,7 @@ class _TopKForwardKLSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (grad,) = ctx.saved_tensors
-        return grad * (grad_total / ctx.temperature).to(grad.dtype), None, None, None, None
+        return _scaled_saved_grad(ctx, grad_total), None, None, None, None
 
 
 def kl_divergence(
