@@ -6,9 +6,9 @@ them in one process, so mergekit is imported once; ``mergekit-yaml`` is exercise
 once by :func:`dammerge.merge`, and every output tensor is compared within float tolerance.
 
 Only deterministic settings are compared: DARE and DELLA are checked at density 1 (no random
-drop), breadcrumbs at density 1 with gamma 0. The gradient/filter recipe pins down where each
-tensor sits on the depth axis, including tensors outside the blocks (embeddings, final norm,
-``lm_head``), which mergekit places at ``t = 0``.
+drop); breadcrumbs, whose band selection is deterministic, at density 1 and below. The
+gradient/filter recipe pins down where each tensor sits on the depth axis, including tensors
+outside the blocks (embeddings, final norm, ``lm_head``), which mergekit places at ``t = 0``.
 
 mergekit lives in ``.venv-mergekit`` (``make .venv-mergekit/.installed``, which ``make test``
 builds); without it these tests fail rather than skip, so CI cannot pass them silently.
@@ -140,6 +140,24 @@ RECIPES: dict[str, dict[str, Any]] = {
         "models": [
             {"model": "FT0", "parameters": {"weight": 0.6, "density": 1.0, "gamma": 0.0}},
             {"model": "FT1", "parameters": {"weight": 0.3, "density": 1.0, "gamma": 0.0}},
+        ],
+    },
+    # Breadcrumbs' band selection is deterministic: compare it where it actually selects.
+    "breadcrumbs_band": {
+        "merge_method": "breadcrumbs",
+        "base_model": "BASE",
+        "models": [
+            {"model": "FT0", "parameters": {"weight": 0.6, "density": 0.5, "gamma": 0.1}},
+            {"model": "FT1", "parameters": {"weight": 0.3, "density": 0.3, "gamma": 0.05}},
+        ],
+    },
+    "breadcrumbs_ties_band": {
+        "merge_method": "breadcrumbs_ties",
+        "base_model": "BASE",
+        "models": [
+            {"model": "FT0", "parameters": {"weight": 0.6, "density": 0.5, "gamma": 0.1}},
+            {"model": "FT1", "parameters": {"weight": 0.3, "density": 0.6, "gamma": 0.02}},
+            {"model": "FT2", "parameters": {"weight": 0.5, "density": 0.4, "gamma": 0.1}},
         ],
     },
     # Gradients and {filter, value} lists resolved per tensor. The lm_head/embed/norm entries

@@ -89,6 +89,20 @@ def test_experiment_runs_every_method_and_reports(micro_family: Path, tmp_path: 
 
 
 @pytest.mark.slow
+def test_rerun_recomputes_finished_cells(micro_family: Path, tmp_path: Path) -> None:
+    """`--rerun` (``rerun=True``) merges and evaluates every cell again."""
+    config = ExperimentConfig.model_validate(experiment(micro_family, [SOUPS]))
+    run_experiment(config, tmp_path / "out", progress=False)
+    records = sorted((tmp_path / "out" / "cells").rglob("*.json"))
+    assert any(p.name == "merge.json" for p in records)
+    before = {p: p.stat().st_mtime_ns for p in records}
+    run_experiment(config, tmp_path / "out", progress=False)  # nothing to do
+    assert {p: p.stat().st_mtime_ns for p in records} == before
+    run_experiment(config, tmp_path / "out", rerun=True, progress=False)
+    assert all(p.stat().st_mtime_ns != before[p] for p in records)
+
+
+@pytest.mark.slow
 def test_killed_experiment_finishes_only_missing_cells(micro_family: Path, tmp_path: Path) -> None:
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(experiment(micro_family, [SOUPS, TIES])))

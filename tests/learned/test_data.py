@@ -129,3 +129,41 @@ def test_visiting_order_is_a_function_of_the_step():
     assert again.indices(4) == data.indices(4) and again.indices(0) == data.indices(0)
     other = SourceData(examples, seed=3, source=2, batch_size=2, pad_id=0)
     assert [other.indices(s) for s in range(3)] != [data.indices(s) for s in range(3)]
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+    "{{ eos_token }}{% endif %} {% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def test_chat_template_prompt_is_the_generation_prompt_and_only_the_reply_counts():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    record = {"instruction": "w3 w4", "input": "w5", "output": "w6 w7"}
+    spec = DatasetSettings(path="x", template="chat")
+    example = encode_record(record, spec, tokenizer, loss_on="response", max_length=512)
+    user = {"role": "user", "content": "w3 w4\n\nw5"}
+    prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(
+        [user, {"role": "assistant", "content": "w6 w7"}], tokenize=False
+    )
+    assert tokenizer.decode(example.input_ids) == tokenizer.decode(tokenizer(full)["input_ids"])
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    assert example.target_mask == [False] * n_prompt + [True] * (len(example.input_ids) - n_prompt)
+    assert tokenizer.decode(example.input_ids[n_prompt:]).strip().startswith("w6 w7")
+
+
+def test_chat_template_without_one_on_the_tokenizer_is_a_one_line_error():
+    from dammerge.learned.data import encode_dataset
+
+    spec = DatasetSettings(path="x", template="chat")
+    with pytest.raises(DammergeError, match="no chat template"):
+        encode_dataset(
+            [{"instruction": "w3", "output": "w4"}],
+            spec,
+            tiny_tokenizer(),
+            loss_on="response",
+            max_length=64,
+            where="source lang",
+        )

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dammerge.config import MergeConfig
@@ -181,3 +182,32 @@ def test_cli_end_to_end(untied_family, tmp_path, dam_recipe, datasets_dir, capsy
     assert code == 2
     assert err.startswith("error: output folder") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 2  # error + hint
+
+
+@pytest.mark.slow
+def test_work_folder_is_reused_only_by_the_same_recipe(
+    untied_family, tmp_path, dam_recipe, datasets_dir
+):
+    """keep_work: the precomputed teacher files are reused by a re-run (not rewritten), and a
+    training checkpoint left by another recipe is refused before anything is written."""
+    work = {"steps": 2, "keep_work": True, "teacher": "precomputed"}
+    recipe = dam_recipe(*untied_family, datasets_dir, **work)
+    out = tmp_path / "out"
+    run_learned_merge(MergeConfig.from_dict(recipe), out, progress=False)
+    teachers = sorted((tmp_path / "out.dammerge-work" / "teachers").glob("*.safetensors"))
+    assert len(teachers) == len(recipe["models"])
+    stamps = [t.stat().st_mtime_ns for t in teachers]
+    first = load_file(out / COEFFICIENTS_FILE)
+    shutil.rmtree(out)
+
+    run_learned_merge(MergeConfig.from_dict(recipe), out, progress=False)  # same recipe
+    assert [t.stat().st_mtime_ns for t in teachers] == stamps
+    again = load_file(out / COEFFICIENTS_FILE)  # resumed at its last step: nothing retrained
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    shutil.rmtree(out)
+
+    changed = dam_recipe(*untied_family, datasets_dir, **work, lr=0.5)
+    with pytest.raises(DammergeError, match="belongs to a different recipe"):
+        run_learned_merge(MergeConfig.from_dict(changed), out, progress=False)
+    assert not out.exists()

@@ -103,15 +103,15 @@ def _log_softmax_and_softmax(x: torch.Tensor, temperature: float) -> tuple[torch
 
 
 def _scaled_saved_grad(ctx: Any, grad_total: torch.Tensor) -> torch.Tensor | None:
-    """``(q − p) · grad_total / T`` from the gradient the forward saved, scaled in place.
+    """``(q − p) · grad_total / T`` from the gradient the forward saved.
 
-    The saved tensor belongs to this graph alone and backward runs once (the trainer never
-    retains the graph), so no second (positions × vocabulary) tensor is allocated.
+    Out of place: backward may run more than once on a retained graph (gradcheck does), so
+    the saved tensor must stay as the forward left it.
     """
     (grad,) = ctx.saved_tensors
     if grad is None:
         return None
-    return grad.mul_((grad_total / ctx.temperature).to(grad.dtype))
+    return grad * (grad_total / ctx.temperature).to(grad.dtype)
 
 
 class _ForwardKLSum(torch.autograd.Function):
