@@ -144,3 +144,29 @@ def test_shipped_experiments_validate_on_a_family(
     cells = plan_cells(config, family, tmp_path / "out")
     validate_cells(cells, "cpu")  # every recipe accepted by its method, nothing computed
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "method, seeded",
+    [
+        ("linear", False),
+        ("ties", False),
+        ("slerp", False),
+        ("breadcrumbs", False),
+        ("dare_ties", True),
+        ("della_linear", True),
+        ("dam", True),
+        ("adamerging", True),
+        ("evolve", True),
+    ],
+)
+def test_a_method_runs_once_per_seed_only_when_its_result_depends_on_the_seed(
+    method: str, seeded: bool
+) -> None:
+    from dammerge.experiment.config import MethodSpec
+
+    spec = MethodSpec(name=method, recipe={"merge_method": method})
+    assert spec.is_seeded is seeded
+    assert MethodSpec(
+        name=method, recipe={"merge_method": method}, seeded=not seeded
+    ).is_seeded is (not seeded)

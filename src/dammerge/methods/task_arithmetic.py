@@ -43,44 +43,31 @@ def combine_task_vectors(
     flat_deltas = [d.reshape(-1) for d in deltas]
     out = torch.empty(flat_base.shape, dtype=torch.promote_types(dtype, base.dtype), device=device)
     block = BLOCK_ELEMENTS if device.type == "cpu" else max(1, out.numel())
-    buffers = _Buffers(min(block, out.numel()), dtype, device)
+    # four block-sized work rows (sum, term, elected sign, divisor), reused by every block
+    work = torch.empty((4, min(block, out.numel())), dtype=dtype, device=device)
     for start in range(0, out.numel(), block):
         span = slice(start, start + block)
-        mixed = _combine_block([d[span] for d in flat_deltas], w, buffers, consensus, normalize)
+        blocks = [d[span] for d in flat_deltas]
+        mixed = _combine_block(blocks, w, work[:, : blocks[0].numel()], consensus, normalize)
         if lambda_ != 1.0:
             mixed.mul_(lambda_)
         torch.add(mixed, flat_base[span], out=out[span])
     return out.view(base.shape)
 
 
-class _Buffers:
-    """Block-sized work buffers reused by every block of one combine."""
-
-    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.mixed, self.term, self.sign, self.divisor, self.indicator = (
-            torch.empty(size, dtype=dtype, device=device) for _ in range(5)
-        )
-
-    def take(self, n: int) -> tuple[torch.Tensor, ...]:
-        return tuple(
-            b[:n] for b in (self.mixed, self.term, self.sign, self.divisor, self.indicator)
-        )
-
-
 def _combine_block(
     deltas: Sequence[torch.Tensor],
     w: Sequence[float],
-    buffers: _Buffers,
+    work: torch.Tensor,
     consensus: bool,
     normalize: bool,
 ) -> torch.Tensor:
     """One block of :func:`combine_task_vectors`, before ``lambda`` and the base."""
-    mixed, term, elected, divisor, indicator = buffers.take(deltas[0].numel())
-    mixed.zero_()
+    mixed, term = work[0].zero_(), work[1]
     for delta, weight in zip(deltas, w, strict=True):
         mixed.add_(torch.mul(delta, weight, out=term))
     if consensus:
-        return _disjoint_sum(mixed, deltas, w, term, elected, divisor, indicator, normalize)
+        return _disjoint_sum(mixed, deltas, w, work[1:], normalize)
     if normalize:
         total = sum(w)
         mixed.div_(1.0 if abs(total) < 1e-8 else total)
@@ -91,14 +78,12 @@ def _disjoint_sum(
     mixed: torch.Tensor,
     deltas: Sequence[torch.Tensor],
     w: Sequence[float],
-    term: torch.Tensor,
-    elected: torch.Tensor,
-    divisor: torch.Tensor,
-    indicator: torch.Tensor,
+    work: torch.Tensor,
     normalize: bool,
 ) -> torch.Tensor:
     """TIES' elected-sign sum of the weighted task vectors (over the weights of the
-    contributors when ``normalize``), given their plain sum ``mixed`` (overwritten).
+    contributors when ``normalize``), given their plain sum ``mixed`` (overwritten); ``work``
+    holds three rows of scratch.
 
     The elected sign is ``e = +1`` where ``mixed >= 0``, else ``-1`` (``copysign``: the sum
     starts from +0.0, so it is never -0.0). A term ``t = w_i * delta_i`` agrees when
@@ -106,16 +91,15 @@ def _disjoint_sum(
     agreeing terms (negation is exact), computed with float passes only. Boolean masks and
     mixed-dtype arithmetic ran several times slower per element on the CPU.
     """
+    term, elected, divisor = work
     torch.copysign(elected.fill_(1.0), mixed, out=elected)
     total = mixed.zero_()
-    if normalize:
-        divisor.zero_()
+    divisor.zero_()
     for delta, weight in zip(deltas, w, strict=True):
         agreeing = torch.mul(delta, weight, out=term).mul_(elected).clamp_(min=0)
         total.add_(agreeing)
-        if normalize:
-            # sign(relu(.)) is 1 exactly where the term agrees: += weight there
-            divisor.add_(torch.sign(agreeing, out=indicator), alpha=weight)
+        if normalize:  # sign(relu(.)) is 1 exactly where the term agrees: += weight there
+            divisor.add_(agreeing.sign_(), alpha=weight)
     total.mul_(elected)
     if normalize:
         total.div_(divisor.masked_fill_(divisor == 0, 1.0))
