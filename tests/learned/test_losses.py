@@ -125,3 +125,58 @@ def test_cosine_gradient_pushes_vectors_apart():
     with torch.no_grad():
         moved = a - 0.1 * a.grad
     assert losses.cosine_similarity_loss([moved]).item() < loss.item()
+
+
+def _naive_forward_kl(merged: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tensor:
+    """T² · mean over rows of Σ p (log p − log q), straight from the definition (autograd)."""
+    log_p = torch.log_softmax(teacher / temp, dim=-1)
+    log_q = torch.log_softmax(merged / temp, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temp**2
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_forward_kl_with_grad_equals_autograd_of_the_definition(top_k, in_place):
+    """The hand-differentiated KL (chunked, with a tail chunk, writing its gradient over the
+    logits themselves when asked) gives autograd's value and gradient."""
+    merged = _logits(0, (7, 13)) * 3
+    teacher = _logits(1, (7, 13)) * 3
+    if top_k is None:
+        signal, values = teacher, None
+        reference_teacher = teacher
+    else:
+        values, signal = teacher.topk(top_k, dim=-1)
+        # the top-K teacher is the full teacher with every other logit at -inf
+        reference_teacher = torch.full_like(teacher, -math.inf).scatter(-1, signal, values)
+    leaf = merged.clone().requires_grad_(True)
+    if top_k is None:
+        expected = _naive_forward_kl(leaf, reference_teacher, 2.0)
+    else:
+        log_p = torch.log_softmax(values / 2.0, dim=-1)
+        log_q = torch.log_softmax(leaf / 2.0, dim=-1).gather(-1, signal)
+        expected = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * 4.0
+    expected.backward()
+    logits = merged.clone()
+    grad_out = logits if in_place else torch.empty_like(logits)
+    value = losses.forward_kl_with_grad(
+        logits, signal, grad_out, temperature=2.0, values=values, chunk=3
+    )
+    torch.testing.assert_close(value, expected.detach())
+    torch.testing.assert_close(grad_out, leaf.grad)
+
+
+def test_forward_kl_with_grad_into_bf16_rounds_the_difference_once():
+    """With bf16 logits the gradient q − p is formed in float32 and rounded once: near the
+    optimum (q ≈ p) rounding q and p apart would leave mostly rounding noise."""
+    teacher = _logits(1, (4, 50)).float() * 4
+    merged = (teacher + 1e-2 * _logits(2, (4, 50)).float()).bfloat16()
+    grad_out = torch.empty_like(merged)
+    losses.forward_kl_with_grad(merged, teacher.bfloat16(), grad_out, temperature=1.0)
+    leaf = merged.float().requires_grad_(True)
+    _naive_forward_kl(leaf, teacher.bfloat16().float(), 1.0).backward()
+    torch.testing.assert_close(grad_out, leaf.grad.bfloat16(), rtol=1e-2, atol=1e-5)
+
+
+def test_forward_kl_with_grad_of_no_rows_is_zero():
+    empty = torch.zeros(0, 9)
+    assert losses.forward_kl_with_grad(empty, empty, empty.clone()).item() == 0.0

@@ -75,7 +75,7 @@ def test_divergence_stops_before_the_update_and_keeps_the_checkpoint(
     plan = _plan(
         dam_recipe, untied_family, datasets_dir, tmp_path / "out", steps=5, checkpoint_every=2
     )
-    original = train_module.objective
+    original = train_module.objective_with_grad  # the fused step's per-source loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -83,7 +83,7 @@ def test_divergence_stops_before_the_update_and_keeps_the_checkpoint(
         value = original(*args, **kwargs)
         return value * float("nan") if calls["n"] == 5 else value  # step 3, first source
 
-    monkeypatch.setattr(train_module, "objective", poisoned)
+    monkeypatch.setattr(train_module, "objective_with_grad", poisoned)
     with pytest.raises(TrainingDiverged, match="diverged at step 3"):
         train_plan(plan, progress=False)
     state = torch.load(plan.work_dir / CHECKPOINT, weights_only=True)
@@ -173,3 +173,42 @@ def test_cosine_term_is_logged_and_reduces(untied_family, datasets_dir, tmp_path
     assert log[0]["cosine"] == pytest.approx(1.0, abs=1e-6)  # uniform start: identical vectors
     assert log[-1]["cosine"] < log[0]["cosine"]
     assert {"kl/ft0", "kl/ft1", "loss", "grad_norm"} <= set(log[0])
+
+
+@pytest.mark.parametrize(
+    ("objective", "direction", "top_k"),
+    [
+        ("kl", "forward", None),
+        ("kl", "forward", 3),
+        ("kl", "reverse", None),
+        ("kl", "reverse", 3),
+        ("mse", "forward", None),
+        ("mse", "forward", 3),
+        ("entropy", "forward", None),
+    ],
+)
+def test_objective_with_grad_equals_autograd_of_objective(objective, direction, top_k):
+    """The fused step's per-source loss and logit gradient, whichever way they are formed."""
+    from dammerge.learned.settings import parse_settings
+    from dammerge.learned.teachers import TeacherOutput
+
+    settings = parse_settings(
+        "dam", {"objective": objective, "kl_direction": direction, "temperature": 2.0}
+    )
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(6, 11, generator=generator, dtype=torch.float64) * 3
+    teacher_logits = torch.randn(6, 11, generator=generator, dtype=torch.float64) * 3
+    if objective == "entropy":
+        teacher = None
+    elif top_k is None:
+        teacher = TeacherOutput(logits=teacher_logits)
+    else:
+        values, indices = teacher_logits.topk(top_k, dim=-1)
+        teacher = TeacherOutput(values=values, indices=indices)
+    leaf = rows.clone().requires_grad_(True)
+    expected = train_module.objective(settings, leaf, teacher, None)
+    expected.backward()
+    grad_out = torch.empty_like(rows)
+    value = train_module.objective_with_grad(settings, rows, teacher, grad_out)
+    torch.testing.assert_close(value, expected.detach())
+    torch.testing.assert_close(grad_out, leaf.grad)

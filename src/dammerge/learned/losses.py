@@ -88,18 +88,100 @@ def _spans(rows: int, chunk: int) -> list[slice]:
     return [slice(start, min(start + chunk, rows)) for start in range(0, rows, chunk)]
 
 
-def _log_softmax_and_softmax(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, ...]:
-    """``(log_softmax(x/T), softmax(x/T))`` in float32 (or wider) from ONE exp pass.
+def _shifted_exp(x: torch.Tensor, inv_t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(e, Σe, lse)`` per row with ``e = exp(x/T − max(x/T))`` and ``lse = logsumexp(x/T)``.
 
-    ``F.log_softmax`` followed by ``exp`` (or a separate ``F.softmax``) evaluates the
-    exponential twice; on CPU exp dominates these row-wise ops.
+    The shift and the temperature go into ONE out-of-place pass (``−max/T + x/T``), followed by
+    an in-place exp: on CPU these row-wise ops are memory-bound, so passes are what costs.
     """
-    log_values = _wide(x) / temperature
-    shift = log_values.amax(dim=-1, keepdim=True)
-    probabilities = (log_values - shift).exp_()
-    total = probabilities.sum(dim=-1, keepdim=True)
-    log_values.sub_(shift.add_(total.log()))
-    return log_values, probabilities.div_(total)
+    wide = _wide(x)
+    top = wide.amax(dim=-1, keepdim=True).mul_(inv_t)
+    e = torch.add(top.neg(), wide, alpha=inv_t).exp_()
+    total = e.sum(dim=-1, keepdim=True)
+    return e, total, top.add_(total.log())
+
+
+def _softmax_into(
+    grad_out: torch.Tensor, e: torch.Tensor, total: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``scale · e / Σe`` written where the gradient is formed: ``grad_out`` itself when it has
+    the working dtype, else ``e`` (a chunk temporary), so that ``q − p`` is subtracted in
+    float32 and rounded once (bf16 ``q`` and ``p`` rounded apart would lose a small difference).
+    """
+    target = grad_out if grad_out.dtype == e.dtype else e
+    return torch.mul(e, total.reciprocal().mul_(scale), out=target)
+
+
+def _finish_grad(grad_out: torch.Tensor, grad: torch.Tensor) -> None:
+    if grad is not grad_out:
+        grad_out.copy_(grad)
+
+
+def _forward_kl_chunk(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    inv_t: float,
+    grad_out: torch.Tensor | None,
+    grad_scale: float,
+) -> torch.Tensor:
+    """Σ over rows of ``KL(p‖q)``; writes ``grad_scale · (q − p)`` into ``grad_out``.
+
+    Per row ``KL = Σ_v p (t − s)/T + lse(s/T) − lse(t/T)`` (Σ p = 1): the logit difference is
+    formed elementwise, so no two large sums cancel. ``grad_out`` may be ``s`` itself (the
+    fused trainer overwrites the merged logits with their gradient): ``s`` is fully read
+    before ``grad_out`` is written.
+    """
+    e_s, sum_s, lse_s = _shifted_exp(s, inv_t)
+    e_t, sum_t, lse_t = _shifted_exp(t, inv_t)
+    cross = torch.linalg.vecdot(e_t, torch.sub(_wide(t), _wide(s)))
+    rows = cross.mul_(inv_t).div_(sum_t.squeeze(-1)).add_((lse_s - lse_t).squeeze(-1))
+    if grad_out is not None:
+        grad = _softmax_into(grad_out, e_s, sum_s, grad_scale)
+        grad.addcmul_(e_t, sum_t.reciprocal().mul_(-grad_scale))
+        _finish_grad(grad_out, grad)
+    return rows.sum()
+
+
+def _topk_forward_kl_chunk(
+    s: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    inv_t: float,
+    grad_out: torch.Tensor | None,
+    grad_scale: float,
+) -> torch.Tensor:
+    """Σ over rows of ``Σ_k p_k (log p_k − log q_{i_k})``; writes ``grad_scale · (q − scatter(p))``.
+
+    ``p`` is the teacher renormalised over its K entries and ``log q_i = s_i/T − lse(s/T)``.
+    ``grad_out`` may alias ``s`` (see :func:`_forward_kl_chunk`).
+    """
+    e_s, sum_s, lse_s = _shifted_exp(s, inv_t)
+    log_q = _wide(s.gather(-1, indices)).mul_(inv_t).sub_(lse_s)
+    log_p = F.log_softmax(_wide(values) * inv_t, dim=-1)
+    p = log_p.exp()
+    total = torch.dot(p.reshape(-1), log_p.sub_(log_q).reshape(-1))
+    if grad_out is not None:
+        grad = _softmax_into(grad_out, e_s, sum_s, grad_scale)
+        grad.scatter_add_(-1, indices, p.mul_(-grad_scale))
+        _finish_grad(grad_out, grad)
+    return total
+
+
+def _chunked_kl(
+    kernel: Callable[..., torch.Tensor],
+    s: torch.Tensor,
+    teacher: Sequence[torch.Tensor],
+    temperature: float,
+    chunk: int,
+    grad_out: torch.Tensor | None,
+    grad_scale: float = 1.0,
+) -> torch.Tensor:
+    """Run a KL chunk kernel over row chunks; the summed KL, float32 or wider."""
+    total = s.new_zeros((), dtype=_wide(s[:0]).dtype)
+    for span in _spans(s.shape[0], chunk):
+        out = None if grad_out is None else grad_out[span]
+        total += kernel(s[span], *(x[span] for x in teacher), 1.0 / temperature, out, grad_scale)
+    return total
 
 
 def _scaled_saved_grad(ctx: Any, grad_total: torch.Tensor) -> torch.Tensor | None:
@@ -121,24 +203,16 @@ class _ForwardKLSum(torch.autograd.Function):
     multiply kept several (positions × vocabulary) float32 tensors per source for backward and
     made about twice as many passes over them, and on CPU each fresh tensor that large is a new
     mmap whose pages the kernel must fault in and zero. Here every transient is one small
-    chunk, reused by the allocator. One exp pass per distribution gives both its log-softmax and
-    softmax, so the forward forms the gradient ``q − p`` too and saves only that, in the logits'
-    dtype; backward merely scales it. The values are computed elementwise as before (no cancellation
-    between large sums).
+    chunk, reused by the allocator, and the forward forms the gradient ``q − p`` too and saves
+    only that, in the logits' dtype; backward merely scales it.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, s: torch.Tensor, t: torch.Tensor, temperature: float, chunk: int
     ) -> torch.Tensor:
-        total = s.new_zeros((), dtype=_wide(s[:0]).dtype)
         grad = torch.empty_like(s) if ctx.needs_input_grad[0] else None
-        for span in _spans(s.shape[0], chunk):
-            log_q, q = _log_softmax_and_softmax(s[span], temperature)
-            log_p, p = _log_softmax_and_softmax(t[span], temperature)
-            if grad is not None:
-                grad[span] = q.sub_(p)
-            total += torch.dot(p.reshape(-1), log_p.sub_(log_q).reshape(-1))
+        total = _chunked_kl(_forward_kl_chunk, s, [t], temperature, chunk, grad)
         ctx.save_for_backward(grad)
         ctx.temperature = temperature
         return total
@@ -151,9 +225,8 @@ class _ForwardKLSum(torch.autograd.Function):
 class _TopKForwardKLSum(torch.autograd.Function):
     """Σ over rows of the KL from a top-K teacher to the full merged distribution.
 
-    ``Σ_k p_k (log p_k − log q_{i_k})`` with p the teacher renormalised over its K entries and
-    ``log q_i = s_i/T − logsumexp(s/T)``; gradient ``(q − scatter(p))/T``, formed in the
-    forward and chunked like :class:`_ForwardKLSum`.
+    Gradient ``(q − scatter(p))/T``, formed in the forward and chunked like
+    :class:`_ForwardKLSum`.
     """
 
     @staticmethod
@@ -165,16 +238,9 @@ class _TopKForwardKLSum(torch.autograd.Function):
         temperature: float,
         chunk: int,
     ) -> torch.Tensor:
-        total = s.new_zeros((), dtype=_wide(s[:0]).dtype)
         grad = torch.empty_like(s) if ctx.needs_input_grad[0] else None
-        for span in _spans(s.shape[0], chunk):
-            log_q_all, q = _log_softmax_and_softmax(s[span], temperature)
-            log_q = log_q_all.gather(-1, indices[span])
-            log_p = F.log_softmax(_wide(values[span]) / temperature, dim=-1)
-            p = log_p.exp()
-            if grad is not None:
-                grad[span] = q.scatter_add_(-1, indices[span], -p)
-            total += torch.dot(p.reshape(-1), log_p.sub_(log_q).reshape(-1))
+        kernel = _topk_forward_kl_chunk
+        total = _chunked_kl(kernel, s, [values, indices], temperature, chunk, grad)
         ctx.save_for_backward(grad)
         ctx.temperature = temperature
         return total
@@ -182,6 +248,37 @@ class _TopKForwardKLSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return _scaled_saved_grad(ctx, grad_total), None, None, None, None
+
+
+def forward_kl_with_grad(
+    merged: torch.Tensor,
+    teacher: torch.Tensor,
+    grad_out: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    values: torch.Tensor | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """Forward KL of (positions, vocab) rows, as :func:`kl_divergence`, and its gradient.
+
+    Writes ``∂loss/∂merged`` into ``grad_out`` (which may be ``merged`` itself) without
+    autograd: the fused trainer puts each source's logit gradient straight into the buffer its
+    single backward reads, with no saved copy to scale and copy again. ``teacher`` holds full
+    logits, or top-K indices when ``values`` (the top-K logits) is given. Returns the loss
+    (detached).
+    """
+    rows = merged.shape[0]
+    if rows == 0:
+        return merged.new_zeros((), dtype=torch.float32)
+    chunk = _rows_per_chunk(merged.shape[-1], chunk)
+    scale = temperature / rows  # ∂(T² · mean KL)/∂s = T² · (q − p)/T / rows
+    if values is None:
+        kernel, signal = _forward_kl_chunk, [teacher.detach()]
+    else:
+        kernel, signal = _topk_forward_kl_chunk, [values.detach(), teacher.long()]
+    merged = merged.detach()
+    total = _chunked_kl(kernel, merged, signal, temperature, chunk, grad_out, scale)
+    return total / rows * temperature**2
 
 
 def kl_divergence(

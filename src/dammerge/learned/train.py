@@ -97,6 +97,39 @@ def objective(
     )
 
 
+def objective_with_grad(
+    settings: TrainingSettings,
+    logits: torch.Tensor,
+    teacher: TeacherOutput | None,
+    grad_out: torch.Tensor,
+) -> torch.Tensor:
+    """The objective of (positions, vocab) logit rows (all counted), its gradient into ``grad_out``.
+
+    Forward KL (DAM's objective) is differentiated by hand, straight into ``grad_out`` (which
+    may be ``logits`` itself); every other objective goes through autograd on a detached leaf.
+    Returns the loss, detached.
+    """
+    forward_kl = settings.objective == "kl" and settings.kl_direction == "forward"
+    if forward_kl and teacher is not None:
+        index_or_logits = teacher.logits if teacher.logits is not None else teacher.indices
+        assert index_or_logits is not None
+        return losses.forward_kl_with_grad(
+            logits,
+            index_or_logits,
+            grad_out,
+            temperature=settings.temperature,
+            values=teacher.values if teacher.logits is None else None,
+        )
+    leaf = logits.detach().requires_grad_(True)
+    loss = objective(settings, leaf, teacher, None)
+    loss.backward()
+    if leaf.grad is None:
+        grad_out.zero_()
+    else:
+        grad_out.copy_(leaf.grad)
+    return loss.detach()
+
+
 def regularisers(settings: TrainingSettings, model: MergedModel) -> dict[str, torch.Tensor]:
     """The weighted regulariser terms that are switched on (λ > 0)."""
     groups = [model.scheme.activate(p) for p in model.coefficient_parameters()]
@@ -141,29 +174,6 @@ def _flat_positions(mask: torch.Tensor, first_row: int, width: int) -> torch.Ten
 
 def _take_rows(flat: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
     return flat[rows] if isinstance(rows, slice) else flat.index_select(0, rows)
-
-
-def _put_rows(
-    grad: torch.Tensor,
-    rows: torch.Tensor | slice,
-    values: torch.Tensor | None,
-    *,
-    overwrite: bool,
-) -> None:
-    """Write (``overwrite``) or add one source's logit-row gradients into the stacked buffer."""
-    if values is None:
-        if overwrite:
-            grad[rows] = 0
-        return
-    if isinstance(rows, slice):
-        if overwrite:
-            grad[rows] = values
-        else:
-            grad[rows] += values
-    elif overwrite:
-        grad.index_copy_(0, rows, values)
-    else:
-        grad.index_add_(0, rows, values)
 
 
 def _output_not_saved(logits: torch.Tensor) -> bool:
@@ -343,15 +353,13 @@ class Trainer:
         terms["grad_norm"] = norm
         return terms
 
-    def _source_loss(
-        self, i: int, logits: torch.Tensor, target: TeacherOutput | None, mask: torch.Tensor
-    ) -> tuple[str, torch.Tensor, float]:
-        loss = objective(self.settings, logits, target, mask)
+    def _checked(self, i: int, loss: torch.Tensor) -> tuple[str, float]:
+        """The log name and value of source ``i``'s loss; a NaN or Inf stops training."""
         value = float(loss.detach())
         name = f"{self.settings.objective}/{self.names[i]}"
         if not math.isfinite(value):
             raise self._diverged(f"the {name} loss", value)
-        return name, loss, value
+        return name, value
 
     def _per_source_losses(self, batches: list[Batch]) -> tuple[dict[str, float], float]:
         """One forward and backward per source (the smallest activation memory)."""
@@ -360,7 +368,8 @@ class Trainer:
         for i, batch in enumerate(batches):
             target = None if self.teacher is None else self.teacher(i, batch)
             logits = self.model(batch.input_ids, batch.attention_mask)
-            name, loss, value = self._source_loss(i, logits, target, batch.loss_mask)
+            loss = objective(self.settings, logits, target, batch.loss_mask)
+            name, value = self._checked(i, loss)
             loss.backward()
             del logits, loss, target
             terms[name] = value
@@ -373,9 +382,9 @@ class Trainer:
         The merged weights are the same for every source within a step, so one pass forms
         each merged weight once (forward) and once more (backward) and computes ``G = gᵀx``
         once per layer, instead of once per source: the per-step merge cost stops growing
-        as N². Each source's loss is backpropagated only down to its own logit rows (its
-        teacher's logits are freed before the next teacher runs); the model's backward then
-        runs once with the gathered logit gradient.
+        as N². Each source's loss and logit gradient are formed on its own logit rows only
+        (its teacher's logits are freed before the next teacher runs); the model's backward
+        then runs once with the gathered logit gradient.
         """
         stacked = _stack_batches(batches, self.data[0].pad_id)
         logits = self.model(stacked.input_ids, stacked.attention_mask)
@@ -393,11 +402,16 @@ class Trainer:
             row += batch.input_ids.shape[0]
             target = None if self.teacher is None else self.teacher(i, batch)
             target = _select_target(target, batch.loss_mask)
-            merged = _take_rows(flat, rows).requires_grad_(True)
-            name, loss, value = self._source_loss(i, merged, target, None)
-            loss.backward()
-            _put_rows(grad, rows, merged.grad, overwrite=in_place)
-            del merged, loss, target
+            merged = _take_rows(flat, rows)
+            # Sources own disjoint rows: a contiguous run gets its gradient written straight
+            # into the buffer (over its own logits when in place), scattered rows are copied.
+            direct = isinstance(rows, slice)
+            grad_rows = grad[rows] if direct else torch.empty_like(merged)
+            loss = objective_with_grad(self.settings, merged, target, grad_rows)
+            name, value = self._checked(i, loss)
+            if not direct:
+                grad.index_copy_(0, rows, grad_rows)
+            del merged, grad_rows, target
             terms[name] = value
             total += value
         if in_place:  # padding and uncounted positions get no gradient
