@@ -128,6 +128,16 @@ class BenchConfig:
     memory_n: int
     memory_steps: int
     seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
 
 FULL = BenchConfig(
@@ -144,6 +154,22 @@ FULL = BenchConfig(
     memory_n=5,
     memory_steps=2,
 )
+# A lent GPU: bf16 weights (float32 coefficients), a TinyLlama-like width, 512-token sequences.
+GPU_SIZE = ModelSize(hidden=2048, layers=8, intermediate=5632, heads=16, kv_heads=4, vocab=32000)
+GPU = BenchConfig(
+    size=GPU_SIZE,
+    seq_len=512,
+    ns=(2, 3, 5),
+    top_k=64,
+    warmup=3,
+    repeats=10,
+    memory_size=GPU_SIZE,
+    memory_seq_len=512,
+    memory_n=5,
+    memory_steps=2,
+    device="cuda",
+    dtype="bfloat16",
+)
 QUICK = BenchConfig(
     size=ModelSize(hidden=64, layers=2, intermediate=256, heads=4, kv_heads=2, vocab=1000),
     seq_len=64,
@@ -159,14 +185,18 @@ QUICK = BenchConfig(
 
 
 # -- inputs -------------------------------------------------------------------------------------
-def ensure_family(size: ModelSize, n: int) -> tuple[Path, list[Path]]:
-    """A base and ``n`` perturbed 'fine-tunes' of it (created once, reused; fp32, untied)."""
+def ensure_family(
+    size: ModelSize, n: int, dtype: torch.dtype = torch.float32
+) -> tuple[Path, list[Path]]:
+    """A base and ``n`` perturbed 'fine-tunes' of it (created once, reused; untied)."""
     from dammerge.testing import make_tiny_model, make_variant
 
-    root = WORK / size.tag()
+    root = WORK / f"{size.tag()}-{str(dtype).removeprefix('torch.')}"
     base = root / "base"
     if not (base / "done").is_file():
-        make_tiny_model(base, "llama", seed=0, tie_word_embeddings=False, **size.overrides())
+        make_tiny_model(
+            base, "llama", seed=0, dtype=dtype, tie_word_embeddings=False, **size.overrides()
+        )
         (base / "done").write_text("")
     sources = []
     for i in range(n):
@@ -203,7 +233,7 @@ def dam_settings(teacher: str, top_k: int) -> Any:
 
 
 def teacher_files(
-    sources: list[Path], data: list[Any], top_k: int, tag: str
+    sources: list[Path], data: list[Any], cfg: BenchConfig, tag: str
 ) -> tuple[list[Any], Path]:
     """Precompute (or reuse) the top-K teacher files; returns the checkpoints and the folder."""
     from dammerge.checkpoint.reader import Checkpoint
@@ -214,10 +244,10 @@ def teacher_files(
     precompute_teachers(
         checkpoints,
         data,
-        top_k,
+        cfg.top_k,
         folder,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
+        device=cfg.torch_device,
+        dtype=cfg.torch_dtype,
         progress=False,
     )
     return checkpoints, folder
@@ -227,19 +257,19 @@ def teacher_files(
 Step = Callable[[], None]
 
 
-def plain_runner(base: Path, data: list[Any]) -> Step:
+def plain_runner(base: Path, data: list[Any], cfg: BenchConfig) -> Step:
     """Forward + backward + AdamW over every weight of one model, on all N sequences at once."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=cfg.torch_dtype).to(cfg.device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     counter = {"step": 0}
 
     def step() -> None:
         batches = [d.batch(counter["step"]) for d in data]
-        ids = torch.cat([b.input_ids for b in batches])
-        mask = torch.cat([b.attention_mask for b in batches])
+        ids = torch.cat([b.input_ids for b in batches]).to(cfg.device)
+        mask = torch.cat([b.attention_mask for b in batches]).to(cfg.device)
         optimizer.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
         loss.backward()
@@ -250,7 +280,7 @@ def plain_runner(base: Path, data: list[Any]) -> Step:
 
 
 def dam_runner(
-    base: Path, sources: list[Path], data: list[Any], teacher: str, top_k: int, tag: str
+    base: Path, sources: list[Path], data: list[Any], teacher: str, cfg: BenchConfig, tag: str
 ) -> tuple[Step, Any]:
     """The engine's own training step (``Trainer.train_step``) with the ``dam`` preset."""
     from dammerge.checkpoint.reader import Checkpoint
@@ -258,7 +288,7 @@ def dam_runner(
     from dammerge.learned.teachers import OnTheFlyTeacher, PrecomputedTeacher
     from dammerge.learned.train import Trainer
 
-    settings = dam_settings(teacher, top_k)
+    settings = dam_settings(teacher, cfg.top_k)
     options = MergeOptions(
         granularity=settings.granularity,
         parametrization=settings.parametrization,
@@ -267,17 +297,17 @@ def dam_runner(
         clamp=settings.clamp,
     )
     if teacher == "precomputed":
-        checkpoints, folder = teacher_files(sources, data, top_k, tag)
+        checkpoints, folder = teacher_files(sources, data, cfg, tag)
         files = [folder / f"source-{i}.safetensors" for i in range(len(sources))]
-        signal: Any = PrecomputedTeacher(files, torch.device("cpu"))
+        signal: Any = PrecomputedTeacher(files, cfg.torch_device)
     else:
         checkpoints = [Checkpoint(s) for s in sources]
     model = build_merged_model(
         Checkpoint(base),
         checkpoints,
         options,
-        device="cpu",
-        dtype=torch.float32,
+        device=cfg.device,
+        dtype=cfg.torch_dtype,
         keep_teacher_weights=teacher == "on_the_fly",
     )
     if teacher == "on_the_fly":
@@ -288,18 +318,19 @@ def dam_runner(
         signal,
         settings,
         WORK / "trainer",
-        device=torch.device("cpu"),
+        device=cfg.torch_device,
         progress=False,
     )
     return trainer.train_step, model
 
 
-def reference_runner(sources: list[Path], data: list[Any]) -> Step:
+def reference_runner(sources: list[Path], data: list[Any], cfg: BenchConfig) -> Step:
     """The reference formulation: N teacher copies, a merge holding N more, one backward."""
     from transformers import AutoModelForCausalLM
 
     teachers = [
-        AutoModelForCausalLM.from_pretrained(s, dtype=torch.float32).eval() for s in sources
+        AutoModelForCausalLM.from_pretrained(s, dtype=cfg.torch_dtype).to(cfg.device).eval()
+        for s in sources
     ]
     merged = build_reference_merge(teachers)
     params = [p for p in merged.parameters() if p.requires_grad]
@@ -307,7 +338,7 @@ def reference_runner(sources: list[Path], data: list[Any]) -> Step:
     counter = {"step": 0}
 
     def step() -> None:
-        batches = [d.batch(counter["step"]).input_ids for d in data]
+        batches = [d.batch(counter["step"]).input_ids.to(cfg.device) for d in data]
         reference_step(merged, teachers, batches, optimizer)
         counter["step"] += 1
 
@@ -316,11 +347,17 @@ def reference_runner(sources: list[Path], data: list[Any]) -> Step:
 
 def build_runner(variant: str, base: Path, sources: list[Path], data: list[Any], cfg, tag) -> Step:
     if variant == "plain":
-        return plain_runner(base, data)
+        return plain_runner(base, data, cfg)
     if variant == "reference":
-        return reference_runner(sources, data)
+        return reference_runner(sources, data, cfg)
     teacher = "on_the_fly" if variant == "ours_on_the_fly" else "precomputed"
-    return dam_runner(base, sources, data, teacher, cfg.top_k, tag)[0]
+    return dam_runner(base, sources, data, teacher, cfg, tag)[0]
+
+
+def synchronize(cfg: BenchConfig) -> None:
+    """Wait for the GPU's queued work, so a step's time includes its kernels."""
+    if cfg.torch_device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -330,7 +367,7 @@ def time_group(cfg: BenchConfig, n: int) -> dict[str, dict[str, list[float]]]:
     Returns wall seconds and process CPU seconds (user + sys of all threads) per timed step;
     CPU time is the steadier number on a machine shared with other jobs.
     """
-    base, all_sources = ensure_family(cfg.size, max(cfg.ns))
+    base, all_sources = ensure_family(cfg.size, max(cfg.ns), cfg.torch_dtype)
     sources = all_sources[:n]
     data = make_data(n, cfg.seq_len, cfg.size.vocab, cfg.seed)
     tag = f"{cfg.size.tag()}-s{cfg.seq_len}-n{n}-k{cfg.top_k}"
@@ -344,14 +381,18 @@ def time_group(cfg: BenchConfig, n: int) -> dict[str, dict[str, list[float]]]:
         shuffler.shuffle(order)
         for variant in order:
             gc.collect()
+            synchronize(cfg)
             start, start_cpu = time.perf_counter(), time.process_time()
             runners[variant]()
+            synchronize(cfg)
             elapsed, used = time.perf_counter() - start, time.process_time() - start_cpu
             if r >= cfg.warmup:
                 samples[variant].append(elapsed)
                 cpu[variant].append(used)
     del runners
     gc.collect()
+    if cfg.torch_device.type == "cuda":
+        torch.cuda.empty_cache()  # the next group and the memory children start from nothing
     return {"wall": samples, "cpu": cpu}
 
 
@@ -391,6 +432,8 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     base = Path(spec["base"])
     sources = [Path(s) for s in spec["sources"]]
     gc.collect()
+    if cfg.torch_device.type == "cuda":
+        return gpu_memory_child(spec, cfg, base, sources, data)
     baseline = _status_bytes("VmRSS")
     baseline_peak = _status_bytes("VmHWM")
     start = time.perf_counter()
@@ -411,11 +454,37 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def gpu_memory_child(
+    spec: dict[str, Any], cfg: BenchConfig, base: Path, sources: list[Path], data: list[Any]
+) -> dict[str, Any]:
+    """On a GPU the memory that matters is the device's: the caching allocator's peak of
+    allocated bytes over what was allocated before the build (CUDA context excluded)."""
+    torch.cuda.init()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    step = build_runner(spec["variant"], base, sources, data, replace(cfg), spec["tag"])
+    built = torch.cuda.memory_allocated()
+    for _ in range(cfg.memory_steps):
+        step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return {
+        "variant": spec["variant"],
+        "memory": "cuda max_memory_allocated",
+        "baseline_rss_bytes": baseline,
+        "after_build_rss_bytes": built,
+        "peak_rss_bytes": peak,
+        "peak_minus_baseline_bytes": peak - baseline,
+        "build_and_steps_s": time.perf_counter() - start,
+    }
+
+
 def measure_memory(cfg: BenchConfig) -> dict[str, Any]:
-    base, sources = ensure_family(cfg.memory_size, cfg.memory_n)
+    base, sources = ensure_family(cfg.memory_size, cfg.memory_n, cfg.torch_dtype)
     data = make_data(cfg.memory_n, cfg.memory_seq_len, cfg.memory_size.vocab, cfg.seed)
     tag = f"{cfg.memory_size.tag()}-s{cfg.memory_seq_len}-n{cfg.memory_n}-k{cfg.top_k}"
-    teacher_files(sources, data, cfg.top_k, tag)  # precomputed outside the measured child
+    teacher_files(sources, data, cfg, tag)  # precomputed outside the measured child
     results = {}
     for variant in tqdm(VARIANTS, desc="peak memory (subprocesses)", unit="variant"):
         spec = {
@@ -587,7 +656,7 @@ def print_report(timing: dict[str, Any], memory: dict[str, Any] | None, checks: 
         )
     console.print(table)
     if memory:
-        mem = Table(title="Peak RSS growth over the post-import baseline (subprocess each)")
+        mem = Table(title="Peak memory growth over the baseline (RSS on a CPU, allocated on a GPU)")
         mem.add_column("variant")
         mem.add_column("peak − baseline", justify="right")
         mem.add_column("after build − baseline", justify="right")
@@ -611,6 +680,9 @@ def print_report(timing: dict[str, Any], memory: dict[str, Any] | None, checks: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (smoke)")
+    parser.add_argument(
+        "--gpu", action="store_true", help="a CUDA GPU, bf16 weights, hidden 2048, 512 tokens"
+    )
     parser.add_argument("--repeats", type=int, help="timed steps per variant and N")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--no-timing", action="store_true", help="skip the timed steps")
@@ -624,10 +696,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    cfg = QUICK if args.quick else FULL
+    cfg = QUICK if args.quick else GPU if args.gpu else FULL
     if args.repeats:
         cfg = replace(cfg, repeats=args.repeats)
-    output = args.output or RESULTS / ("dam_step_quick.json" if args.quick else "dam_step.json")
+    name = "dam_step_quick" if args.quick else "dam_step_gpu" if args.gpu else "dam_step"
+    output = args.output or RESULTS / f"{name}.json"
     machine = machine_info()
     began = time.perf_counter()
     samples = {} if args.no_timing else {n: time_group(cfg, n) for n in cfg.ns}
@@ -641,7 +714,6 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_end": list(os.getloadavg()),
         "settings": {
             **_config_to_dict(cfg),
-            "dtype": "float32",
             "threads": THREADS,
             "batch": "1 sequence per source; plain step: the N sequences as one batch",
             "dam_settings": dam_settings("on_the_fly", cfg.top_k).model_dump(

@@ -14,6 +14,11 @@ Targets (issue 2): ours <= 0.5x mergekit's wall time, <= 1x its peak RSS, <= 2x 
 
     .venv/bin/python bench/merge_speed.py            # full size (4 x ~1.2 GB inputs)
     .venv/bin/python bench/merge_speed.py --small    # a quick run on ~40 MB models
+    python bench/merge_speed.py --device cuda --ours-only   # on a GPU machine without mergekit
+
+Our time is also split into its fixed part (interpreter start, imports, reading the headers and
+planning: a ``--dry-run`` of the same recipe) and the rest, the streaming merge itself, which
+is what grows with model size.
 
 Checkpoints are generated once under bench/.work/ (git-ignored) and reused.
 """
@@ -258,27 +263,39 @@ def compare_outputs(a: Path, b: Path) -> dict[str, Any]:
     }
 
 
+def ours_command() -> list[str | Path]:
+    """Our CLI: the project venv's entry point, else this interpreter (a GPU machine's python
+    with ``src`` on PYTHONPATH)."""
+    return [OURS] if OURS.is_file() else [sys.executable, "-m", "dammerge.cli"]
+
+
 def run_tools(
-    recipe: Path, out_root: Path, repeats: int
-) -> tuple[list[RunResult], list[RunResult]]:
+    recipe: Path, out_root: Path, repeats: int, device: str, ours_only: bool
+) -> dict[str, list[RunResult]]:
+    """Alternating runs of each tool; ``ours_dry_run`` times our fixed cost (start + plan)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     ours_out, mk_out = out_root / "ours", out_root / "mergekit"
+    ours = [*ours_command(), "merge", recipe, ours_out, "--overwrite", "--device", device]
     commands = {
-        "ours": [OURS, "merge", recipe, ours_out, "--overwrite"],
+        "ours": ours,
+        "ours_dry_run": [*ours, "--dry-run"],
         "mergekit": [MERGEKIT, recipe, mk_out, "--lazy-unpickle", "--no-copy-tokenizer"],
     }
-    runs: dict[str, list[RunResult]] = {"ours": [], "mergekit": []}
+    labels = ["ours", "ours_dry_run"] if ours_only else ["ours", "ours_dry_run", "mergekit"]
+    outs = {"ours": ours_out, "ours_dry_run": out_root / "unused", "mergekit": mk_out}
+    runs: dict[str, list[RunResult]] = {label: [] for label in labels}
     for i in range(repeats):
-        for label, out in (("ours", ours_out), ("mergekit", mk_out)):
+        for label in labels:
+            out = outs[label]
             shutil.rmtree(out, ignore_errors=True)  # outside the timed region
             result = run_measured(commands[label], label=label, env=env)
             runs[label].append(result)
             print(
-                f"  run {i + 1}/{repeats} {label:8s} wall {result.wall_s:7.2f} s  "
+                f"  run {i + 1}/{repeats} {label:12s} wall {result.wall_s:7.2f} s  "
                 f"peak RSS {gib(result.peak_rss_bytes)}",
                 flush=True,
             )
-    return runs["ours"], runs["mergekit"]
+    return runs
 
 
 def summarise(runs: list[RunResult]) -> dict[str, Any]:
@@ -291,13 +308,12 @@ def summarise(runs: list[RunResult]) -> dict[str, Any]:
     }
 
 
-def check_tools() -> None:
-    for tool, fix in (
-        (OURS, "make test (or make demo)"),
-        (MERGEKIT, "make .venv-mergekit/.installed"),
-    ):
-        if not tool.is_file():
-            sys.exit(f"error: {tool} is missing\nhint: run `{fix}` first")
+def check_tools(ours_only: bool) -> None:
+    if not ours_only and not MERGEKIT.is_file():
+        sys.exit(
+            f"error: {MERGEKIT} is missing\n"
+            "hint: run `make .venv-mergekit/.installed` first, or pass --ours-only"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,12 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="quick run on ~40 MB models")
     parser.add_argument("--repeats", type=int, default=2, help="runs per tool (alternating)")
     parser.add_argument("--output", type=Path, help="result JSON (default bench/results/...)")
-    args = parser.parse_args(argv)
-    check_tools()
-    size = "small" if args.small else "full"
-    output = args.output or RESULTS / (
-        "merge_speed.json" if size == "full" else "merge_speed_small.json"
+    parser.add_argument("--device", default="cpu", help="our merge's --device (cpu or cuda)")
+    parser.add_argument(
+        "--ours-only", action="store_true", help="skip mergekit (only the I/O-bound ratio)"
     )
+    args = parser.parse_args(argv)
+    check_tools(args.ours_only)
+    size = "small" if args.small else "full"
+    suffix = "" if size == "full" else "_small"
+    suffix += "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    output = args.output or RESULTS / f"merge_speed{suffix}.json"
 
     print(f"[1/4] inputs ({size})", flush=True)
     base, variants = ensure_inputs(size)
@@ -326,22 +346,27 @@ def main(argv: list[str] | None = None) -> int:
     io_seconds = min(seconds for _, seconds in passes)
     print(f"  {gib(input_bytes)} in {io_seconds:.2f} s (warm)", flush=True)
 
-    print(f"[3/4] TIES merges, alternating ours/mergekit x{args.repeats}", flush=True)
+    print(f"[3/4] TIES merges (ours on {args.device}), alternating x{args.repeats}", flush=True)
     out_root = WORK / f"merge_speed-{size}" / "out"
-    ours_runs, mk_runs = run_tools(recipe, out_root, args.repeats)
+    runs = run_tools(recipe, out_root, args.repeats, args.device, args.ours_only)
 
-    print("[4/4] comparing the two outputs", flush=True)
-    agreement = compare_outputs(out_root / "ours", out_root / "mergekit")
-
-    ours, mk = summarise(ours_runs), summarise(mk_runs)
+    ours, fixed = summarise(runs["ours"]), summarise(runs["ours_dry_run"])
+    streaming_s = ours["wall_s_median"] - fixed["wall_s_median"]
     ratios = {
-        "time_vs_mergekit": ours["wall_s_median"] / mk["wall_s_median"],
-        "rss_vs_mergekit": ours["peak_rss_bytes_median"] / mk["peak_rss_bytes_median"],
         "time_vs_io_bound": ours["wall_s_median"] / io_seconds,
+        "streaming_time_vs_io_bound": streaming_s / io_seconds,
     }
+    mk, agreement = None, None
+    if not args.ours_only:
+        print("[4/4] comparing the two outputs", flush=True)
+        agreement = compare_outputs(out_root / "ours", out_root / "mergekit")
+        mk = summarise(runs["mergekit"])
+        ratios["time_vs_mergekit"] = ours["wall_s_median"] / mk["wall_s_median"]
+        ratios["rss_vs_mergekit"] = ours["peak_rss_bytes_median"] / mk["peak_rss_bytes_median"]
     targets = {
         key: {"target_at_most": limit, "value": ratios[key], "pass": ratios[key] <= limit}
         for key, limit in TARGETS.items()
+        if key in ratios
     }
     result = {
         "benchmark": "merge_speed",
@@ -359,13 +384,16 @@ def main(argv: list[str] | None = None) -> int:
         "input_bytes": input_bytes,
         "output_bytes": {
             "ours": folder_bytes(out_root / "ours"),
-            "mergekit": folder_bytes(out_root / "mergekit"),
+            "mergekit": None if args.ours_only else folder_bytes(out_root / "mergekit"),
         },
         "recipe": recipe_text,
+        "device": args.device,
         "commands": {
-            "ours": f"{OURS.relative_to(REPO)} merge recipe.yml OUT --overwrite",
-            "mergekit": f"{MERGEKIT.relative_to(REPO)} recipe.yml OUT --lazy-unpickle "
-            "--no-copy-tokenizer",
+            "ours": f"dammerge merge recipe.yml OUT --overwrite --device {args.device}",
+            "ours_dry_run": "the same with --dry-run (start, imports, headers, plan)",
+            "mergekit": None
+            if args.ours_only
+            else f"{MERGEKIT.relative_to(REPO)} recipe.yml OUT --lazy-unpickle --no-copy-tokenizer",
         },
         "io_bound": {
             "bytes": input_bytes,
@@ -374,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             "passes_s": [s for _, s in passes],
         },
         "ours": ours,
+        "ours_dry_run": fixed,
+        "ours_streaming_s": streaming_s,
         "mergekit": mk,
         "ratios": ratios,
         "targets": targets,
@@ -384,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, t in targets.items():
         verdict = "PASS" if t["pass"] else "MISS"
         print(f"  {key:18s} {t['value']:.3f} (target <= {t['target_at_most']}) {verdict}")
+    streaming = ratios["streaming_time_vs_io_bound"]
+    print(f"  streaming part of our time vs the I/O bound: {streaming:.3f}")
     return 0
 
 

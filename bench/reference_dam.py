@@ -8,7 +8,8 @@ its cost structure, which is what ``bench/dam_step.py`` compares against.
 - Each training step runs one merged forward per source model (batch 1 per source), each
   keeping its own saved merged weights until the shared backward, and one forward of each
   teacher, a separate full copy of source model i.
-- Coefficients are per model and per input column, squashed with tanh as the reference did.
+- Coefficients are per model and per input column, squashed with tanh as the reference did,
+  in the weights' dtype (the reference trained bf16 coefficients beside bf16 weights).
 
 Together that is about 2N model copies resident plus N merged copies saved per step.
 """
@@ -30,10 +31,12 @@ class ReferenceMergedLinear(nn.Module):
         self.weights = nn.ParameterList(
             nn.Parameter(w.detach().clone(), requires_grad=False) for w in weights
         )
-        in_features = weights[0].shape[1]
+        in_features, dtype, device = weights[0].shape[1], weights[0].dtype, weights[0].device
         start = torch.atanh(torch.tensor(1.0 / len(weights)))
+        # in the weights' dtype, as the reference trained them (bf16 beside bf16 weights)
         self.coefficients = nn.ParameterList(
-            nn.Parameter(torch.full((in_features,), float(start))) for _ in weights
+            nn.Parameter(torch.full((in_features,), float(start), dtype=dtype, device=device))
+            for _ in weights
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

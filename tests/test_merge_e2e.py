@@ -20,6 +20,7 @@ import dammerge
 from dammerge.cli import main
 from dammerge.config import MergeConfig
 from dammerge.errors import DammergeError
+from dammerge.merge import execute
 from dammerge.plan import build_plan
 from dammerge.testing import VOCAB, make_tiny_model, make_variant
 
@@ -294,3 +295,22 @@ def test_cuda_merge_matches_cpu(llama_family, tmp_path, method):
         else:
             torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     assert_loads_and_runs(gpu, base)
+
+
+@pytest.mark.parametrize("read_ahead", [1, 3])
+def test_reading_ahead_gives_the_same_checkpoint(llama_family, tmp_path, read_ahead):
+    """The GPU's read-ahead (inputs of the next tensors read while one is merged) changes
+    nothing in the output, shards and stochastic methods included."""
+    base, variants = llama_family
+    plan = build_plan(MergeConfig.from_dict(recipe_for("dare_ties", base, variants)))
+    shard = 20_000  # several shards, so reads run ahead across a flush
+    plain = execute(plan, tmp_path / "plain", shard_size=shard, seed=3, progress=False)
+    ahead = execute(
+        plan, tmp_path / "ahead", shard_size=shard, seed=3, progress=False, read_ahead=read_ahead
+    )
+    files = sorted(p.name for p in plain.glob("*.safetensors"))
+    assert len(files) > 1 and files == sorted(p.name for p in ahead.glob("*.safetensors"))
+    for name in files:
+        a, b = load_file(plain / name), load_file(ahead / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,16 +1,23 @@
 """The streaming executor: one output tensor at a time, bounded memory, atomic output.
 
-For each tensor of the plan it reads that tensor from every input (memory-mapped), runs the
-method's kernel on the chosen device, and hands the result to the writer, which flushes a shard
-whenever ``shard_size`` bytes are pending. Peak memory is therefore about the inputs of the
-largest tensor plus one output shard, whatever the model size.
+For each tensor of the plan it reads that tensor from every input (``pread``, one thread per
+input), runs the method's kernel on the chosen device, and hands the result to the writer, which
+flushes a shard whenever ``shard_size`` bytes are pending. Peak memory is therefore about the
+inputs of the largest tensor plus one output shard, whatever the model size.
+
+On a GPU the kernels take almost no time and the CPU would sit idle while they run, so the
+inputs of the next tensor are read while the current one is merged (``read_ahead=1``): reading
+is then the critical path, at the cost of holding one more tensor's inputs. On a CPU the kernels
+are the critical path and reading ahead would only add memory, so it is off.
 """
 
 from __future__ import annotations
 
 import importlib
 import zlib
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -120,23 +127,36 @@ def tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def merge_tensor(
-    plan: MergePlan, tensor: TensorPlan, device: torch.device, seed: int
-) -> torch.Tensor:
-    """Compute one output tensor of the plan."""
+def tensor_sources(plan: MergePlan, tensor: TensorPlan) -> list[Checkpoint]:
+    """The checkpoints one output tensor is read from: the participants, then the base (or
+    only the reference, for a tensor copied unchanged)."""
     if tensor.copy_from_reference:
-        return plan.reference.get(tensor.name)
+        return [plan.reference]
+    return [*plan.participants, *([plan.base] if plan.base is not None else [])]
 
-    def fetch(ck: Checkpoint) -> torch.Tensor:
-        return ck.get(tensor.name).to(device=device, dtype=plan.compute_dtype)
 
+def merge_tensor(
+    plan: MergePlan,
+    tensor: TensorPlan,
+    device: torch.device,
+    seed: int,
+    loaded: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Compute one output tensor of the plan. ``loaded`` holds its inputs already read from
+    :func:`tensor_sources` (in that order); without it they are read here."""
+    if loaded is None:
+        loaded = [ck.get(tensor.name) for ck in tensor_sources(plan, tensor)]
+    if tensor.copy_from_reference:
+        return loaded[0]
+    loaded = [to_device(t, device, plan.compute_dtype) for t in loaded]
     generator = None
     if plan.method.stochastic:
         generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, tensor.name))
+    n = len(plan.participants)
     inputs = MergeInputs(
         name=tensor.name,
-        tensors=[fetch(ck) for ck in plan.participants],
-        base=fetch(plan.base) if plan.base is not None else None,
+        tensors=loaded[:n],
+        base=loaded[n] if plan.base is not None else None,
         model_params=tensor.model_params,
         params=tensor.params,
         generator=generator,
@@ -153,6 +173,20 @@ def merge_tensor(
     return merged
 
 
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Move first, convert on arrival: a GPU converts for free, while a conversion inside a
+    host-to-GPU copy runs on the CPU and sends twice the bytes (bf16 inputs, float32 compute)."""
+    return tensor.to(device, non_blocking=tensor.is_pinned()).to(dtype)
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of a GPU result, through page-locked memory (a DMA copy at bus speed)."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor)
+
+
 def _nonfinite_source(plan: MergePlan, inputs: MergeInputs) -> str:
     candidates = list(zip(plan.participants, inputs.tensors, strict=True))
     if plan.base is not None and inputs.base is not None:
@@ -161,6 +195,32 @@ def _nonfinite_source(plan: MergePlan, inputs: MergeInputs) -> str:
         if not torch.isfinite(t).all():
             return f" (input {ck.path} already holds NaN/Inf there)"
     return ""
+
+
+def read_inputs(
+    plan: MergePlan, pool: ThreadPoolExecutor, read_ahead: int, pinned: bool = False
+) -> Iterator[tuple[TensorPlan, list[torch.Tensor]]]:
+    """Each tensor of the plan with its inputs, read by ``pool`` (``pread`` releases the GIL,
+    so the inputs of one tensor are read in parallel), ``read_ahead`` tensors in advance;
+    into page-locked memory when ``pinned`` (for a GPU)."""
+    queued: deque[tuple[TensorPlan, list[Future[torch.Tensor]]]] = deque()
+    remaining = iter(plan.tensors)
+
+    def queue_next() -> None:
+        tensor = next(remaining, None)
+        if tensor is not None:
+            reads = [
+                pool.submit(ck.get, tensor.name, pinned=pinned)
+                for ck in tensor_sources(plan, tensor)
+            ]
+            queued.append((tensor, reads))
+
+    for _ in range(read_ahead + 1):
+        queue_next()
+    while queued:
+        tensor, reads = queued.popleft()
+        yield tensor, [read.result() for read in reads]  # the next `read_ahead` read meanwhile
+        queue_next()
 
 
 def execute(
@@ -172,15 +232,27 @@ def execute(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    read_ahead: int | None = None,
 ) -> Path:
+    """Merge ``plan`` into ``out``; ``read_ahead`` defaults to 1 on a GPU, 0 on a CPU."""
+    if read_ahead is None:
+        read_ahead = 0 if device.type == "cpu" else 1
     out = check_output_location(out, [ck.path for ck in plan.inputs], overwrite=overwrite)
-    with CheckpointWriter(out, shard_size=shard_size, overwrite=overwrite) as writer:
+    workers = (read_ahead + 1) * (len(plan.participants) + 1)
+    with (
+        CheckpointWriter(out, shard_size=shard_size, overwrite=overwrite) as writer,
+        ThreadPoolExecutor(workers, thread_name_prefix="dammerge-read") as pool,
+    ):
         bar = tqdm(
-            plan.tensors, desc=f"{plan.method.name} merge", unit="tensor", disable=not progress
+            read_inputs(plan, pool, read_ahead, pinned=device.type == "cuda"),
+            total=len(plan.tensors),
+            desc=f"{plan.method.name} merge",
+            unit="tensor",
+            disable=not progress,
         )
-        for tensor in bar:
-            merged = merge_tensor(plan, tensor, device, seed)
-            writer.add(tensor.name, merged.to(plan.output_dtype(tensor)))
+        for tensor, loaded in bar:
+            merged = merge_tensor(plan, tensor, device, seed, loaded)
+            writer.add(tensor.name, to_host(merged.to(plan.output_dtype(tensor))))
         write_side_files(writer, plan, seed)
         return writer.commit()
 

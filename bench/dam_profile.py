@@ -1,0 +1,80 @@
+"""Where a DAM step's time goes: torch.profiler over a few steps of each variant.
+
+Uses ``bench/dam_step.py``'s models, data and runners (the engine's own ``Trainer.train_step``)
+at one N, and prints the operators that took the most device (GPU) or CPU time, so a slow ratio
+in ``dam_step.json`` can be traced to its kernels. ``--gpu`` takes that benchmark's GPU
+configuration (bf16, hidden 2048, 512 tokens); the default is its CPU configuration.
+
+    python bench/dam_profile.py --gpu --n 5 --output profile.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import dam_step
+
+VARIANTS = ("plain", "ours_on_the_fly", "ours_precomputed")
+
+
+def timed(step, cfg: dam_step.BenchConfig, repeats: int) -> float:
+    """Median wall seconds of ``repeats`` steps (after the profiled ones warmed everything)."""
+    samples = []
+    for _ in range(repeats):
+        dam_step.synchronize(cfg)
+        start = time.perf_counter()
+        step()
+        dam_step.synchronize(cfg)
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[len(samples) // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu", action="store_true", help="the benchmark's GPU configuration")
+    parser.add_argument("--n", type=int, default=5, help="source models")
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps per variant")
+    parser.add_argument("--rows", type=int, default=25, help="operators listed per variant")
+    parser.add_argument("--output", type=Path, help="also write the report here")
+    args = parser.parse_args(argv)
+    cfg = dam_step.GPU if args.gpu else dam_step.FULL
+    gpu = cfg.torch_device.type == "cuda"
+    base, sources = dam_step.ensure_family(cfg.size, args.n, cfg.torch_dtype)
+    data = dam_step.make_data(args.n, cfg.seq_len, cfg.size.vocab, cfg.seed)
+    tag = f"{cfg.size.tag()}-s{cfg.seq_len}-n{args.n}-k{cfg.top_k}"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    sort_key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    report = [f"DAM step profile: N={args.n}, {cfg.size.tag()}, {cfg.dtype}, {cfg.device}"]
+    for variant in VARIANTS:
+        step = dam_step.build_runner(variant, base, sources, data, cfg, tag)
+        for _ in range(2):
+            step()
+        dam_step.synchronize(cfg)
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                step()
+            dam_step.synchronize(cfg)
+        median = timed(step, cfg, 5)
+        table = prof.key_averages().table(
+            sort_by=sort_key, row_limit=args.rows, max_name_column_width=60
+        )
+        report += [f"\n== {variant}: median step {median * 1000:.1f} ms", table]
+        del step
+        if gpu:
+            torch.cuda.empty_cache()
+    text = "\n".join(report)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
