@@ -143,12 +143,17 @@ def merge_tensor(
     loaded: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Compute one output tensor of the plan. ``loaded`` holds its inputs already read from
-    :func:`tensor_sources` (in that order); without it they are read here."""
+    :func:`tensor_sources` (in that order); without it they are read here. Its entries are
+    replaced by their device copies one at a time, so each raw input is freed as soon as it is
+    converted (raw bf16 inputs and their float32 copies are never all alive at once), and it is
+    emptied on return, so the inputs are freed before the result is written."""
     if loaded is None:
         loaded = [ck.get(tensor.name) for ck in tensor_sources(plan, tensor)]
     if tensor.copy_from_reference:
         return loaded[0]
-    loaded = [to_device(t, device, plan.compute_dtype) for t in loaded]
+    for k, raw in enumerate(loaded):
+        loaded[k] = to_device(raw, device, plan.compute_dtype)
+        del raw
     generator = None
     if plan.method.stochastic:
         generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, tensor.name))
@@ -170,6 +175,7 @@ def merge_tensor(
             f"the merge produced NaN/Inf in {tensor.name}{_nonfinite_source(plan, inputs)}",
             "check the input checkpoints and the recipe's weights",
         )
+    loaded.clear()
     return merged
 
 
@@ -219,7 +225,10 @@ def read_inputs(
         queue_next()
     while queued:
         tensor, reads = queued.popleft()
-        yield tensor, [read.result() for read in reads]  # the next `read_ahead` read meanwhile
+        loaded = [read.result() for read in reads]
+        del reads  # the futures would keep the raw inputs alive while they are merged
+        yield tensor, loaded  # the next `read_ahead` tensors are read meanwhile
+        del loaded
         queue_next()
 
 
