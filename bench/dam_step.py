@@ -32,6 +32,11 @@ teachers, flat in N; ≥ 1.4× faster than the reference at N = 5; ≥ 1.8× les
 
     .venv/bin/python bench/dam_step.py            # full run -> bench/results/dam_step.json
     .venv/bin/python bench/dam_step.py --quick    # smoke run -> bench/results/dam_step_quick.json
+    python bench/dam_step.py --gpu                # a CUDA GPU -> bench/results/dam_step_gpu.json
+
+``--gpu`` measures bf16 weights (float32 coefficients) at a TinyLlama-like width with 512-token
+sequences; each step is timed between ``torch.cuda.synchronize()`` calls, and peak memory is the
+CUDA caching allocator's peak of allocated bytes (one subprocess per variant, as on a CPU).
 
 ``--quick`` uses toy sizes (hidden 64) where fixed per-call overheads dominate: it checks that
 everything runs, its ratios mean nothing.
