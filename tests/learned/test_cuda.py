@@ -11,26 +11,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dammerge.checkpoint.reader import Checkpoint
 from dammerge.config import MergeConfig
 from dammerge.learned import losses
-from dammerge.learned.model import MergeOptions, build_merged_model
-from dammerge.learned.run import prepare, run_learned_merge, train_plan
+from dammerge.learned.run import run_learned_merge, train_plan
+
+from .helpers import ALL_MERGED, IDS, build_merged, naive_forward_kl, training_plan
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-IDS = torch.tensor([[1, 5, 7, 9, 11, 40, 3], [2, 8, 100, 4, 6, 12, 13]])
-
 
 def _merged(family, device: str, dtype: torch.dtype):
-    base, sources = family
-    return build_merged_model(
-        Checkpoint(base),
-        [Checkpoint(s) for s in sources],
-        MergeOptions(merge_embeddings=True, merge_norms=True),
-        device=device,
-        dtype=dtype,
-    )
+    return build_merged(family, ALL_MERGED, device=device, dtype=dtype)
 
 
 def test_merged_model_on_gpu_matches_cpu(untied_family):
@@ -54,19 +45,12 @@ def test_forward_kl_with_grad_on_gpu_matches_autograd():
     merged = (torch.randn(64, 1000, generator=generator) * 3).cuda()
     teacher = (torch.randn(64, 1000, generator=generator) * 3).cuda()
     leaf = merged.clone().requires_grad_(True)
-    log_p = torch.log_softmax(teacher / 2.0, dim=-1)
-    log_q = torch.log_softmax(leaf / 2.0, dim=-1)
-    expected = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * 4.0
+    expected = naive_forward_kl(leaf, teacher, 2.0)
     expected.backward()
     grad = torch.empty_like(merged)
     value = losses.forward_kl_with_grad(merged.clone(), teacher, grad, temperature=2.0)
     torch.testing.assert_close(value, expected.detach())
     torch.testing.assert_close(grad, leaf.grad)
-
-
-def _plan(dam_recipe, family, data, out, device, **training):
-    recipe = dam_recipe(family[0], family[1], data, **training)
-    return prepare(MergeConfig.from_dict(recipe), out, device=device)
 
 
 @pytest.mark.parametrize("teacher", ["on_the_fly", "precomputed"])
@@ -76,7 +60,9 @@ def test_float32_training_on_gpu_follows_cpu(
     options = {"steps": 3, "teacher": teacher, "top_k": 128}
     states = {}
     for device in ("cpu", "cuda"):
-        plan = _plan(dam_recipe, untied_family, datasets_dir, tmp_path / device, device, **options)
+        plan = training_plan(
+            dam_recipe, untied_family, datasets_dir, tmp_path / device, device=device, **options
+        )
         model, result = train_plan(plan, progress=False)
         assert result.steps == 3
         states[device] = {k: v.cpu() for k, v in model.coefficient_state().items()}

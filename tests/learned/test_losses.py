@@ -9,6 +9,8 @@ import torch
 
 from dammerge.learned import losses
 
+from .helpers import naive_forward_kl
+
 
 def _softmax(row: list[float], t: float = 1.0) -> list[float]:
     exps = [math.exp(v / t) for v in row]
@@ -127,13 +129,6 @@ def test_cosine_gradient_pushes_vectors_apart():
     assert losses.cosine_similarity_loss([moved]).item() < loss.item()
 
 
-def _naive_forward_kl(merged: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tensor:
-    """T² · mean over rows of Σ p (log p − log q), straight from the definition (autograd)."""
-    log_p = torch.log_softmax(teacher / temp, dim=-1)
-    log_q = torch.log_softmax(merged / temp, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temp**2
-
-
 @pytest.mark.parametrize("top_k", [None, 4])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_forward_kl_with_grad_equals_autograd_of_the_definition(top_k, in_place):
@@ -150,7 +145,7 @@ def test_forward_kl_with_grad_equals_autograd_of_the_definition(top_k, in_place)
         reference_teacher = torch.full_like(teacher, -math.inf).scatter(-1, signal, values)
     leaf = merged.clone().requires_grad_(True)
     if top_k is None:
-        expected = _naive_forward_kl(leaf, reference_teacher, 2.0)
+        expected = naive_forward_kl(leaf, reference_teacher, 2.0)
     else:
         log_p = torch.log_softmax(values / 2.0, dim=-1)
         log_q = torch.log_softmax(leaf / 2.0, dim=-1).gather(-1, signal)
@@ -173,7 +168,7 @@ def test_forward_kl_with_grad_into_bf16_rounds_the_difference_once():
     grad_out = torch.empty_like(merged)
     losses.forward_kl_with_grad(merged, teacher.bfloat16(), grad_out, temperature=1.0)
     leaf = merged.float().requires_grad_(True)
-    _naive_forward_kl(leaf, teacher.bfloat16().float(), 1.0).backward()
+    naive_forward_kl(leaf, teacher.bfloat16().float(), 1.0).backward()
     torch.testing.assert_close(grad_out, leaf.grad.bfloat16(), rtol=1e-2, atol=1e-5)
 
 

@@ -17,15 +17,8 @@ from dammerge.learned.model import MergeOptions, build_merged_model
 from dammerge.learned.settings import parse_settings
 from dammerge.testing import make_family
 
-IDS = torch.tensor([[1, 5, 7, 9, 11, 40, 3], [2, 8, 100, 4, 6, 12, 13]])
-ALL_MERGED = MergeOptions(merge_embeddings=True, merge_norms=True)
-
-
-def _build(family, options=None, **kwargs):
-    base, sources = family
-    return build_merged_model(
-        Checkpoint(base), [Checkpoint(s) for s in sources], options or MergeOptions(), **kwargs
-    )
+from .helpers import ALL_MERGED, IDS
+from .helpers import build_merged as _build
 
 
 def _logits(path) -> torch.Tensor:

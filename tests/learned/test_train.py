@@ -7,16 +7,11 @@ import json
 import pytest
 import torch
 
-from dammerge.config import MergeConfig
 from dammerge.learned import train as train_module
-from dammerge.learned.run import prepare, train_plan
+from dammerge.learned.run import train_plan
 from dammerge.learned.train import CHECKPOINT, LOG, TrainingDiverged
 
-
-def _plan(dam_recipe, family, data, out, method="dam", **training):
-    recipe = dam_recipe(family[0], family[1], data, **training)
-    recipe["merge_method"] = method
-    return prepare(MergeConfig.from_dict(recipe), out)
+from .helpers import training_plan as _plan
 
 
 def _train(plan, **kwargs):

@@ -1,0 +1,36 @@
+"""Helpers shared by the learned-merge tests (CPU and CUDA): token ids, building a merged model
+over a fixture family, a training plan from a recipe, and the forward KL from its definition."""
+
+from __future__ import annotations
+
+import torch
+
+from dammerge.checkpoint.reader import Checkpoint
+from dammerge.config import MergeConfig
+from dammerge.learned.model import MergeOptions, build_merged_model
+from dammerge.learned.run import prepare
+
+IDS = torch.tensor([[1, 5, 7, 9, 11, 40, 3], [2, 8, 100, 4, 6, 12, 13]])
+ALL_MERGED = MergeOptions(merge_embeddings=True, merge_norms=True)
+
+
+def build_merged(family, options=None, **kwargs):
+    """The merged model over a fixture family ``(base, sources)``."""
+    base, sources = family
+    return build_merged_model(
+        Checkpoint(base), [Checkpoint(s) for s in sources], options or MergeOptions(), **kwargs
+    )
+
+
+def training_plan(dam_recipe, family, data, out, method="dam", device="cpu", **training):
+    """A prepared plan of a ``method`` recipe over a fixture family and the datasets folder."""
+    recipe = dam_recipe(family[0], family[1], data, **training)
+    recipe["merge_method"] = method
+    return prepare(MergeConfig.from_dict(recipe), out, device=device)
+
+
+def naive_forward_kl(merged: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tensor:
+    """T² · mean over rows of Σ p (log p − log q), straight from the definition (autograd)."""
+    log_p = torch.log_softmax(teacher / temp, dim=-1)
+    log_q = torch.log_softmax(merged / temp, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temp**2
