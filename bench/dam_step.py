@@ -22,6 +22,12 @@ and reports its peak RSS minus that baseline. The peak is the kernel's ``VmHWM``
 own address space: ``ru_maxrss`` would be wrong here, because on Linux a child inherits its
 parent's high-water mark across fork and exec, and the harness is several GiB by then.
 
+Freed CPU memory is kept for reuse during the timed steps and in the memory children, for every
+variant alike, as the engine's own training loop does (:mod:`dammerge.memory`): without it, each
+step's large tensors are fresh mappings that the kernel faults in page by page, which slowed the
+plain step by ~25 % (our DAM step avoids most such tensors) and made it the noisiest variant.
+``DAMMERGE_REUSE_MEMORY=0`` measures with glibc's defaults (``settings.cpu_memory_reuse``).
+
 Both wall time and process CPU time (all threads) are recorded; the targets use wall-time
 medians, CPU time is the steadier figure when other jobs share the cores. ``OMP_WAIT_POLICY`` is
 set to PASSIVE: on an oversubscribed machine spinning OpenMP workers made a 2-thread step up to
@@ -72,6 +78,7 @@ from transformers.utils import logging as hf_logging
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # bench scripts run as files, not as a package: import the helpers beside them
 from _common import machine_info, timestamp, write_json
+from dammerge.memory import reuse_freed_memory
 from reference_dam import build_reference_merge, reference_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -442,11 +449,12 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     baseline = _status_bytes("VmRSS")
     baseline_peak = _status_bytes("VmHWM")
     start = time.perf_counter()
-    step = build_runner(spec["variant"], base, sources, data, replace(cfg), spec["tag"])
-    built = _status_bytes("VmRSS")
-    for _ in range(cfg.memory_steps):
-        step()
-    peak = _status_bytes("VmHWM")
+    with reuse_freed_memory():
+        step = build_runner(spec["variant"], base, sources, data, replace(cfg), spec["tag"])
+        built = _status_bytes("VmRSS")
+        for _ in range(cfg.memory_steps):
+            step()
+        peak = _status_bytes("VmHWM")
     return {
         "variant": spec["variant"],
         "baseline_rss_bytes": baseline,
@@ -708,7 +716,10 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or RESULTS / f"{name}.json"
     machine = machine_info()
     began = time.perf_counter()
-    samples = {} if args.no_timing else {n: time_group(cfg, n) for n in cfg.ns}
+    # As in the engine's training loop (Trainer.run), freed CPU memory is kept for reuse, for
+    # every variant alike; DAMMERGE_REUSE_MEMORY=0 measures with glibc's defaults instead.
+    with reuse_freed_memory() as memory_reuse:
+        samples = {} if args.no_timing else {n: time_group(cfg, n) for n in cfg.ns}
     timing = summarise(cfg, samples)
     memory = None if args.no_memory else measure_memory(cfg)
     checks = targets(cfg, timing, memory)
@@ -735,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             ),
             "engine_step": "dammerge.learned.train.Trainer.train_step",
+            "cpu_memory_reuse": memory_reuse,
         },
         "timing": timing,
         "ratio_growth": ratio_growth(timing, cfg.ns) if len(timing) > 1 else None,

@@ -51,6 +51,7 @@ from dammerge.evaluate.teacher_forcing import (
     response_targets,
 )
 from dammerge.family.manifest import Family, load_family
+from dammerge.memory import reuse_freed_memory
 
 
 @dataclass(frozen=True)
@@ -316,21 +317,22 @@ def evaluate_models(
             name: [str(r.get("id", i)) for i, r in enumerate(d.records)] for name, d in data.items()
         },
     )
-    for key, path in paths.items():
-        start = time.perf_counter()
-        model, tokenizer = load_model(path, device=torch_device, dtype=torch_dtype)
-        result.models[key] = evaluate_model(
-            model,
-            tokenizer,
-            data,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            teachers=teachers,
-            generate=generate,
-            likelihood=likelihood,
-            progress=progress,
-            label=labels[key],
-        )
-        del model
-        result.seconds[key] = time.perf_counter() - start
+    with reuse_freed_memory():  # one model after another: reuse the last one's pages
+        for key, path in paths.items():
+            start = time.perf_counter()
+            model, tokenizer = load_model(path, device=torch_device, dtype=torch_dtype)
+            result.models[key] = evaluate_model(
+                model,
+                tokenizer,
+                data,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                teachers=teachers,
+                generate=generate,
+                likelihood=likelihood,
+                progress=progress,
+                label=labels[key],
+            )
+            del model
+            result.seconds[key] = time.perf_counter() - start
     return result

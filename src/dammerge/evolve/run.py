@@ -58,6 +58,7 @@ from dammerge.evolve.settings import (
     searched_parameters,
 )
 from dammerge.evolve.space import SearchSpace
+from dammerge.memory import reuse_freed_memory
 from dammerge.merge import (
     DEFAULT_SHARD_SIZE,
     load_config,
@@ -182,28 +183,29 @@ def evolve_merge(
     resumed = len(log.records)
     if resumed:
         console.print(f"resuming: {resumed} evaluations replayed from {log.path}", style="cyan")
-    scorer = Scorer(_evaluator(prepared, merger, slot), prepared.workers(torch_device))
-    try:
-        result = run_cma(
-            x0=prepared.space.x0(),
-            sigma0=prepared.settings.sigma0,
-            popsize=prepared.popsize,
-            budget=prepared.settings.budget,
-            seed=seed,
-            log=log,
-            scorer=scorer,
-            describe=prepared.space.describe,
-            progress=progress,
-        )
-    except KeyboardInterrupt:
-        console.print(
-            f"search interrupted: {len(log.records)} evaluations are saved in {log.path}; "
-            "run the same command again to resume",
-            style="yellow",
-        )
-        raise
-    finally:
-        scorer.close()
+    with reuse_freed_memory():  # every candidate reuses the last one's pages
+        scorer = Scorer(_evaluator(prepared, merger, slot), prepared.workers(torch_device))
+        try:
+            result = run_cma(
+                x0=prepared.space.x0(),
+                sigma0=prepared.settings.sigma0,
+                popsize=prepared.popsize,
+                budget=prepared.settings.budget,
+                seed=seed,
+                log=log,
+                scorer=scorer,
+                describe=prepared.space.describe,
+                progress=progress,
+            )
+        except KeyboardInterrupt:
+            console.print(
+                f"search interrupted: {len(log.records)} evaluations are saved in {log.path}; "
+                "run the same command again to resume",
+                style="yellow",
+            )
+            raise
+        finally:
+            scorer.close()
     search_seconds = time.perf_counter() - started - setup_seconds
     stats = {
         "setup_seconds": round(setup_seconds, 3),

@@ -24,6 +24,7 @@ from typing import Any
 from dammerge.errors import DammergeError
 from dammerge.family.manifest import DOMAINS, FORMAT, MANIFEST_NAME
 from dammerge.family.train import ModelShape, Schedule
+from dammerge.memory import reuse_freed_memory
 
 METRICS = {"lang": "translation", "math": "exact_match", "sql": "execution"}
 COMPOSITIONAL_METRIC = "exact_match"
@@ -310,7 +311,7 @@ def build_family(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        with deterministic_torch(threads):
+        with deterministic_torch(threads), reuse_freed_memory():
             manifest = _build_into(tmp, spec, seed, say)
         _move_into_place(tmp, out)
     except BaseException:

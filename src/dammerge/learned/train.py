@@ -37,6 +37,7 @@ from dammerge.learned.functional import MergedLinearFunction
 from dammerge.learned.model import MergedModel
 from dammerge.learned.settings import TrainingSettings
 from dammerge.learned.teachers import TeacherOutput
+from dammerge.memory import reuse_freed_memory
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -414,12 +415,25 @@ class Trainer:
             del merged, grad_rows, target
             terms[name] = value
             total += value
-        if in_place:  # padding and uncounted positions get no gradient
-            grad[~stacked.loss_mask.reshape(-1)] = 0
+        if in_place:  # padding and uncounted positions get no gradient (only their rows)
+            uncounted = (~stacked.loss_mask.reshape(-1)).nonzero().squeeze(1)
+            grad.index_fill_(0, uncounted, 0)
         logits.backward(grad.view_as(logits))
         return terms, total
 
     # -- loop -----------------------------------------------------------------------------
+    def _train_until(self, end: int, result: TrainResult, bar: Any) -> None:
+        """Steps until ``self.step`` reaches ``end``: log, checkpoint and report as they go."""
+        while self.step < end:
+            terms = self.train_step()
+            result.steps, result.last = self.step, terms
+            if self.step % self.settings.log_every == 0 or self.step == end:
+                self._log({"step": self.step, **terms, "lr": self.settings.lr})
+            if self.step % self.settings.checkpoint_every == 0 or self.step == end:
+                self.save_checkpoint()
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items() if k != "grad_norm"})
+
     def run(self, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
         """Train to ``self.steps`` (or stop after ``stop_after`` steps of this call)."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -438,15 +452,8 @@ class Trainer:
             disable=not self.progress,
         )
         try:
-            while self.step < end:
-                terms = self.train_step()
-                result.steps, result.last = self.step, terms
-                if self.step % self.settings.log_every == 0 or self.step == end:
-                    self._log({"step": self.step, **terms, "lr": self.settings.lr})
-                if self.step % self.settings.checkpoint_every == 0 or self.step == end:
-                    self.save_checkpoint()
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items() if k != "grad_norm"})
+            with reuse_freed_memory():  # each step's logits reuse the last step's pages
+                self._train_until(end, result, bar)
         except KeyboardInterrupt:
             if not self._updating:  # a consistent state: save it so a rerun resumes here
                 self.save_checkpoint()
