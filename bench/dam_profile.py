@@ -20,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dam_step
+from dammerge.memory import reuse_freed_memory
 
 VARIANTS = ("plain", "ours_on_the_fly", "ours_precomputed")
 
@@ -36,6 +37,28 @@ def timed(step, cfg: dam_step.BenchConfig, repeats: int) -> float:
     return sorted(samples)[len(samples) // 2]
 
 
+def profile_variant(
+    variant: str, base, sources, data, cfg: dam_step.BenchConfig, tag: str, args
+) -> list[str]:
+    """Two warm-up steps, ``args.steps`` profiled ones, then the median of five timed ones."""
+    gpu = cfg.torch_device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    sort_key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    step = dam_step.build_runner(variant, base, sources, data, cfg, tag)
+    for _ in range(2):
+        step()
+    dam_step.synchronize(cfg)
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        dam_step.synchronize(cfg)
+    median = timed(step, cfg, 5)
+    table = prof.key_averages().table(
+        sort_by=sort_key, row_limit=args.rows, max_name_column_width=60
+    )
+    return [f"\n== {variant}: median step {median * 1000:.1f} ms", table]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true", help="the benchmark's GPU configuration")
@@ -49,24 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     base, sources = dam_step.ensure_family(cfg.size, args.n, cfg.torch_dtype)
     data = dam_step.make_data(args.n, cfg.seq_len, cfg.size.vocab, cfg.seed)
     tag = f"{cfg.size.tag()}-s{cfg.seq_len}-n{args.n}-k{cfg.top_k}"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-    sort_key = "self_device_time_total" if gpu else "self_cpu_time_total"
     report = [f"DAM step profile: N={args.n}, {cfg.size.tag()}, {cfg.dtype}, {cfg.device}"]
     for variant in VARIANTS:
-        step = dam_step.build_runner(variant, base, sources, data, cfg, tag)
-        for _ in range(2):
-            step()
-        dam_step.synchronize(cfg)
-        with profile(activities=activities) as prof:
-            for _ in range(args.steps):
-                step()
-            dam_step.synchronize(cfg)
-        median = timed(step, cfg, 5)
-        table = prof.key_averages().table(
-            sort_by=sort_key, row_limit=args.rows, max_name_column_width=60
-        )
-        report += [f"\n== {variant}: median step {median * 1000:.1f} ms", table]
-        del step
+        with reuse_freed_memory():  # as in the engine's training loop and in dam_step.py
+            report += profile_variant(variant, base, sources, data, cfg, tag, args)
         if gpu:
             torch.cuda.empty_cache()
     text = "\n".join(report)
