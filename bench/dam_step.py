@@ -25,7 +25,7 @@ parent's high-water mark across fork and exec, and the harness is several GiB by
 Freed CPU memory is kept for reuse during the timed steps and in the memory children, for every
 variant alike, as the engine's own training loop does (:mod:`dammerge.memory`): without it, each
 step's large tensors are fresh mappings that the kernel faults in page by page, which slowed the
-plain step by ~25 % (our DAM step avoids most such tensors) and made it the noisiest variant.
+plain step by ~23 % (our DAM step avoids most such tensors) and made it the noisiest variant.
 ``DAMMERGE_REUSE_MEMORY=0`` measures with glibc's defaults (``settings.cpu_memory_reuse``).
 
 Both wall time and process CPU time (all threads) are recorded; the targets use wall-time

@@ -4,9 +4,9 @@ PyTorch's CPU allocator has no cache: every tensor is a ``malloc`` and a ``free`
 each allocation above its mmap threshold (32 MiB at most) with a fresh mapping and returns it
 to the kernel on ``free``, so a loop that makes one large tensor per step (the logits of 1,280
 positions over a 32k vocabulary are 164 MB, their log-softmax and gradient as much again) has
-the kernel fault in and zero every page of it, again on every step. Measured on a 2-core EPYC
-(``bench/dam_step.py``): that first touch cost a plain training step ~25 % of its time and
-made it the noisiest thing in the run.
+the kernel fault in and zero every page of it, again on every step. Measured on a 2-core EPYC:
+a plain training step of ``bench/dam_step.py``'s model took 845 ms with glibc's defaults and
+650 ms inside this block; the ``small`` family build 809 s and 686 s (same content hash).
 
 :func:`reuse_freed_memory` switches glibc to serve every allocation from its heap and to keep
 freed heap memory (up to 2 GiB at the top) instead of trimming it, so the next step's tensors
