@@ -10,7 +10,9 @@ a plain training step of ``bench/dam_step.py``'s model took 845 ms with glibc's 
 
 :func:`reuse_freed_memory` switches glibc to serve every allocation from its heap and to keep
 freed heap memory (up to 2 GiB at the top) instead of trimming it, so the next step's tensors
-reuse the pages of the last step's. It changes where tensors live, never what is computed: a
+reuse the pages of the last step's (after the first few steps: torch asks for 64-byte aligned
+blocks, which do not always fit the chunk just freed, so the heap may grow by a few blocks
+before every request finds one). It changes where tensors live, never what is computed: a
 family built inside it has the same content hash as one built outside. On leaving, the
 defaults are restored and the kept memory is handed back. Merges of checkpoints
 (:mod:`dammerge.merge`) do not use it: they stream tensors of ever different sizes, where

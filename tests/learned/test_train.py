@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from dammerge import memory
 from dammerge.learned import train as train_module
 from dammerge.learned.run import train_plan
 from dammerge.learned.train import CHECKPOINT, LOG, TrainingDiverged
@@ -85,6 +86,23 @@ def test_divergence_stops_before_the_update_and_keeps_the_checkpoint(
     assert state["step"] == 2
     assert all(torch.isfinite(t).all() for t in state["coefficients"].values())
     assert not plan.output.exists()
+
+
+def test_steps_run_with_freed_memory_reused_and_the_defaults_come_back(
+    untied_family, datasets_dir, tmp_path, dam_recipe, monkeypatch
+):
+    monkeypatch.delenv("DAMMERGE_REUSE_MEMORY", raising=False)
+    original = train_module.Trainer.train_step
+    seen = []
+
+    def recording(self):
+        seen.append(memory._active)
+        return original(self)
+
+    monkeypatch.setattr(train_module.Trainer, "train_step", recording)
+    _train(_plan(dam_recipe, untied_family, datasets_dir, tmp_path / "out", steps=2))
+    assert seen == [memory._glibc() is not None] * 2
+    assert not memory._active
 
 
 def test_float32_coefficients_move_with_bf16_weights(
