@@ -100,9 +100,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=HERE / "results" / "family_build.json")
     args = parser.parse_args()
+    from dammerge import memory
+
     results = {
         "benchmark": "family_build",
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        # the build keeps freed memory for reuse (dammerge.memory) unless this is False
+        "cpu_memory_reuse": memory.enabled() and memory._glibc() is not None,
         "note": "shared machine: wall time depends on other users' load; see load_average_*",
         "runs": [],
     }
