@@ -13,10 +13,10 @@ freed heap memory (up to 2 GiB at the top) instead of trimming it, so the next s
 reuse the pages of the last step's (after the first few steps: torch asks for 64-byte aligned
 blocks, which do not always fit the chunk just freed, so the heap may grow by a few blocks
 before every request finds one). It changes where tensors live, never what is computed: a
-family built inside it has the same content hash as one built outside. On leaving, the
-defaults are restored and the kept memory is handed back. Merges of checkpoints
-(:mod:`dammerge.merge`) do not use it: they stream tensors of ever different sizes, where
-kept memory would only raise the peak.
+family built inside it has the same content hash as one built outside. On leaving, large
+allocations are mappings again and the kept memory is handed back (``AFTER_*`` below).
+Merges of checkpoints (:mod:`dammerge.merge`) do not use it: they stream tensors of ever
+different sizes, where kept memory would only raise the peak.
 
 Set ``DAMMERGE_REUSE_MEMORY=0`` to keep the allocator's defaults (for A/B measurements).
 """
@@ -30,10 +30,17 @@ import os
 import sys
 from collections.abc import Iterator
 
-# mallopt parameters (glibc's malloc.h) and the values glibc starts with.
+# mallopt parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
-DEFAULT_TRIM_THRESHOLD = 128 * 1024
+# What the block leaves behind. Any mallopt call ends glibc's own adjustment of the thresholds
+# for the rest of the process, so leaving sets the values that adjustment reaches in a process
+# that has freed large tensors (mmap threshold at its 32 MiB ceiling, trim threshold twice
+# that), not glibc's 128 KiB start values, which would make later mid-sized tensors fresh
+# mappings again.
+AFTER_MMAP_THRESHOLD = 32 * 2**20
+AFTER_TRIM_THRESHOLD = 2 * AFTER_MMAP_THRESHOLD
 DEFAULT_MMAP_MAX = 65536
 KEEP_AT_MOST = 2**31 - 1  # mallopt takes a C int: keep up to 2 GiB of freed memory at the top
 
@@ -78,6 +85,7 @@ def reuse_freed_memory() -> Iterator[bool]:
         _depth -= 1
         if libc is not None:
             libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-            libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+            libc.mallopt(M_MMAP_THRESHOLD, AFTER_MMAP_THRESHOLD)
+            libc.mallopt(M_TRIM_THRESHOLD, AFTER_TRIM_THRESHOLD)
             libc.malloc_trim(0)
             _active = False
