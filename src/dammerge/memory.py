@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -48,12 +48,17 @@ _depth = 0  # nesting level of reuse_freed_memory blocks
 _active = False  # whether the outermost block changed the allocator
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc (has ``mallopt`` and ``malloc_trim``), else None."""
+    """The process's C library when it is glibc (has ``mallopt`` and ``malloc_trim``), else None.
+
+    ``CDLL(None)`` is the running process itself, whose symbols include its C library's: no
+    library search (``ctypes.util.find_library`` would run ``ldconfig`` in a subprocess).
+    """
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (musl does not)
     except (OSError, AttributeError):
         return None
