@@ -404,13 +404,18 @@ def _finetune(
     """A full fine-tune of a copy of ``base`` on ``domain``'s train split (response-only loss)."""
     import copy
 
-    from dammerge.family.train import finetuning_batches, run_steps, tokenize_examples
+    from dammerge.family.train import (
+        finetuning_batches,
+        response_loss,
+        run_steps,
+        tokenize_examples,
+    )
 
     examples = tokenize_examples(splits[domain]["train"], tokenizer, spec.max_example_tokens)
     model = copy.deepcopy(base)
     schedule = spec.finetune_schedule(domain)
     batches = finetuning_batches(examples, schedule.batch, tokenizer.pad_token_id, seed)
-    losses = run_steps(model, batches, schedule, f"fine-tuning {domain}")
+    losses = run_steps(model, batches, schedule, f"fine-tuning {domain}", response_loss)
     return model, losses
 
 
