@@ -55,7 +55,7 @@ def _plain(model, batch):
 def test_shared_prefix_is_skipped_without_changing_loss_or_gradients():
     preamble = [5, 6, 7, 8, 9, 10]
     batch = _batch(
-        [preamble + [11, 12], preamble + [13], preamble + [14, 15, 16, 17]],
+        [[*preamble, 11, 12], [*preamble, 13], [*preamble, 14, 15, 16, 17]],
         [[20, 21, 2], [22, 2], [23, 24, 25, 26, 2]],  # unequal lengths: right padding
     )
     assert shared_prefix_length(batch) == len(preamble)

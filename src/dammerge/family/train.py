@@ -9,7 +9,7 @@ how Alpaca-style specialists are trained and how DAM's data-informed objective r
 Fine-tuning computes exactly the usual response-only cross-entropy, but skips work that cannot
 change it (``response_loss``): the Alpaca preamble that every row of a batch starts with is run
 once, not once per row, and the vocabulary projection is applied only where a response token is
-predicted. Together that is about 40 % of a fine-tuning step on the family's data.
+predicted. Together that saves about a third of a fine-tuning step on the family's data.
 """
 
 from __future__ import annotations
