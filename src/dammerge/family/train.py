@@ -248,7 +248,8 @@ def shared_prefix_length(batch: Batch) -> int:
 
 
 def response_loss(model: LlamaForCausalLM, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy of the response tokens, as ``model(**batch).loss`` computes it.
+    """Mean cross-entropy of the response tokens, as ``model(**batch).loss`` computes it
+    (in float32, or float64 for a float64 model).
 
     The shared prefix runs once as a batch of one; its keys and values are repeated for every
     row (autograd sums their gradients back), and the rows continue from there. Only hidden
