@@ -73,9 +73,10 @@ def test_the_environment_switch_keeps_the_defaults(monkeypatch: pytest.MonkeyPat
     with memory.reuse_freed_memory() as active:
         assert not active
     monkeypatch.setenv("DAMMERGE_REUSE_MEMORY", "off")
-    assert not memory.enabled()
+    assert not memory.enabled() and not memory.available()
     monkeypatch.setenv("DAMMERGE_REUSE_MEMORY", "1")
     assert memory.enabled()
+    assert memory.available() == (memory._glibc() is not None)
 
 
 def test_an_error_inside_the_block_restores_the_allocator() -> None:

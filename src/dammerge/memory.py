@@ -71,6 +71,11 @@ def enabled() -> bool:
     return value not in ("0", "false", "no", "off")
 
 
+def available() -> bool:
+    """Whether a :func:`reuse_freed_memory` block changes the allocator here (glibc, not off)."""
+    return enabled() and _glibc() is not None
+
+
 @contextlib.contextmanager
 def reuse_freed_memory() -> Iterator[bool]:
     """Within the block, freed CPU memory is kept and reused; yields whether that is active.
