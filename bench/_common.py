@@ -157,6 +157,8 @@ def machine_info() -> dict[str, Any]:
         "ram_total_bytes": memory.total,
         "ram_available_bytes_at_start": memory.available,
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        # libgomp reads it once, when torch loads: spin-then-sleep by default, or ACTIVE/PASSIVE
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
     }
     try:
         import torch
@@ -168,6 +170,25 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+BUSY_LOAD = 0.5  # a 1-minute load average above this means other jobs use the cores
+
+
+def busy_warning(info: Mapping[str, Any]) -> str | None:
+    """A warning when the machine was not idle as the benchmark started (else None).
+
+    Timings taken beside other jobs are unreliable, and with OpenMP's default wait policy
+    spinning workers can slow a step many times over on oversubscribed cores.
+    """
+    load = info.get("load_average_at_start")
+    if not load or load[0] <= BUSY_LOAD:
+        return None
+    return (
+        f"warning: load average {load[0]:.2f} at start: other jobs are using the cores, so "
+        "these timings are unreliable; run the benchmark alone (or with OMP_WAIT_POLICY=PASSIVE "
+        "if the cores must be shared)"
+    )
 
 
 def _cpu_model() -> str | None:

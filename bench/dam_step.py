@@ -29,9 +29,14 @@ plain step by ~23 % (our DAM step avoids most such tensors) and made it the nois
 ``DAMMERGE_REUSE_MEMORY=0`` measures with glibc's defaults (``settings.cpu_memory_reuse``).
 
 Both wall time and process CPU time (all threads) are recorded; the targets use wall-time
-medians, CPU time is the steadier figure when other jobs share the cores. ``OMP_WAIT_POLICY`` is
-set to PASSIVE: on an oversubscribed machine spinning OpenMP workers made a 2-thread step up to
-50x slower, whichever variant it was.
+medians, CPU time is the steadier figure when other jobs share the cores. OpenMP runs with the
+policy the user's training run gets: libgomp's default (workers spin briefly, then sleep) unless
+``OMP_WAIT_POLICY`` is set, and the JSON records which (``machine.omp_wait_policy``). Run it
+alone: on a machine whose cores other jobs use, spinning workers made a 2-thread step up to 50x
+slower (the harness warns when the load average says the cores are busy). ``PASSIVE`` avoids
+that but wakes the workers through the kernel on every parallel operation (~45 µs each here,
+~100 µs per small GEMM), a tax in proportion to the number of operations, not their work, which
+a step that merges N weight stores per layer pays more often than a plain step.
 
 Targets (issue 4): ours ≤ 1.5× a plain step with teachers on the fly and ≤ 1.15× with precomputed
 teachers, flat in N; ≥ 1.4× faster than the reference at N = 5; ≥ 1.8× less peak memory.
@@ -66,9 +71,6 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# On a shared, oversubscribed machine libgomp's spinning workers make a 2-thread step up to 50x
-# slower (measured: 2 s instead of 30 ms); passive waiting must be set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
@@ -77,7 +79,7 @@ from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # bench scripts run as files, not as a package: import the helpers beside them
-from _common import machine_info, timestamp, write_json
+from _common import busy_warning, machine_info, timestamp, write_json
 from dammerge.memory import reuse_freed_memory
 from reference_dam import build_reference_merge, reference_step
 
@@ -507,9 +509,7 @@ def measure_memory(cfg: BenchConfig) -> dict[str, Any]:
             "sources": [str(s) for s in sources],
             "tag": tag,
         }
-        env = dict(
-            os.environ, OMP_NUM_THREADS=str(THREADS), OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1"
-        )
+        env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), HF_HUB_OFFLINE="1")
         proc = subprocess.run(
             [sys.executable, __file__, "--memory-child", json.dumps(spec)],
             capture_output=True,
@@ -715,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     name = "dam_step_quick" if args.quick else "dam_step_gpu" if args.gpu else "dam_step"
     output = args.output or RESULTS / f"{name}.json"
     machine = machine_info()
+    if warning := busy_warning(machine):
+        print(warning, file=sys.stderr)
     began = time.perf_counter()
     # As in the engine's training loop (Trainer.run), freed CPU memory is kept for reuse, for
     # every variant alike; DAMMERGE_REUSE_MEMORY=0 measures with glibc's defaults instead.
