@@ -175,3 +175,18 @@ def test_forward_kl_with_grad_into_bf16_rounds_the_difference_once():
 def test_forward_kl_with_grad_of_no_rows_is_zero():
     empty = torch.zeros(0, 9)
     assert losses.forward_kl_with_grad(empty, empty, empty.clone()).item() == 0.0
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 60.0])
+def test_forward_kl_with_grad_holds_for_flat_and_peaked_distributions(scale):
+    """The log-sum-exp taken from the row's largest probability stays exact whether the
+    distributions are nearly uniform or nearly one-hot (float32 against a float64 reference)."""
+    merged = _logits(3, (6, 1000)).float() * scale
+    teacher = _logits(4, (6, 1000)).float() * scale
+    leaf = merged.double().requires_grad_(True)
+    expected = naive_forward_kl(leaf, teacher.double(), 2.0)
+    expected.backward()
+    grad_out = torch.empty_like(merged)
+    value = losses.forward_kl_with_grad(merged, teacher, grad_out, temperature=2.0)
+    torch.testing.assert_close(value.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_out.double(), leaf.grad, rtol=1e-4, atol=1e-9)
