@@ -157,6 +157,7 @@ def machine_info() -> dict[str, Any]:
         "ram_total_bytes": memory.total,
         "ram_available_bytes_at_start": memory.available,
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_busy_percent_at_start": psutil.cpu_percent(interval=1.0),
         # libgomp reads it once, when torch loads: spin-then-sleep by default, or ACTIVE/PASSIVE
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
     }
@@ -172,20 +173,22 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-BUSY_LOAD = 0.5  # a 1-minute load average above this means other jobs use the cores
+BUSY_PERCENT = 20.0  # CPU use by others, over one second at start, that makes timings unreliable
 
 
 def busy_warning(info: Mapping[str, Any]) -> str | None:
-    """A warning when the machine was not idle as the benchmark started (else None).
+    """A warning when other work was using the cores as the benchmark started (else None).
 
     Timings taken beside other jobs are unreliable, and with OpenMP's default wait policy
-    spinning workers can slow a step many times over on oversubscribed cores.
+    spinning workers can slow a step many times over on oversubscribed cores. The load average
+    would say so too late and too long (it still shows a job that ended a minute ago), so
+    :func:`machine_info` samples the CPU use over one second instead.
     """
-    load = info.get("load_average_at_start")
-    if not load or load[0] <= BUSY_LOAD:
+    busy = info.get("cpu_busy_percent_at_start")
+    if busy is None or busy <= BUSY_PERCENT:
         return None
     return (
-        f"warning: load average {load[0]:.2f} at start: other jobs are using the cores, so "
+        f"warning: the CPUs were {busy:.0f}% busy at start: other jobs are using the cores, so "
         "these timings are unreliable; run the benchmark alone (or with OMP_WAIT_POLICY=PASSIVE "
         "if the cores must be shared)"
     )
