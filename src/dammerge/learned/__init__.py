@@ -4,7 +4,7 @@
 :func:`dammerge.learned.run.run_learned_merge`. The pieces, one concern per module:
 
 - :mod:`.functional` — the merged linear autograd function (no saved merged weight);
-- :mod:`.layers` — merge modules (weights as buffers, float32 coefficients as parameters);
+- :mod:`.layers` — merge modules (frozen weight stores, float32 coefficients as parameters);
 - :mod:`.model` — building the merge module from checkpoints, teacher mode, folding;
 - :mod:`.losses` — KL / MSE / entropy objectives and cosine / L1 / L2 regularisers;
 - :mod:`.data` — representative datasets, templates, masks, dynamic padding;

@@ -180,7 +180,7 @@ def merged_linear(
         x: (..., in) activations in the compute dtype.
         scales: (M, in) per-source, per-input-column scales (float32; expand coarser
             granularities before calling, autograd sums the gradient back).
-        weights: (M, out, in) stacked source weights (buffers; never receive a gradient).
+        weights: (M, out, in) stacked source weights (frozen parameters; never receive a gradient).
         bias_scales: (M,) one scale per source for the bias, or None.
         biases: (M, out) stacked source biases, or None.
     """

@@ -1,4 +1,4 @@
-"""Merge modules: the source weights as buffers, the coefficients as plain float32 parameters.
+"""Merge modules: source weights as frozen parameters, the coefficients as float32 parameters.
 
 Each module replaces one module of the base architecture and computes its tensor as a
 coefficient-weighted combination of the *stacked* source tensors (the weight store, held once):
@@ -14,7 +14,9 @@ coefficient-weighted combination of the *stacked* source tensors (the weight sto
 
 Every module has a ``selected`` attribute: ``None`` for the merge, or a source index ``i`` for
 *teacher mode* (model i's own tensors, bit for bit, no arithmetic). No hooks, no parametrize
-magic: ordinary modules with plain parameters and buffers, so FSDP can shard them.
+magic: ordinary modules whose weight stores are frozen parameters (``requires_grad=False``)
+and whose coefficients are trainable ones, so FSDP shards the stores too (it shards
+parameters; buffers would be replicated whole on every rank).
 """
 
 from __future__ import annotations
@@ -130,6 +132,11 @@ class CoefficientScheme:
         return self.raw_from_effective(effective).to(torch.float32)
 
 
+def frozen(tensor: torch.Tensor | None) -> nn.Parameter | None:
+    """A weight store as a parameter that never receives a gradient (None stays None)."""
+    return None if tensor is None else nn.Parameter(tensor, requires_grad=False)
+
+
 def init_error(scheme: CoefficientScheme, init: InitSpec) -> str | None:
     """Why ``init`` cannot be used with ``scheme`` (None if it can)."""
     if isinstance(init, str):
@@ -155,11 +162,11 @@ def _broadcast(scales: torch.Tensor, ndim: int) -> torch.Tensor:
 class MergedLinear(nn.Module):
     """``nn.Linear`` replacement computing ``x · (Σ_m W_m diag(s_m))ᵀ + Σ_m β_m b_m``.
 
-    ``weights`` (n_store, out, in) and ``biases`` (n_store, out) are buffers; ``coefficients``
-    is (n_learned, in) for column granularity or (n_learned, 1) for layer/model granularity (for
-    model granularity one parameter object is shared by every module). The bias takes one
-    coefficient per model: its own (n_learned,) parameter with column granularity, else the
-    layer's (or model's) coefficient.
+    ``weights`` (n_store, out, in) and ``biases`` (n_store, out) are frozen parameters;
+    ``coefficients`` is (n_learned, in) for column granularity or (n_learned, 1) for layer/model
+    granularity (for model granularity one parameter object is shared by every module). The
+    bias takes one coefficient per model: its own (n_learned,) parameter with column
+    granularity, else the layer's (or model's) coefficient.
     """
 
     def __init__(
@@ -174,8 +181,8 @@ class MergedLinear(nn.Module):
         self.scheme = scheme
         self.in_features = int(weights.shape[2])
         self.out_features = int(weights.shape[1])
-        self.register_buffer("weights", weights)
-        self.register_buffer("biases", biases)
+        self.weights = frozen(weights)
+        self.biases = frozen(biases)
         self.coefficients = coefficients
         self.bias_coefficients = bias_coefficients
         self.selected: int | None = None
@@ -234,7 +241,7 @@ class MergedParameterModule(nn.Module):
         self.scheme = scheme
         self.stack_names = sorted(stacks) if stacks else []
         for name in self.stack_names:
-            self.register_buffer(f"stack_{name}", stacks[name])  # type: ignore[index]
+            setattr(self, f"stack_{name}", frozen(stacks[name]))  # type: ignore[index]
         self.coefficients = coefficients
         self.selected: int | None = None
 
