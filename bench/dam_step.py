@@ -33,7 +33,7 @@ medians, CPU time is the steadier figure when other jobs share the cores. OpenMP
 policy the user's training run gets: libgomp's default (workers spin briefly, then sleep) unless
 ``OMP_WAIT_POLICY`` is set, and the JSON records which (``machine.omp_wait_policy``). Run it
 alone: on a machine whose cores other jobs use, spinning workers made a 2-thread step up to 50x
-slower (the harness warns when the load average says the cores are busy). ``PASSIVE`` avoids
+slower (the harness warns when it finds the cores busy at start). ``PASSIVE`` avoids
 that but wakes the workers through the kernel on every parallel operation (~45 µs each here,
 ~100 µs per small GEMM), a tax in proportion to the number of operations, not their work, which
 a step that merges N weight stores per layer pays more often than a plain step.
