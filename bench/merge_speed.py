@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # bench scripts run as files, not as a package: import the shared helpers beside them
 from _common import (
     RunResult,
+    busy_warning,
     gib,
     machine_info,
     median_of,
@@ -331,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "" if size == "full" else "_small"
     suffix += "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
     output = args.output or RESULTS / f"merge_speed{suffix}.json"
+    machine = machine_info()  # its load and CPU-use fields describe the start of the run
+    if warning := busy_warning(machine):
+        print(warning, file=sys.stderr)
 
     print(f"[1/4] inputs ({size})", flush=True)
     base, variants = ensure_inputs(size)
@@ -378,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             "warm inputs. Medians over alternating runs; each tool is a subprocess with "
             "default threads; peak RSS = max(kernel ru_maxrss, polled RSS of process tree)."
         ),
-        "machine": machine_info(),
+        "machine": machine,
         "model": asdict(SIZES[size]),
         "checkpoint_bytes": {f.name: folder_bytes(f) for f in folders},
         "input_bytes": input_bytes,
