@@ -12,6 +12,10 @@ layer whatever N is. The gradients are
 - ``grad_s_m = column-sums((gᵀx) ⊙ W_m)``  (G = gᵀx is formed once; out×in)
 - ``grad_β_m = (Σ_tokens g) · b_m``
 
+With layer streaming (:mod:`dammerge.learned.offload`) the store is not kept for backward at
+all: the caller passes ``refetch``, which brings the store back to the compute device when the
+backward of that layer runs, so a streamed layer's weights are resident only while it computes.
+
 Coefficients are float32 whatever the weights' dtype: an Adam step of 1e-3 near 1/3 is below
 bfloat16's resolution there and would silently vanish.
 """
@@ -19,9 +23,13 @@ bfloat16's resolution there and would silently vanish.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+StoreFetch = Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+"""Returns a layer's (weights, biases) stores on the compute device, fetching them if needed."""
 
 
 def accumulation_dtype(scales: torch.Tensor) -> torch.dtype:
@@ -139,20 +147,30 @@ class MergedLinearFunction(torch.autograd.Function):
         weights: torch.Tensor,
         bias_scales: torch.Tensor | None,
         biases: torch.Tensor | None,
+        refetch: StoreFetch | None,
     ) -> torch.Tensor:
         weight = _merged_for(scales, weights, x.dtype)
         bias = None
         if biases is not None and bias_scales is not None:
             bias = merge_bias(bias_scales, biases).to(x.dtype)
         out = torch.nn.functional.linear(x, weight, bias)
-        # Only references: x (needed anyway), the small scales, and the resident weight store.
-        ctx.save_for_backward(x, scales, weights, bias_scales, biases)
+        # Only references: x (needed anyway), the small scales, and the resident weight store
+        # (or, when streamed, not even the store: backward fetches it again).
+        ctx.refetch = refetch
+        if refetch is None:
+            ctx.save_for_backward(x, scales, weights, bias_scales, biases)
+        else:
+            ctx.save_for_backward(x, scales, bias_scales)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, scales, weights, bias_scales, biases = ctx.saved_tensors
-        need_x, need_scales, _, need_bias_scales, _ = ctx.needs_input_grad
+        if ctx.refetch is None:
+            x, scales, weights, bias_scales, biases = ctx.saved_tensors
+        else:
+            x, scales, bias_scales = ctx.saved_tensors
+            weights, biases = ctx.refetch()
+        need_x, need_scales, _, need_bias_scales, _, _ = ctx.needs_input_grad
         grad_x = grad_scales = grad_bias_scales = None
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         if need_x:
@@ -164,7 +182,7 @@ class MergedLinearFunction(torch.autograd.Function):
         if need_bias_scales and biases is not None:
             acc = accumulation_dtype(bias_scales)
             grad_bias_scales = (biases.to(acc) @ g2.sum(0, dtype=acc)).to(bias_scales.dtype)
-        return grad_x, grad_scales, None, grad_bias_scales, None
+        return grad_x, grad_scales, None, grad_bias_scales, None, None
 
 
 def merged_linear(
@@ -173,6 +191,8 @@ def merged_linear(
     weights: torch.Tensor,
     bias_scales: torch.Tensor | None = None,
     biases: torch.Tensor | None = None,
+    *,
+    refetch: StoreFetch | None = None,
 ) -> torch.Tensor:
     """Apply the merged linear layer without saving the merged weight.
 
@@ -183,13 +203,15 @@ def merged_linear(
         weights: (M, out, in) stacked source weights (frozen parameters; never receive a gradient).
         bias_scales: (M,) one scale per source for the bias, or None.
         biases: (M, out) stacked source biases, or None.
+        refetch: when given, the stores are not kept for backward; backward calls it to get
+            ``(weights, biases)`` back on the compute device (layer streaming).
     """
     if weights.dim() != 3 or scales.shape != (weights.shape[0], weights.shape[2]):
         raise ValueError(
             f"scales {tuple(scales.shape)} do not fit weights {tuple(weights.shape)} "
             "(expected (M, in) for (M, out, in))"
         )
-    return MergedLinearFunction.apply(x, scales, weights, bias_scales, biases)
+    return MergedLinearFunction.apply(x, scales, weights, bias_scales, biases, refetch)
 
 
 def naive_merged_linear(

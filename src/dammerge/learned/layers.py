@@ -22,6 +22,7 @@ parameters; buffers would be replicated whole on every rank).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,6 +36,7 @@ Granularity = Literal["model", "layer", "column"]
 Parametrization = Literal["full", "task_vectors"]
 Activation = Literal["none", "tanh", "sigmoid"]
 InitSpec = str | float | list[float]
+StorePair = tuple[torch.Tensor, torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,15 @@ class MergedLinear(nn.Module):
         self.coefficients = coefficients
         self.bias_coefficients = bias_coefficients
         self.selected: int | None = None
+        self.layer: int | None = None  # the decoder layer it belongs to (None: lm_head)
+        # Set by layer streaming: returns this module's stores on the compute device.
+        self.store_source: Callable[[MergedLinear], StorePair] | None = None
+
+    def stores(self) -> StorePair:
+        """The (weights, biases) stores on the compute device (fetched there when streamed)."""
+        if self.store_source is None:
+            return self.weights, self.biases
+        return self.store_source(self)
 
     def scales(self) -> torch.Tensor:
         """(n_store, in) float32 scales of the weight store."""
@@ -208,10 +219,12 @@ class MergedLinear(nn.Module):
             return (self.biases.float() * scales[:, None]).sum(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, biases = self.stores()
         if self.selected is not None:
-            bias = None if self.biases is None else self.biases[self.selected]
-            return nn.functional.linear(x, self.weights[self.selected].to(x.dtype), bias)
-        return merged_linear(x, self.scales(), self.weights, self.bias_scales(), self.biases)
+            bias = None if biases is None else biases[self.selected]
+            return nn.functional.linear(x, weights[self.selected].to(x.dtype), bias)
+        refetch = None if self.store_source is None else self.stores
+        return merged_linear(x, self.scales(), weights, self.bias_scales(), biases, refetch=refetch)
 
     def extra_repr(self) -> str:
         return (

@@ -6,6 +6,10 @@ linear, an untied ``lm_head``, an embedding or a norm is swapped for its merge c
 :mod:`dammerge.learned.layers`, filled straight from the memory-mapped checkpoints into one
 stacked store per tensor. The result is an ordinary ``nn.Module``: the learned coefficients are
 its only trainable parameters; everything else is a frozen parameter or a buffer.
+
+With ``offload="layers"`` the decoder layers' linear stores are built in host memory instead
+(pinned when the device is CUDA) and a :class:`~dammerge.learned.offload.LayerStreamer` brings
+them to the device two layers at a time; everything else is built on the device as usual.
 """
 
 from __future__ import annotations
@@ -31,6 +35,13 @@ from dammerge.learned.layers import (
     MergedParameterModule,
     Parametrization,
     TiedHead,
+)
+from dammerge.learned.offload import (
+    LayerStreamer,
+    Offload,
+    check_offloadable,
+    host_tensor,
+    streamed_layer,
 )
 
 MergeModule = MergedLinear | MergedParameterModule
@@ -67,6 +78,7 @@ class MergedModel(nn.Module):
         self.options = options
         self.source_names = sources
         self.base_name = base
+        self.streamer: LayerStreamer | None = None  # set when the stores are streamed
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -182,6 +194,19 @@ class MergedModel(nn.Module):
         return base.get(tensor_name)
 
 
+def _to_device(model: nn.Module, device: torch.device, keep_on_host: set[int]) -> None:
+    """``model.to(device)`` (the skeleton's own buffers: rotary frequencies) except for the
+    parameters in ``keep_on_host`` (streamed stores). Parameters change device in place, so a
+    parameter shared by two modules stays shared."""
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and id(param) not in keep_on_host and param.device != device:
+                param.data = param.data.to(device)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+
+
 def _fold(checkpoints: list[Checkpoint], name: str, scales: torch.Tensor) -> torch.Tensor:
     """``Σ_m scales[m] · tensor_m`` in float32, one source at a time (``scales[m]`` broadcasts
     against the tensor): two tensor-sized buffers however many sources, never a stack."""
@@ -192,11 +217,23 @@ def _fold(checkpoints: list[Checkpoint], name: str, scales: torch.Tensor) -> tor
 
 
 def load_store(
-    checkpoints: list[Checkpoint], name: str, device: torch.device, dtype: torch.dtype
+    checkpoints: list[Checkpoint],
+    name: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    host_for: torch.device | None = None,
 ) -> torch.Tensor:
-    """One (len(checkpoints), *shape) store, filled in place from the memory-mapped files."""
-    shape = checkpoints[0].shape(name)
-    store = torch.empty((len(checkpoints), *shape), device=device, dtype=dtype)
+    """One (len(checkpoints), *shape) store, filled in place from the memory-mapped files.
+
+    With ``host_for`` the store is built in host memory to be streamed to that device (pinned
+    when it is CUDA) instead of on ``device``.
+    """
+    shape = (len(checkpoints), *checkpoints[0].shape(name))
+    if host_for is None:
+        store = torch.empty(shape, device=device, dtype=dtype)
+    else:
+        store = host_tensor(shape, dtype, host_for)
     for m, ck in enumerate(checkpoints):
         store[m].copy_(ck.get(name))
     return store
@@ -214,9 +251,14 @@ class _Builder:
         dtype: torch.dtype,
         keep_teacher_weights: bool,
         seed: int,
+        offload: Offload = "none",
     ) -> None:
         self.base, self.sources, self.options = base, sources, options
         self.device, self.dtype = device, dtype
+        self.offload = offload
+        self.streamed: list[MergedLinear] = []
+        if offload == "layers":
+            check_offloadable(base)
         self.keep_teacher_weights = keep_teacher_weights
         self.scheme = CoefficientScheme(
             n_sources=len(sources),
@@ -252,19 +294,24 @@ class _Builder:
 
     def linear(self, module_name: str, module: nn.Linear) -> MergedLinear:
         weight_name = self._tensor_name(module_name, "weight")
-        weights = load_store(self.store, weight_name, self.device, self.dtype)
+        layer = streamed_layer(self.base, weight_name)
+        host_for = self.device if self.offload == "layers" and layer is not None else None
+        weights = load_store(self.store, weight_name, self.device, self.dtype, host_for=host_for)
         biases = bias_coefficients = None
         if module.bias is not None:
-            biases = load_store(
-                self.store, self._tensor_name(module_name, "bias"), self.device, self.dtype
-            )
+            bias_name = self._tensor_name(module_name, "bias")
+            biases = load_store(self.store, bias_name, self.device, self.dtype, host_for=host_for)
             if self.options.granularity == "column":
                 raw = self.scheme.initial_raw(
                     (self.scheme.n_learned,), self.options.init, self.generator
                 )
                 bias_coefficients = nn.Parameter(raw.to(self.device))
         coefficients = self._parameter(int(weights.shape[2]))
-        return MergedLinear(weights, biases, self.scheme, coefficients, bias_coefficients)
+        merged = MergedLinear(weights, biases, self.scheme, coefficients, bias_coefficients)
+        merged.layer = layer
+        if host_for is not None:
+            self.streamed.append(merged)
+        return merged
 
     def parameter_module(self, module_name: str, module: nn.Module, merge: bool):
         names = [n for n, _ in module.named_parameters(recurse=False)]
@@ -329,7 +376,7 @@ class _Builder:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, new)
         self.fill_remaining(model)
-        model.to(self.device)  # the skeleton's own buffers (rotary frequencies)
+        _to_device(model, self.device, keep_on_host={id(p) for p in self._host_stores()})
         model.eval()
         model.config.use_cache = False
         for param in model.parameters():
@@ -343,7 +390,13 @@ class _Builder:
         )
         for param in merged.coefficient_parameters():
             param.requires_grad_(True)
+        if self.streamed:
+            merged.streamer = LayerStreamer(self.streamed, self.device)
         return merged
+
+    def _host_stores(self) -> list[torch.Tensor]:
+        stores = [m.weights for m in self.streamed]
+        return stores + [m.biases for m in self.streamed if m.biases is not None]
 
     def _kind(self, name: str, module: nn.Module) -> TensorKind | None:
         weight_name = f"{name}.weight"
@@ -374,12 +427,15 @@ def build_merged_model(
     dtype: torch.dtype = torch.float32,
     keep_teacher_weights: bool = True,
     seed: int = 0,
+    offload: Offload = "none",
 ) -> MergedModel:
     """The merge of ``sources`` in ``base``'s architecture, ready to train.
 
     ``keep_teacher_weights`` keeps every source's embeddings and norms resident so that
     ``teacher(i)`` reproduces source i exactly (needed for on-the-fly teachers); without it
-    only what the merge itself uses is loaded. ``seed`` drives ``init: random``.
+    only what the merge itself uses is loaded. ``seed`` drives ``init: random``. ``offload``
+    ``"layers"`` streams the decoder layers' stores from host memory (see
+    :mod:`dammerge.learned.offload`).
     """
     builder = _Builder(
         base,
@@ -389,5 +445,6 @@ def build_merged_model(
         dtype,
         keep_teacher_weights,
         seed,
+        offload,
     )
     return builder.build()

@@ -32,6 +32,7 @@ from dammerge.learned.data import (
     load_records,
     select_records,
 )
+from dammerge.learned.offload import check_offloadable
 from dammerge.learned.settings import (
     DatasetSettings,
     TrainingSettings,
@@ -48,6 +49,10 @@ BOOKKEEPING = {
     "work_dir",
     "steps",
     "epochs",
+    # How memory is spent, not what is computed (the coefficients are the same either way):
+    # a run stopped for lack of memory resumes with either switched on.
+    "gradient_checkpointing",
+    "offload",
 }
 console = Console(stderr=True)
 
@@ -239,6 +244,8 @@ def prepare(
     base = Checkpoint(cfg.base_model)  # type: ignore[arg-type]
     sources = [Checkpoint(m.model) for m in cfg.models]
     check_architecture(base, sources)
+    if settings.offload == "layers":
+        check_offloadable(base)
     tokenizer_folder = (
         base.path if cfg.tokenizer_source in (None, "base") else Path(cfg.tokenizer_source)
     )
@@ -303,7 +310,8 @@ def describe(plan: LearnedPlan) -> list[str]:
         f"merged      embeddings {s.merge_embeddings}, norms {s.merge_norms}, "
         f"base as participant {s.include_base}",
         f"weights     {str(plan.dtype).removeprefix('torch.')} on {plan.device} "
-        "(coefficients float32)",
+        "(coefficients float32)"
+        + (", decoder layers streamed from host memory" if s.offload == "layers" else ""),
         f"work folder {plan.work_dir}",
         f"output      {plan.output}",
     ]
@@ -362,6 +370,7 @@ def train_plan(
         dtype=plan.dtype,
         keep_teacher_weights=needs_teacher and s.teacher == "on_the_fly",
         seed=plan.seed,
+        offload=s.offload,
     )
     if needs_teacher and teacher is None:
         teacher = OnTheFlyTeacher(model)

@@ -80,6 +80,7 @@ class TrainingSettings(BaseModel):
     grad_clip: float | None = Field(default=1.0, gt=0)
     max_length: int = Field(default=2048, gt=1)
     gradient_checkpointing: bool = False
+    offload: Literal["none", "layers"] = "none"  # layers: stores in host memory, streamed
     dtype: str | None = None  # weights and activations; coefficients are always float32
     # bookkeeping
     checkpoint_every: int = Field(default=50, gt=0)

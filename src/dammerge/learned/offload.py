@@ -1,0 +1,216 @@
+"""Layer streaming (``training.offload: layers``): exact DAM with the weight stores in host memory.
+
+The N-way weight stores of the decoder layers' linears are most of what a learned merge holds
+(three 7B sources: ~40 GiB in bf16). With streaming they live in host memory (pinned on CUDA, so
+copies run asynchronously) and at most **two** decoder layers' stores are on the compute device
+at any time: the layer computing now and the one predicted next, whose copy is started while the
+current one computes (on CUDA on a side stream, joined by an event; on CPU the same code path
+makes a plain copy, so the CPU tests exercise it). Everything outside the decoder layers (the
+embeddings, the final norm, an untied ``lm_head``) and the layers' small norm vectors stay on
+the device.
+
+Nothing is approximated: the merged-linear function does not keep a store for backward; it
+fetches the layer's stores again through :meth:`LayerStreamer.stores` (see
+:mod:`dammerge.learned.functional`). The same values meet the same kernels in the same order, so
+coefficients after training are bit for bit those of a run with resident stores on the same
+device and dtype. Under gradient checkpointing a layer's recomputation fetches its stores like
+its first forward did.
+
+Prediction of the next layer needs no hook on the model: the order in which layers ask for
+their stores tells the direction. Ascending means a forward pass (next: the layer above; after
+the last layer, the one below it when gradients are being recorded, since backward comes next,
+else the first layer, since another forward pass comes next); descending means backward (next:
+the layer below; after the first layer, the second, which the next forward pass needs right
+after the first). A wrong prediction costs one copy, never a wrong result: a layer that is not
+resident is fetched synchronously when asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from dammerge.checkpoint.architecture import TensorKind
+from dammerge.checkpoint.reader import Checkpoint
+from dammerge.errors import ConfigError
+from dammerge.learned.layers import MergedLinear, StorePair
+
+Offload = Literal["none", "layers"]
+ResidencyObserver = Callable[[tuple[int, ...]], None]
+
+
+def streamed_layer(base: Checkpoint, weight_name: str) -> int | None:
+    """The decoder layer whose stores ``weight_name`` belongs to when streamed (None: resident).
+
+    Block linears (and their biases) are streamed; the output head never is.
+    """
+    info = base.info(weight_name)
+    return info.layer if info.kind == TensorKind.LINEAR else None
+
+
+def check_offloadable(base: Checkpoint) -> None:
+    """``offload: layers`` needs decoder layers whose linears it recognises; say so if not."""
+    if any(streamed_layer(base, name) is not None for name in base.names()):
+        return
+    model_type = base.config.get("model_type") or "unknown"
+    raise ConfigError(
+        f"training.offload: layers needs decoder layers, but no block linear of {base.path} "
+        f"(model_type {model_type}) was recognised as part of one",
+        "use training.offload: none, or a standard decoder-only Hugging Face architecture",
+    )
+
+
+def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty host tensor for a streamed store: page-locked when the device is CUDA (so the
+    copies to the device are asynchronous DMA), ordinary memory otherwise."""
+    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
+@dataclass
+class _Resident:
+    """One layer's stores on the compute device; ``ready`` is the copy's CUDA event."""
+
+    stores: dict[int, StorePair] = field(default_factory=dict)
+    ready: torch.cuda.Event | None = None
+
+
+class LayerStreamer:
+    """Keeps at most two decoder layers' stores on ``device`` and prefetches the next one.
+
+    Each streamed :class:`MergedLinear` gets ``store_source`` pointing here; its ``weights`` and
+    ``biases`` parameters stay in host memory. ``observe`` registers a callback that receives
+    the resident layers after every change (tests count them).
+    """
+
+    def __init__(self, modules: Iterable[MergedLinear], device: torch.device) -> None:
+        self.device = torch.device(device)
+        self._layers: dict[int, list[MergedLinear]] = {}
+        for module in modules:
+            if module.layer is None:
+                raise ValueError("only decoder-layer linears are streamed")
+            self._layers.setdefault(module.layer, []).append(module)
+        if not self._layers:
+            raise ValueError("no decoder-layer linears to stream")
+        self._order = sorted(self._layers)
+        self._position = {layer: i for i, layer in enumerate(self._order)}
+        self._resident: dict[int, _Resident] = {}
+        self._current: int | None = None
+        self._observers: list[ResidencyObserver] = []
+        self.fetches = 0  # layer copies made (the prefetched ones included)
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        for layer_modules in self._layers.values():
+            for module in layer_modules:
+                module.store_source = self.stores
+
+    # -- what the modules call ------------------------------------------------------------
+    def stores(self, module: MergedLinear) -> StorePair:
+        """``module``'s (weights, biases) on the device; its layer becomes the current one."""
+        assert module.layer is not None
+        self.acquire(module.layer)
+        return self._resident[module.layer].stores[id(module)]
+
+    def acquire(self, layer: int) -> None:
+        """Make ``layer`` resident and current; start fetching the layer predicted next."""
+        if layer == self._current and layer in self._resident:
+            return
+        upcoming = self._predict(layer)
+        self._current = layer
+        keep = {layer} if upcoming is None else {layer, upcoming}
+        for other in [r for r in self._resident if r not in keep]:
+            del self._resident[other]  # evict before fetching: never more than two
+        if layer not in self._resident:
+            self._resident[layer] = self._fetch(layer)
+        self._join(self._resident[layer])
+        if upcoming is not None and upcoming not in self._resident:
+            self._resident[upcoming] = self._fetch(upcoming)
+        self._notify()
+
+    def observe(self, callback: ResidencyObserver) -> None:
+        """Call ``callback(resident_layers)`` after every change of the resident set."""
+        self._observers.append(callback)
+
+    def resident_layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self._resident))
+
+    def release(self) -> None:
+        """Drop every device copy (e.g. before export or between phases)."""
+        self._resident.clear()
+        self._current = None
+        self._notify()
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self._order)
+
+    def layer_bytes(self, layer: int) -> int:
+        """Bytes of one layer's stores (what each resident layer costs on the device)."""
+        total = 0
+        for module in self._layers[layer]:
+            total += module.weights.numel() * module.weights.element_size()
+            if module.biases is not None:
+                total += module.biases.numel() * module.biases.element_size()
+        return total
+
+    # -- internals ------------------------------------------------------------------------
+    def _predict(self, layer: int) -> int | None:
+        """The layer most likely asked for after ``layer`` (see the module docstring)."""
+        position = self._position[layer]
+        last = None if self._current is None else self._position[self._current]
+        step = -1 if last == position + 1 else 1
+        upcoming = position + step
+        if 0 <= upcoming < len(self._order):
+            return self._order[upcoming]
+        if len(self._order) == 1:
+            return None
+        if step < 0:  # backward reached the first layer: the next pass starts here, then ...
+            return self._order[1]
+        return self._order[-2] if torch.is_grad_enabled() else self._order[0]
+
+    def _fetch(self, layer: int) -> _Resident:
+        """Start copying ``layer``'s stores to the device (asynchronous on CUDA)."""
+        self.fetches += 1
+        resident = _Resident()
+        if self._copy_stream is None:
+            for module in self._layers[layer]:
+                resident.stores[id(module)] = (_copy(module.weights), _copy(module.biases))
+            return resident
+        with torch.cuda.stream(self._copy_stream):
+            for module in self._layers[layer]:
+                resident.stores[id(module)] = (
+                    _copy(module.weights, self.device),
+                    _copy(module.biases, self.device),
+                )
+            resident.ready = torch.cuda.Event()
+            resident.ready.record(self._copy_stream)
+        return resident
+
+    def _join(self, resident: _Resident) -> None:
+        """Make the compute stream wait for the copy, and tell the caching allocator that the
+        copies are used there (so their memory is not reused while kernels still read it)."""
+        if resident.ready is None:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(resident.ready)
+        for weights, biases in resident.stores.values():
+            weights.record_stream(compute)
+            if biases is not None:
+                biases.record_stream(compute)
+        resident.ready = None
+
+    def _notify(self) -> None:
+        resident = self.resident_layers()
+        for callback in self._observers:
+            callback(resident)
+
+
+def _copy(tensor: torch.Tensor | None, device: torch.device | None = None) -> torch.Tensor | None:
+    """A device copy of a host store (a fresh CPU tensor when ``device`` is None)."""
+    if tensor is None:
+        return None
+    if device is None:
+        return torch.empty_like(tensor).copy_(tensor)
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+    return out.copy_(tensor.detach(), non_blocking=True)

@@ -1,0 +1,205 @@
+"""Layer streaming (``training.offload: layers``) on CPU: the same coefficients as resident stores,
+never more than two decoder layers' stores resident, backward fetching them again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dammerge.checkpoint.reader import Checkpoint
+from dammerge.config import MergeConfig
+from dammerge.errors import ConfigError
+from dammerge.learned import offload
+from dammerge.learned.layers import MergedLinear
+from dammerge.learned.run import prepare, train_plan
+from dammerge.learned.settings import parse_settings
+from dammerge.testing import make_family
+
+from .helpers import IDS, build_merged, training_plan
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def deep_family(tmp_path_factory):
+    """Base + 2 fine-tunes with four decoder layers (two resident must be fewer than all)."""
+    root = tmp_path_factory.mktemp("deep")
+    return make_family(root, "llama", n=2, tie_word_embeddings=False, num_hidden_layers=LAYERS)
+
+
+class ResidencyLog:
+    """Records every resident set a streamer reports, and how many copies it made."""
+
+    def __init__(self) -> None:
+        self.sets: list[tuple[int, ...]] = []
+        self.streamers: list[offload.LayerStreamer] = []
+
+    def attach(self, streamer: offload.LayerStreamer) -> None:
+        self.streamers.append(streamer)
+        streamer.observe(self.sets.append)
+
+    @property
+    def most(self) -> int:
+        return max(len(s) for s in self.sets)
+
+
+@pytest.fixture
+def residency(monkeypatch) -> ResidencyLog:
+    """Every streamer created during the test reports to the returned log."""
+    log = ResidencyLog()
+    original = offload.LayerStreamer.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        log.attach(self)
+
+    monkeypatch.setattr(offload.LayerStreamer, "__init__", init)
+    return log
+
+
+def _train(dam_recipe, family, data, out, **options):
+    plan = training_plan(dam_recipe, family, data, out, **options)
+    model, result = train_plan(plan, progress=False)
+    assert result.steps == options["steps"]
+    return model.coefficient_state()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"dtype": "float32"},
+        {"dtype": "float32", "gradient_checkpointing": True},
+        {"dtype": "bfloat16"},
+        {"dtype": "float32", "teacher": "precomputed", "top_k": 16, "lambda_cos": 0.5},
+    ],
+    ids=["fp32", "fp32-checkpointing", "bf16", "fp32-precomputed"],
+)
+def test_streamed_training_gives_the_resident_coefficients_bit_for_bit(
+    deep_family, datasets_dir, tmp_path, dam_recipe, residency, options
+):
+    common = {"steps": 3, "lr": 0.01, **options}
+    resident = _train(dam_recipe, deep_family, datasets_dir, tmp_path / "a", **common)
+    assert not residency.streamers
+    streamed = _train(
+        dam_recipe, deep_family, datasets_dir, tmp_path / "b", offload="layers", **common
+    )
+    assert resident.keys() == streamed.keys()
+    for name in resident:
+        assert torch.equal(streamed[name], resident[name]), name
+    moved = max(float((t - 0.5).abs().max()) for t in streamed.values())
+    assert moved > 1e-4  # training did move the coefficients
+    assert len(residency.streamers) == 1
+    assert residency.most == 2
+    assert {layer for s in residency.sets for layer in s} == set(range(LAYERS))
+
+
+def test_tied_model_streams_its_layers_and_keeps_the_head(
+    tied_family, datasets_dir, tmp_path, dam_recipe, residency
+):
+    common = {"steps": 2, "lr": 0.01, "merge_embeddings": True}
+    resident = _train(dam_recipe, tied_family, datasets_dir, tmp_path / "a", **common)
+    streamed = _train(
+        dam_recipe, tied_family, datasets_dir, tmp_path / "b", offload="layers", **common
+    )
+    for name in resident:
+        assert torch.equal(streamed[name], resident[name]), name
+    assert residency.most <= 2
+
+
+def _checkpoint_layers(inner: torch.nn.Module) -> None:
+    kwargs = {"use_reentrant": False}
+    enable = getattr(inner, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers >= 5.x name
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    inner.train()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_backward_fetches_the_layers_again(deep_family, checkpointing):
+    """One forward and backward: the same gradients as resident stores, two layers at most on
+    the device, and the first layers (evicted during the forward) copied again for backward."""
+    resident = build_merged(deep_family)
+    streamed = build_merged(deep_family, offload="layers")
+    streamer = streamed.streamer
+    assert streamer is not None and streamer.layers == list(range(LAYERS))
+    sets: list[tuple[int, ...]] = []
+    streamer.observe(sets.append)
+    grads = []
+    for model in (resident, streamed):
+        if checkpointing:
+            _checkpoint_layers(model.model)
+        loss = model(IDS).float().logsumexp(-1).mean()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.coefficient_groups()})
+    for name in grads[0]:
+        assert torch.equal(grads[1][name], grads[0][name]), name
+    assert max(len(s) for s in sets) == 2
+    # forward: every layer once; backward: all but the two still resident after the forward
+    assert streamer.fetches == LAYERS + (LAYERS - 2)
+    assert sets[-1] == (0, 1)
+
+
+def test_streamed_stores_stay_in_host_memory_and_the_rest_is_resident(deep_family):
+    model = build_merged(deep_family, offload="layers")
+    linears = {n: m for n, m in model.merge_modules() if isinstance(m, MergedLinear)}
+    streamed = {n for n, m in linears.items() if m.store_source is not None}
+    assert streamed == {n for n in linears if ".layers." in n}
+    assert "lm_head" in linears and linears["lm_head"].store_source is None
+    module = linears["model.layers.0.self_attn.q_proj"]
+    with torch.no_grad():
+        model(IDS)  # the last forward leaves layers 0 (predicted next) and 3 resident
+    copy, _ = module.stores()
+    assert torch.equal(copy, module.weights) and copy.data_ptr() != module.weights.data_ptr()
+    assert model.streamer.layer_bytes(0) == sum(
+        m.weights.numel() * m.weights.element_size() for m in linears.values() if m.layer == 0
+    )
+
+
+def test_teacher_mode_streams_the_selected_source(deep_family):
+    resident = build_merged(deep_family)
+    streamed = build_merged(deep_family, offload="layers")
+    with torch.no_grad():
+        for i in range(2):
+            with resident.teacher(i), streamed.teacher(i):
+                assert torch.equal(streamed(IDS), resident(IDS))
+
+
+def _layerless_checkpoint(folder):
+    """A checkpoint whose linears belong to no decoder layer dammerge recognises."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mystery"}))
+    tensors = {"encoder.dense.weight": torch.zeros(4, 4), "lm_head.weight": torch.zeros(8, 4)}
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+def test_offload_without_known_decoder_layers_is_one_line_error(tmp_path, datasets_dir):
+    folder = _layerless_checkpoint(tmp_path / "mystery")
+    with pytest.warns(UserWarning, match="not known to dammerge"):
+        base = Checkpoint(folder)
+    with pytest.raises(ConfigError, match="needs decoder layers") as caught:
+        offload.check_offloadable(base)
+    assert "\n" not in caught.value.message and "offload: none" in caught.value.hint
+    recipe = {
+        "merge_method": "dam",
+        "base_model": str(folder),
+        "models": [
+            {"model": str(folder), "dataset": {"path": str(datasets_dir / f"d{i}.jsonl")}}
+            for i in range(2)
+        ],
+        "training": {"offload": "layers"},
+    }
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match="needs decoder layers"):
+        prepare(MergeConfig.from_dict(recipe), tmp_path / "out")
+
+
+def test_offload_setting_is_validated():
+    assert parse_settings("dam", {}).offload == "none"
+    assert parse_settings("dam", {"offload": "layers"}).offload == "layers"
+    with pytest.raises(ConfigError, match=r"training\.offload"):
+        parse_settings("dam", {"offload": "disk"})
