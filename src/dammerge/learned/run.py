@@ -446,11 +446,16 @@ def run_learned_merge(
     training state stays in the work folder; calling again resumes).
     """
     from dammerge.learned.export import export_merged
+    from dammerge.learned.memory_plan import plan_run
 
     plan = prepare(cfg, Path(output), device=device, seed=seed, overwrite=overwrite)
-    if dry_run:
-        for line in describe(plan):
+    memory = plan_run(plan)
+    if dry_run or progress:
+        lines = [*describe(plan), *memory.lines()] if dry_run else memory.lines()
+        for line in lines:
             console.print(line, highlight=False, markup=False, soft_wrap=True)
+    memory.require_fits()  # before any weight is loaded
+    if dry_run:
         console.print("dry run: nothing trained or written", style="green")
         return None
     model, result = train_plan(plan, progress=progress, stop_after=stop_after)

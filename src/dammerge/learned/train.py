@@ -13,7 +13,9 @@ position *is* the step, see :class:`~dammerge.learned.data.SourceData`) written 
 ``checkpoint_every`` steps, on Ctrl-C and at the end, and ``train_log.jsonl`` with every loss
 term. A run that stops for any reason resumes from the checkpoint and ends with coefficients
 bit-identical to an uninterrupted run. A non-finite loss or gradient stops training *before* the
-update, leaving the last good checkpoint in place.
+update, leaving the last good checkpoint in place. Running out of memory (see
+:func:`out_of_memory`) stops training the same way, with the step, its example length and the
+options that lower memory.
 """
 
 from __future__ import annotations
@@ -46,6 +48,36 @@ Teacher = Callable[[int, Batch], TeacherOutput]
 
 class TrainingDiverged(DammergeError):
     """A loss term or gradient became NaN/Inf; training stopped before the bad update."""
+
+
+class TrainingOutOfMemory(DammergeError):
+    """The device ran out of memory during a step; the last checkpoint is kept."""
+
+
+CPU_ALLOCATOR_FAILURE = "DefaultCPUAllocator: can't allocate memory"
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed: CUDA's ``torch.OutOfMemoryError``, Python's
+    ``MemoryError``, or the CPU allocator's error (a plain ``RuntimeError`` in torch)."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and CPU_ALLOCATOR_FAILURE in str(exc)
+
+
+def memory_options(settings: TrainingSettings, length: int | None = None) -> list[str]:
+    """The options that lower a run's memory and are not switched on yet."""
+    options = []
+    if not settings.gradient_checkpointing:
+        options.append("gradient_checkpointing: true")
+    if settings.objective != "entropy" and settings.teacher == "on_the_fly":
+        options.append("teacher: precomputed")
+    if settings.offload == "none":
+        options.append("offload: layers")
+    options.append("more ranks with training.distributed: shard")
+    below = settings.max_length if length is None else min(length, settings.max_length)
+    options.append(f"a max_length below {below}")
+    return options
 
 
 @dataclass
@@ -236,6 +268,8 @@ class Trainer:
             self.params, lr=settings.lr, weight_decay=settings.weight_decay
         )
         self.step = 0
+        self.saved_step: int | None = None  # the step of the checkpoint on disk
+        self.step_length = 0  # tokens of the longest example in the current step
         self._updating = False
         if settings.gradient_checkpointing:
             self._enable_gradient_checkpointing()
@@ -276,6 +310,7 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
         _atomic_save(state, self.checkpoint_path)
+        self.saved_step = self.step
 
     def load_checkpoint(self) -> int:
         """Restore the saved state; returns the step it resumes at."""
@@ -297,6 +332,7 @@ class Trainer:
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = int(state["step"])
+        self.saved_step = self.step
         self._truncate_log(self.step)
         return self.step
 
@@ -323,10 +359,24 @@ class Trainer:
             "lower training.lr or check the data; running again resumes from that checkpoint",
         )
 
+    def _out_of_memory(self) -> TrainingOutOfMemory:
+        kept = (
+            f"the last checkpoint (step {self.saved_step}) is kept in {self.work_dir}"
+            if self.saved_step is not None
+            else "no checkpoint was written"
+        )
+        return TrainingOutOfMemory(
+            f"out of memory on {self.device} at step {self.step + 1} (examples of up to "
+            f"{self.step_length} tokens); {kept}",
+            f"set {', '.join(memory_options(self.settings, self.step_length))}; with "
+            "gradient_checkpointing or offload changed, running again resumes from that checkpoint",
+        )
+
     def train_step(self) -> dict[str, float]:
         """Run step ``self.step`` (forward, backward, clip, update, advance); returns the terms."""
         self.optimizer.zero_grad(set_to_none=True)
         batches = [source.batch(self.step).to(self.device) for source in self.data]
+        self.step_length = max(b.input_ids.shape[1] for b in batches)
         if self.fuse_sources:
             terms, total = self._fused_losses(batches)
         else:
@@ -458,6 +508,11 @@ class Trainer:
             if not self._updating:  # a consistent state: save it so a rerun resumes here
                 self.save_checkpoint()
             raise
+        except (RuntimeError, MemoryError) as exc:
+            if not out_of_memory(exc):
+                raise
+            self.optimizer.zero_grad(set_to_none=True)  # hand back what can be handed back
+            raise self._out_of_memory() from None
         finally:
             bar.close()
         result.seconds = time.perf_counter() - began
