@@ -3,7 +3,9 @@ never more than two decoder layers' stores resident, backward fetching them agai
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -203,3 +205,26 @@ def test_offload_setting_is_validated():
     assert parse_settings("dam", {"offload": "layers"}).offload == "layers"
     with pytest.raises(ConfigError, match=r"training\.offload"):
         parse_settings("dam", {"offload": "disk"})
+
+
+def test_host_arena_hands_out_disjoint_views_of_power_of_two_segments():
+    """Pinned memory is allocated in powers of two (nothing for the allocator to round up)
+    and the stores are views placed in them with little left over."""
+    shapes = [(3, 64, 32), (3, 16, 32), (3, 16, 32), (3, 32, 64), (3, 5)] * 6
+    sizes = [math.prod(s) * 2 for s in shapes]
+    arena = offload.HostArena(sum(sizes), max(sizes), pin=False, segment_bytes=2**15)
+    views = [arena.empty(shape, torch.bfloat16) for shape in shapes]
+    assert all(
+        v.shape == s and v.dtype == torch.bfloat16 for v, s in zip(views, shapes, strict=True)
+    )
+    assert all(seg.numel() & (seg.numel() - 1) == 0 for seg in arena.segments)
+    assert len(arena.segments) > 1  # the test spans several segments
+    spans = sorted(
+        (v.untyped_storage().data_ptr(), v.data_ptr(), v.data_ptr() + v.numel() * 2) for v in views
+    )
+    for (storage_a, _, end_a), (storage_b, start_b, _) in itertools.pairwise(spans):
+        assert storage_a != storage_b or end_a <= start_b
+    for i, view in enumerate(views):
+        view.fill_(i)
+    assert all(bool((view == i).all()) for i, view in enumerate(views))
+    assert arena.reserved < 1.5 * sum(sizes)

@@ -287,9 +287,10 @@ class MemoryPlan:
         need = f"  peak {gib(self.peak)} per process"
         if not self.unified and self.host_peak:
             need += f" on {self.device}, {gib(self.host_peak)} in host memory"
+        where = "in host memory" if self.unified else f"on {self.device}"
         if self.capacity is None:
-            return f"{need} (capacity of {self.place} unknown)"
-        room = f"{gib(self.capacity)} available in {self.place}"
+            return f"{need} (capacity {where} unknown)"
+        room = f"{gib(self.capacity)} available {where}"
         if not self.unified and self.host_capacity is not None and self.host_peak:
             room += f", {gib(self.host_capacity)} in host memory"
         return f"{need}; {room}: {'fits' if self.fits else 'does NOT fit'}"

@@ -37,10 +37,11 @@ from dammerge.learned.layers import (
     TiedHead,
 )
 from dammerge.learned.offload import (
+    HostArena,
     LayerStreamer,
     Offload,
     check_offloadable,
-    host_tensor,
+    streamed_bytes,
     streamed_layer,
 )
 
@@ -222,18 +223,18 @@ def load_store(
     device: torch.device,
     dtype: torch.dtype,
     *,
-    host_for: torch.device | None = None,
+    arena: HostArena | None = None,
 ) -> torch.Tensor:
     """One (len(checkpoints), *shape) store, filled in place from the memory-mapped files.
 
-    With ``host_for`` the store is built in host memory to be streamed to that device (pinned
-    when it is CUDA) instead of on ``device``.
+    With ``arena`` the store is built in that host memory (to be streamed) instead of on
+    ``device``.
     """
     shape = (len(checkpoints), *checkpoints[0].shape(name))
-    if host_for is None:
+    if arena is None:
         store = torch.empty(shape, device=device, dtype=dtype)
     else:
-        store = host_tensor(shape, dtype, host_for)
+        store = arena.empty(shape, dtype)
     for m, ck in enumerate(checkpoints):
         store[m].copy_(ck.get(name))
     return store
@@ -257,8 +258,7 @@ class _Builder:
         self.device, self.dtype = device, dtype
         self.offload = offload
         self.streamed: list[MergedLinear] = []
-        if offload == "layers":
-            check_offloadable(base)
+        self.arena: HostArena | None = None
         self.keep_teacher_weights = keep_teacher_weights
         self.scheme = CoefficientScheme(
             n_sources=len(sources),
@@ -268,6 +268,10 @@ class _Builder:
             clamp=options.clamp,
         )
         self.store = sources + ([base] if self.scheme.base_in_store else [])
+        if offload == "layers":
+            check_offloadable(base)
+            total, largest = streamed_bytes(base, len(self.store), dtype)
+            self.arena = HostArena(total, largest, pin=device.type == "cuda")
         self.generator = torch.Generator().manual_seed(seed)
         self.shared: nn.Parameter | None = None
         if options.granularity == "model":
@@ -295,12 +299,12 @@ class _Builder:
     def linear(self, module_name: str, module: nn.Linear) -> MergedLinear:
         weight_name = self._tensor_name(module_name, "weight")
         layer = streamed_layer(self.base, weight_name)
-        host_for = self.device if self.offload == "layers" and layer is not None else None
-        weights = load_store(self.store, weight_name, self.device, self.dtype, host_for=host_for)
+        arena = self.arena if layer is not None else None
+        weights = load_store(self.store, weight_name, self.device, self.dtype, arena=arena)
         biases = bias_coefficients = None
         if module.bias is not None:
             bias_name = self._tensor_name(module_name, "bias")
-            biases = load_store(self.store, bias_name, self.device, self.dtype, host_for=host_for)
+            biases = load_store(self.store, bias_name, self.device, self.dtype, arena=arena)
             if self.options.granularity == "column":
                 raw = self.scheme.initial_raw(
                     (self.scheme.n_learned,), self.options.init, self.generator
@@ -309,7 +313,7 @@ class _Builder:
         coefficients = self._parameter(int(weights.shape[2]))
         merged = MergedLinear(weights, biases, self.scheme, coefficients, bias_coefficients)
         merged.layer = layer
-        if host_for is not None:
+        if arena is not None:
             self.streamed.append(merged)
         return merged
 

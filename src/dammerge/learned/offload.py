@@ -1,13 +1,13 @@
 """Layer streaming (``training.offload: layers``): exact DAM with the weight stores in host memory.
 
 The N-way weight stores of the decoder layers' linears are most of what a learned merge holds
-(three 7B sources: ~40 GiB in bf16). With streaming they live in host memory (pinned on CUDA, so
-copies run asynchronously) and at most **two** decoder layers' stores are on the compute device
-at any time: the layer computing now and the one predicted next, whose copy is started while the
-current one computes (on CUDA on a side stream, joined by an event; on CPU the same code path
-makes a plain copy, so the CPU tests exercise it). Everything outside the decoder layers (the
-embeddings, the final norm, an untied ``lm_head``) and the layers' small norm vectors stay on
-the device.
+(three 7B sources: ~40 GiB in bf16). With streaming they live in host memory (a
+:class:`HostArena`, pinned on CUDA so that copies run asynchronously) and at most **two** decoder
+layers' stores are on the compute device at any time: the layer computing now and the one
+predicted next, whose copy is started while the current one computes (on CUDA on a side stream,
+joined by an event; on CPU the same code path makes a plain copy, so the CPU tests exercise it).
+Everything outside the decoder layers (the embeddings, the final norm, an untied ``lm_head``)
+and the layers' small norm vectors stay on the device.
 
 Nothing is approximated: the merged-linear function does not keep a store for backward; it
 fetches the layer's stores again through :meth:`LayerStreamer.stores` (see
@@ -27,6 +27,7 @@ resident is fetched synchronously when asked for.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -63,10 +64,83 @@ def check_offloadable(base: Checkpoint) -> None:
     )
 
 
-def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An empty host tensor for a streamed store: page-locked when the device is CUDA (so the
-    copies to the device are asynchronous DMA), ordinary memory otherwise."""
-    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+def streamed_bytes(base: Checkpoint, n_store: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(total, largest) bytes of the stores ``offload: layers`` keeps in host memory: every
+    decoder-layer linear's weight and bias, ``n_store`` copies each, in ``dtype``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = []
+    for name in base.names():
+        if streamed_layer(base, name) is None:
+            continue
+        sizes.append(math.prod(base.shape(name)))
+        bias = name.removesuffix(".weight") + ".bias"
+        if name.endswith(".weight") and bias in base:
+            sizes.append(math.prod(base.shape(bias)))
+    sizes = [n * n_store * itemsize for n in sizes]
+    return sum(sizes), max(sizes, default=0)
+
+
+def _power_of_two_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << max(0, n.bit_length() - 1)
+
+
+class HostArena:
+    """Host memory for the streamed stores, handed out from a few large segments.
+
+    PyTorch's pinned-memory allocator rounds every allocation up to a power of two, which for
+    stores of a 70B model (1.4 GB each) would waste a third of the host memory. The arena asks
+    only for power-of-two segments (nothing to round) and places each store, as a view, in the
+    first segment with room. Segments are ``segment_bytes`` (16 times the largest store, at
+    least :attr:`MIN_SEGMENT`) until what remains to place is smaller: then the largest power of
+    two not above it, so the last segments follow the remainder down instead of leaving most
+    of one big segment empty. Page-locked when ``pin`` (a CUDA device), ordinary memory on a
+    CPU, through the same code.
+    """
+
+    MIN_SEGMENT = 256 * 2**20
+    ALIGN = 512  # bytes: every view starts at a multiple (any dtype's alignment, DMA-friendly)
+
+    def __init__(
+        self, total_bytes: int, largest_bytes: int, pin: bool, segment_bytes: int | None = None
+    ) -> None:
+        self.pin = pin
+        self.remaining = total_bytes + self.ALIGN * 2**10  # alignment padding of ~1k stores
+        default = _power_of_two_at_least(max(16 * largest_bytes, self.MIN_SEGMENT))
+        self.segment_bytes = segment_bytes or default
+        self.segments: list[torch.Tensor] = []
+        self._used: list[int] = []
+
+    @property
+    def reserved(self) -> int:
+        """Bytes of host memory the segments hold."""
+        return sum(segment.numel() for segment in self.segments)
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised ``shape`` tensor of ``dtype`` inside a segment."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        size = -(-nbytes // self.ALIGN) * self.ALIGN
+        index = next(
+            (i for i, used in enumerate(self._used) if used + size <= self.segments[i].numel()),
+            None,
+        )
+        if index is None:
+            index = self._new_segment(size)
+        start = self._used[index]
+        self._used[index] += size
+        self.remaining = max(0, self.remaining - size)
+        view = self.segments[index][start : start + nbytes]
+        return view.view(dtype).view(shape)
+
+    def _new_segment(self, size: int) -> int:
+        wanted = min(self.segment_bytes, _power_of_two_at_most(max(self.remaining, 1)))
+        segment_size = max(_power_of_two_at_least(size), wanted)
+        self.segments.append(torch.empty(segment_size, dtype=torch.uint8, pin_memory=self.pin))
+        self._used.append(0)
+        return len(self.segments) - 1
 
 
 @dataclass
