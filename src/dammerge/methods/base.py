@@ -49,6 +49,7 @@ class MergeMethod:
     summary: str
     paper: str
     run: Callable[[MergeInputs], torch.Tensor]
+    paper: str = ""  # where the method was published (a link)
     model_params: dict[str, Any] = field(default_factory=dict)
     global_params: dict[str, Any] = field(default_factory=dict)
     requires_base: bool = False
