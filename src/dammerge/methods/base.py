@@ -47,7 +47,6 @@ class MergeMethod:
 
     name: str
     summary: str
-    paper: str
     run: Callable[[MergeInputs], torch.Tensor]
     paper: str = ""  # where the method was published (a link)
     model_params: dict[str, Any] = field(default_factory=dict)
