@@ -52,10 +52,11 @@ DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
     "lambda": (0.5, 1.5),
     "gamma": (0.0, 0.1),
     "epsilon": (0.0, 0.2),
+    "select_topk": (0.1, 1.0),
 }
 # Parameters that are switches or labels, never searched.
 NOT_SEARCHABLE = {"normalize", "rescale", "rescale_mode", "int8_mask", "filter_wise"}
-DEFAULT_SEARCH = ("weight", "density", "t")
+DEFAULT_SEARCH = ("weight", "density", "t", "select_topk")
 DEFAULT_LAYER_GROUPS = 4
 
 
@@ -183,8 +184,7 @@ def searched_parameters(settings: EvolveSettings, method: MergeMethod) -> list[s
     if not chosen:
         raise ConfigError(
             f"{method.name} has no parameter that evolve can search",
-            "use linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, della "
-            "or slerp",
+            "choose a method with a weight, density, t or select_topk (see dammerge methods)",
         )
     for key in chosen:
         if key not in settings.bounds and key not in DEFAULT_BOUNDS:
