@@ -86,9 +86,10 @@ QUICK = MemoryBench(
 
 def settings_for(config: dict[str, Any]) -> Any:
     """The ``dam`` preset (teachers on the fly) with one configuration's memory options."""
+    from dammerge.learned.presets import DAM
     from dammerge.learned.settings import parse_settings
 
-    return parse_settings("dam", dict(config))
+    return parse_settings(dict(config), DAM)
 
 
 def planned(bench: MemoryBench, base: Path, config: dict[str, Any]) -> Any:

@@ -80,10 +80,11 @@ STRATEGIES = (
 
 def plan(config: dict[str, Any], n: int, strategy: Strategy, checkpointing: bool) -> Any:
     from dammerge.learned.memory_plan import ModelShape, plan_memory
+    from dammerge.learned.presets import DAM
     from dammerge.learned.settings import parse_settings
 
     settings = parse_settings(
-        "dam", {"gradient_checkpointing": checkpointing, "offload": strategy.offload}
+        {"gradient_checkpointing": checkpointing, "offload": strategy.offload}, DAM
     )
     ranks = n if strategy.ranks is None else strategy.ranks
     return plan_memory(

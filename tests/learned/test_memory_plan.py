@@ -8,14 +8,15 @@ import json
 import pytest
 import torch
 
+import dammerge
 from dammerge.checkpoint.reader import Checkpoint
-from dammerge.config import MergeConfig
 from dammerge.learned import memory_plan as mp
 from dammerge.learned import run as run_module
 from dammerge.learned import train as train_module
 from dammerge.learned.layers import MergedLinear, MergedParameterModule
 from dammerge.learned.model import MergeOptions
-from dammerge.learned.run import run_learned_merge, train_plan
+from dammerge.learned.presets import DAM
+from dammerge.learned.run import train_plan
 from dammerge.learned.settings import parse_settings
 from dammerge.learned.train import CHECKPOINT, TrainingOutOfMemory, out_of_memory
 
@@ -49,7 +50,7 @@ def test_shape_from_checkpoint_equals_shape_from_config(family_name, request):
 )
 def test_resident_items_are_the_built_models_bytes(untied_family, offload, options, on_the_fly):
     settings = parse_settings(
-        "dam", {"offload": offload, "teacher": "on_the_fly" if on_the_fly else "precomputed"}
+        {"offload": offload, "teacher": "on_the_fly" if on_the_fly else "precomputed"}, DAM
     )
     settings = settings.model_copy(update=options)
     model = build_merged(
@@ -112,7 +113,7 @@ def test_activation_bytes_per_token_are_what_a_layer_saves(untied_family, dtype)
 
 def test_checkpointing_and_ranks_divide_what_they_should(untied_family):
     shape = _shape(untied_family)
-    settings = parse_settings("dam", {})
+    settings = parse_settings({}, DAM)
     common = {"n_sources": 4, "longest": 512, "dtype": torch.bfloat16}
     single = mp.plan_memory(shape, settings, **common)
     checkpointed = mp.plan_memory(
@@ -149,7 +150,7 @@ def test_offload_moves_the_layers_to_host_memory_and_fits_a_small_gpu():
         "vocab_size": 128256,
     }
     shape = mp.ModelShape.from_config(llama_70b)
-    settings = parse_settings("dam", {"gradient_checkpointing": True})
+    settings = parse_settings({"gradient_checkpointing": True}, DAM)
     common = {"n_sources": 3, "longest": 2048, "capacity": 80 * 10**9}
     resident = mp.plan_memory(shape, settings, **common)
     assert not resident.fits
@@ -177,7 +178,7 @@ def test_advice_names_each_option_that_alone_makes_it_fit():
     }
     plan = mp.plan_memory(
         mp.ModelShape.from_config(mistral),
-        parse_settings("dam", {}),
+        parse_settings({}, DAM),
         n_sources=3,
         longest=2048,
         capacity=70 * GIB,
@@ -205,18 +206,18 @@ def test_run_that_will_not_fit_stops_before_training(
 
     monkeypatch.setattr(run_module, "train_plan", no_training)
     monkeypatch.setattr(mp, "device_available", lambda device: 64 * 1024)
-    cfg = MergeConfig.from_dict(dam_recipe(*untied_family, datasets_dir))
+    recipe = dam_recipe(*untied_family, datasets_dir)
     with pytest.raises(mp.MemoryPlanError, match="the memory plan needs") as caught:
-        run_learned_merge(cfg, tmp_path / "out", dry_run=True)
+        dammerge.merge(recipe, tmp_path / "out", dry_run=True)
     assert "\n" not in caught.value.message
     printed = capsys.readouterr().err
     assert "memory plan" in printed and "activations" in printed and "does NOT fit" in printed
     with pytest.raises(mp.MemoryPlanError):
-        run_learned_merge(cfg, tmp_path / "out", progress=False)
+        dammerge.merge(recipe, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     monkeypatch.setenv(mp.SKIP_ENV, "0")
     with pytest.raises(AssertionError, match="training started"):
-        run_learned_merge(cfg, tmp_path / "out", progress=False)
+        dammerge.merge(recipe, tmp_path / "out", progress=False)
 
 
 def test_dry_run_prints_the_plan_of_the_data(untied_family, datasets_dir, dam_recipe, tmp_path):

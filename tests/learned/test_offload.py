@@ -12,15 +12,15 @@ import torch
 from safetensors.torch import save_file
 
 from dammerge.checkpoint.reader import Checkpoint
-from dammerge.config import MergeConfig
 from dammerge.errors import ConfigError
 from dammerge.learned import offload
 from dammerge.learned.layers import MergedLinear
-from dammerge.learned.run import prepare, train_plan
+from dammerge.learned.presets import DAM
+from dammerge.learned.run import train_plan
 from dammerge.learned.settings import parse_settings
 from dammerge.testing import make_family
 
-from .helpers import IDS, build_merged, training_plan
+from .helpers import IDS, build_merged, prepare_recipe, training_plan
 
 LAYERS = 4
 
@@ -197,14 +197,14 @@ def test_offload_without_known_decoder_layers_is_one_line_error(tmp_path, datase
         "training": {"offload": "layers"},
     }
     with pytest.warns(UserWarning), pytest.raises(ConfigError, match="needs decoder layers"):
-        prepare(MergeConfig.from_dict(recipe), tmp_path / "out")
+        prepare_recipe(recipe, tmp_path / "out")
 
 
 def test_offload_setting_is_validated():
-    assert parse_settings("dam", {}).offload == "none"
-    assert parse_settings("dam", {"offload": "layers"}).offload == "layers"
+    assert parse_settings({}, DAM).offload == "none"
+    assert parse_settings({"offload": "layers"}, DAM).offload == "layers"
     with pytest.raises(ConfigError, match=r"training\.offload"):
-        parse_settings("dam", {"offload": "disk"})
+        parse_settings({"offload": "disk"}, DAM)
 
 
 def test_host_arena_hands_out_disjoint_views_of_power_of_two_segments():
