@@ -478,18 +478,18 @@ def _stores(p: _Inputs, c: _Counts) -> MemoryItem:
     """The linears' weight stores: on the device, or streamed from host memory."""
     a = p.dtype_bytes
     layer_bytes = sorted((e * c.n_store * a for e in p.shape.layer_elems), reverse=True)
-    two_layers = sum(layer_bytes[:2])
     all_layers = sum(layer_bytes)
     head = p.shape.head_elems * c.n_store * a
-    if p.settings.offload == "layers":
+    if p.settings.offload == "layers":  # two slots, each the size of the largest layer
+        slots = min(2, len(layer_bytes)) * (layer_bytes[0] if layer_bytes else 0)
         pinned = " (pinned)" if p.cuda else ""
         note = f"{c.n_store} copies; decoder layers in host memory{pinned}, two on the device"
-        return MemoryItem("stores", two_layers + head, c.per_rank(p, all_layers), note)
+        return MemoryItem("stores", slots + head, c.per_rank(p, all_layers), note)
     note = f"{c.n_store} copies of every linear"
     gathered = 0
-    if p.strategy == "shard":
+    if p.strategy == "shard":  # FSDP gathers the current layer and prefetches the next
         note += f", 1/{c.ranks} each + two gathered layers"
-        gathered = two_layers
+        gathered = sum(layer_bytes[:2])
     return MemoryItem("stores", c.per_rank(p, all_layers) + gathered + head, 0, note)
 
 

@@ -27,6 +27,7 @@ resident is fetched synchronously when asked for.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -144,20 +145,45 @@ class HostArena:
 
 
 @dataclass
-class _Resident:
-    """One layer's stores on the compute device; ``ready`` is the copy's CUDA event."""
+class _Slot:
+    """A device buffer holding one layer's stores at a time.
 
+    ``released`` (CUDA) is recorded on the compute stream when its layer is evicted: the copy
+    of the next layer into this buffer waits for it, so no kernel still reading the old layer
+    sees its stores overwritten.
+    """
+
+    buffer: torch.Tensor
+    layer: int | None = None
+    released: torch.cuda.Event | None = None
+
+
+@dataclass
+class _Resident:
+    """One layer's stores on the compute device (views into a slot); ``ready`` is the copy's
+    CUDA event, joined by the compute stream before the layer's first use."""
+
+    slot: _Slot
     stores: dict[int, StorePair] = field(default_factory=dict)
     ready: torch.cuda.Event | None = None
+
+
+_Span = tuple[int, torch.Size, torch.dtype]  # offset in bytes, shape, dtype
 
 
 class LayerStreamer:
     """Keeps at most two decoder layers' stores on ``device`` and prefetches the next one.
 
     Each streamed :class:`MergedLinear` gets ``store_source`` pointing here; its ``weights`` and
-    ``biases`` parameters stay in host memory. ``observe`` registers a callback that receives
-    the resident layers after every change (tests count them).
+    ``biases`` parameters stay in host memory. The device holds two buffers ("slots"), each the
+    size of the largest layer's stores, allocated at the first fetch: a layer's stores are
+    copied into a free slot, so streaming allocates nothing per step (no allocator churn on a
+    CPU, an exact two-layer footprint everywhere). ``observe`` registers a callback that
+    receives the resident layers after every change (tests count them).
     """
+
+    SLOTS = 2
+    ALIGN = 512  # bytes between the stores inside a slot
 
     def __init__(self, modules: Iterable[MergedLinear], device: torch.device) -> None:
         self.device = torch.device(device)
@@ -170,6 +196,9 @@ class LayerStreamer:
             raise ValueError("no decoder-layer linears to stream")
         self._order = sorted(self._layers)
         self._position = {layer: i for i, layer in enumerate(self._order)}
+        self._spans = {layer: self._layout(layer) for layer in self._order}
+        self.slot_bytes = max(end for _, end in self._spans.values())
+        self._slots: list[_Slot] = []
         self._resident: dict[int, _Resident] = {}
         self._current: int | None = None
         self._observers: list[ResidencyObserver] = []
@@ -194,7 +223,7 @@ class LayerStreamer:
         self._current = layer
         keep = {layer} if upcoming is None else {layer, upcoming}
         for other in [r for r in self._resident if r not in keep]:
-            del self._resident[other]  # evict before fetching: never more than two
+            self._evict(other)  # before fetching: never more than two
         if layer not in self._resident:
             self._resident[layer] = self._fetch(layer)
         self._join(self._resident[layer])
@@ -210,8 +239,10 @@ class LayerStreamer:
         return tuple(sorted(self._resident))
 
     def release(self) -> None:
-        """Drop every device copy (e.g. before export or between phases)."""
-        self._resident.clear()
+        """Drop every device copy and hand the slots' memory back (e.g. before export)."""
+        for layer in list(self._resident):
+            self._evict(layer)
+        self._slots.clear()
         self._current = None
         self._notify()
 
@@ -229,6 +260,23 @@ class LayerStreamer:
         return total
 
     # -- internals ------------------------------------------------------------------------
+    def _layout(self, layer: int) -> tuple[dict[int, tuple[_Span, _Span | None]], int]:
+        """Where each store of ``layer`` lies inside a slot, and the bytes the layer needs."""
+        spans: dict[int, tuple[_Span, _Span | None]] = {}
+        offset = 0
+
+        def place(tensor: torch.Tensor) -> _Span:
+            nonlocal offset
+            span = (offset, tensor.shape, tensor.dtype)
+            offset += -(-tensor.numel() * tensor.element_size() // self.ALIGN) * self.ALIGN
+            return span
+
+        for module in self._layers[layer]:
+            weights = place(module.weights)
+            biases = None if module.biases is None else place(module.biases)
+            spans[id(module)] = (weights, biases)
+        return spans, offset
+
     def _predict(self, layer: int) -> int | None:
         """The layer most likely asked for after ``layer`` (see the module docstring)."""
         position = self._position[layer]
@@ -243,35 +291,53 @@ class LayerStreamer:
             return self._order[1]
         return self._order[-2] if torch.is_grad_enabled() else self._order[0]
 
+    def _free_slot(self) -> _Slot:
+        for slot in self._slots:
+            if slot.layer is None:
+                return slot
+        if len(self._slots) >= self.SLOTS:
+            raise RuntimeError("every slot holds a resident layer")  # acquire evicts first
+        buffer = torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
+        if self._copy_stream is not None:
+            buffer.record_stream(self._copy_stream)  # written there: freed only after its copies
+        self._slots.append(_Slot(buffer))
+        return self._slots[-1]
+
     def _fetch(self, layer: int) -> _Resident:
-        """Start copying ``layer``'s stores to the device (asynchronous on CUDA)."""
+        """Start copying ``layer``'s stores into a free slot (asynchronously on CUDA)."""
         self.fetches += 1
-        resident = _Resident()
-        if self._copy_stream is None:
+        slot = self._free_slot()
+        slot.layer = layer
+        resident = _Resident(slot)
+        spans, _ = self._spans[layer]
+        stream = self._copy_stream
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if stream is not None and slot.released is not None:
+                stream.wait_event(slot.released)
             for module in self._layers[layer]:
-                resident.stores[id(module)] = (_copy(module.weights), _copy(module.biases))
-            return resident
-        with torch.cuda.stream(self._copy_stream):
-            for module in self._layers[layer]:
-                resident.stores[id(module)] = (
-                    _copy(module.weights, self.device),
-                    _copy(module.biases, self.device),
-                )
-            resident.ready = torch.cuda.Event()
-            resident.ready.record(self._copy_stream)
+                weight_span, bias_span = spans[id(module)]
+                weights = _copy_into(slot.buffer, weight_span, module.weights)
+                biases = None
+                if bias_span is not None and module.biases is not None:
+                    biases = _copy_into(slot.buffer, bias_span, module.biases)
+                resident.stores[id(module)] = (weights, biases)
+            if stream is not None:
+                resident.ready = torch.cuda.Event()
+                resident.ready.record(stream)
         return resident
 
+    def _evict(self, layer: int) -> None:
+        slot = self._resident.pop(layer).slot
+        slot.layer = None
+        if self._copy_stream is not None:  # kernels reading it are queued before this point
+            slot.released = torch.cuda.Event()
+            slot.released.record(torch.cuda.current_stream(self.device))
+
     def _join(self, resident: _Resident) -> None:
-        """Make the compute stream wait for the copy, and tell the caching allocator that the
-        copies are used there (so their memory is not reused while kernels still read it)."""
+        """Make the compute stream wait for the layer's copy (once)."""
         if resident.ready is None:
             return
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_event(resident.ready)
-        for weights, biases in resident.stores.values():
-            weights.record_stream(compute)
-            if biases is not None:
-                biases.record_stream(compute)
+        torch.cuda.current_stream(self.device).wait_event(resident.ready)
         resident.ready = None
 
     def _notify(self) -> None:
@@ -280,11 +346,9 @@ class LayerStreamer:
             callback(resident)
 
 
-def _copy(tensor: torch.Tensor | None, device: torch.device | None = None) -> torch.Tensor | None:
-    """A device copy of a host store (a fresh CPU tensor when ``device`` is None)."""
-    if tensor is None:
-        return None
-    if device is None:
-        return torch.empty_like(tensor).copy_(tensor)
-    out = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
-    return out.copy_(tensor.detach(), non_blocking=True)
+def _copy_into(buffer: torch.Tensor, span: _Span, source: torch.Tensor) -> torch.Tensor:
+    """Copy a host store into its place in a slot; returns the slot's view of it."""
+    offset, shape, dtype = span
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    view = buffer[offset : offset + nbytes].view(dtype).view(shape)
+    return view.copy_(source.detach(), non_blocking=buffer.device.type == "cuda")
