@@ -10,12 +10,15 @@ models:
     parameters:
       weight: [{filter: self_attn, value: 0.7}, {value: 0.3}]  # per-tensor filters
 parameters: {normalize: true}
-dtype: float32        # compute dtype
-out_dtype: bfloat16   # written dtype
+dtype: bfloat16       # inputs are rounded to this when read (as mergekit loads them)
+out_dtype: bfloat16   # written dtype (default: dtype, else each tensor's stored dtype)
 tokenizer_source: base
 ```
 
-Parameter values are resolved per tensor by :func:`resolve_value`.
+The arithmetic runs in float32 whatever ``dtype`` says (float64 when ``dtype: float64``) and
+the result is rounded once to the output dtype; ``compute_dtype:`` overrides that (e.g.
+``compute_dtype: bfloat16`` computes in the inputs' half precision). See
+:func:`compute_dtype_of`. Parameter values are resolved per tensor by :func:`resolve_value`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,20 @@ DTYPES = {
     "bf16": torch.bfloat16,
     "float64": torch.float64,
 }
+
+
+def compute_dtype_of(dtype: str | None, compute_dtype: str | None) -> torch.dtype:
+    """The dtype a data-free merge computes in: ``compute_dtype`` when the recipe sets it, else
+    float64 for ``dtype: float64`` and float32 otherwise.
+
+    ``dtype`` only rounds the inputs as they are read (what mergekit's loader does); doing the
+    arithmetic in float32 and rounding once on output gives the correctly rounded result of
+    linear and SLERP, as mergekit's own float32 upcast does.
+    """
+    explicit = parse_dtype(compute_dtype)
+    if explicit is not None:
+        return explicit
+    return torch.float64 if parse_dtype(dtype) is torch.float64 else torch.float32
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -92,13 +109,14 @@ class MergeConfig(BaseModel):
     base_model: str | None = None
     models: list[InputModel] = Field(default_factory=list)
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
-    dtype: str | None = None
-    out_dtype: str | None = None
+    dtype: str | None = None  # inputs rounded to it when read; None keeps each stored dtype
+    out_dtype: str | None = None  # written dtype; None: dtype, else each stored dtype
+    compute_dtype: str | None = None  # arithmetic dtype; None: float32 (float64 for float64)
     tokenizer_source: str | None = None
     training: dict[str, Any] | None = None  # learned methods' settings (DAM, AdaMerging)
     name: str | None = None
 
-    @field_validator("dtype", "out_dtype")
+    @field_validator("dtype", "out_dtype", "compute_dtype")
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
         if value is not None and value.lower() not in DTYPES:

@@ -93,7 +93,7 @@ def merge_tensor(
     if tensor.copy_from_reference:
         return loaded[0]
     for k, raw in enumerate(loaded):
-        loaded[k] = to_device(raw, device, plan.compute_dtype)
+        loaded[k] = to_device(raw, device, plan.compute_dtype, plan.input_dtype)
         del raw
     generator = None
     if plan.method.stochastic:
@@ -120,10 +120,22 @@ def merge_tensor(
     return merged
 
 
-def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Move first, convert on arrival: a GPU converts for free, while a conversion inside a
+def to_device(
+    tensor: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    rounded_to: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``tensor`` on ``device`` in ``dtype``, first rounded to ``rounded_to`` when given (the
+    recipe's ``dtype``: a float32 checkpoint merged with ``dtype: bfloat16`` is read as
+    mergekit reads it, then computed in float32).
+
+    Move first, convert on arrival: a GPU converts for free, while a conversion inside a
     host-to-GPU copy runs on the CPU and sends twice the bytes (bf16 inputs, float32 compute)."""
-    return tensor.to(device, non_blocking=tensor.is_pinned()).to(dtype)
+    moved = tensor.to(device, non_blocking=tensor.is_pinned())
+    if rounded_to is not None:
+        moved = moved.to(rounded_to)
+    return moved.to(dtype)
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:

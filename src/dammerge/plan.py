@@ -15,7 +15,7 @@ import torch
 
 from dammerge.checkpoint.architecture import TensorInfo, TensorKind
 from dammerge.checkpoint.reader import Checkpoint
-from dammerge.config import MergeConfig, parse_dtype, resolve_value
+from dammerge.config import MergeConfig, compute_dtype_of, parse_dtype, resolve_value
 from dammerge.errors import CheckpointError, ConfigError
 from dammerge.methods import REQUIRED, MergeMethod, get_method
 
@@ -44,6 +44,7 @@ class MergePlan:
     base: Checkpoint | None
     participants: list[Checkpoint]
     tensors: list[TensorPlan] = field(default_factory=list)
+    input_dtype: torch.dtype | None = None  # inputs rounded to it when read (recipe's dtype)
     compute_dtype: torch.dtype = torch.float32
     out_dtype: torch.dtype | None = None
 
@@ -53,6 +54,12 @@ class MergePlan:
         for ck in [self.reference, *([self.base] if self.base else []), *self.participants]:
             seen.setdefault(ck.path, ck)
         return list(seen.values())
+
+    @property
+    def held_dtype(self) -> torch.dtype:
+        """The dtype a caller that keeps the inputs in memory (the search) holds them in: the
+        recipe's ``dtype`` (they are rounded to it anyway), else the compute dtype."""
+        return self.input_dtype or self.compute_dtype
 
     def output_dtype(self, tensor: TensorPlan) -> torch.dtype:
         """The written dtype: ``out_dtype`` for float tensors; integer/bool buffers keep theirs
@@ -113,7 +120,8 @@ def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
         reference=reference,
         base=base if method.requires_base else None,
         participants=participants,
-        compute_dtype=parse_dtype(config.dtype) or torch.float32,
+        input_dtype=parse_dtype(config.dtype),
+        compute_dtype=compute_dtype_of(config.dtype, config.compute_dtype),
         out_dtype=parse_dtype(config.out_dtype) or parse_dtype(config.dtype),
     )
     if config.tokenizer_source not in (None, "base"):
@@ -249,6 +257,16 @@ def _resolve_global_params(
     return resolved
 
 
+def _dtype_line(plan: MergePlan) -> str:
+    def name(dtype: torch.dtype | None, unset: str) -> str:
+        return unset if dtype is None else str(dtype).removeprefix("torch.")
+
+    return (
+        f"inputs read as {name(plan.input_dtype, 'stored')}, computed in "
+        f"{name(plan.compute_dtype, '')}, written as {name(plan.out_dtype, 'stored')}"
+    )
+
+
 def describe(plan: MergePlan) -> list[str]:
     """Human-readable lines summarising a plan (for --dry-run)."""
     kinds: dict[TensorKind, int] = {}
@@ -262,7 +280,7 @@ def describe(plan: MergePlan) -> list[str]:
         + ", ".join(f"{n} {k.value}" for k, n in sorted(kinds.items(), key=lambda kv: kv[0]))
         + ")",
         f"layers      {plan.reference.architecture.num_layers}",
-        f"compute     {str(plan.compute_dtype).removeprefix('torch.')}",
+        f"dtypes      {_dtype_line(plan)}",
         f"output size {plan.output_bytes() / 2**20:.1f} MiB",
     ]
     shown: set[str] = set()

@@ -99,6 +99,11 @@ def _data_free_parser(method: MergeMethod) -> Callable[[MergeConfig], None]:
 
 def _learned_parser(preset: Mapping[str, Any]) -> Callable[[MergeConfig], TrainingSettings]:
     def parse(cfg: MergeConfig) -> TrainingSettings:
+        if cfg.compute_dtype is not None:
+            raise ConfigError(
+                "compute_dtype is for data-free merges; a learned merge trains in training.dtype",
+                "remove compute_dtype, or set training: {dtype: ...}",
+            )
         return parse_settings(cfg.training, preset)
 
     return parse

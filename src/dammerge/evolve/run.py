@@ -304,7 +304,7 @@ def _fingerprint(
 
 def describe_search(prepared: PreparedSearch) -> list[str]:
     space, settings = prepared.space, prepared.settings
-    source_bytes = prepared.plan.compute_dtype.itemsize * sum(
+    source_bytes = prepared.plan.held_dtype.itemsize * sum(
         int(np.prod(ck.shape(name))) for ck in prepared.plan.inputs for name in ck.names()
     )
     modules = ", ".join(m or "rest" for m in space.modules)
@@ -332,7 +332,7 @@ def load_and_setup(
     """Load the sources once, build the reusable model, let the fitness prepare."""
     plan = prepared.plan
     merger = InMemoryMerger(plan, device, prepared.seed)
-    slot = ModelSlot(plan.reference.path, plan.compute_dtype, device)
+    slot = ModelSlot(plan.reference.path, plan.held_dtype, device)
     names = plan.reference.names()
     slot.check_names(names)
     tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_folder())
