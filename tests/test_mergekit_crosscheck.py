@@ -199,6 +199,21 @@ RECIPES: dict[str, dict[str, Any]] = {
         # FT2's filter list matches only lm_head; elsewhere the global default applies.
         "parameters": {"weight": [{"filter": "*", "value": [0.3, -0.3]}]},
     },
+    # mergekit 0.1.5 matches a filter as a substring only: glob characters are literal, so
+    # this filter matches no tensor and the default value applies everywhere.
+    "filter_is_a_substring": {
+        "merge_method": "task_arithmetic",
+        "base_model": "BASE",
+        "models": [
+            {
+                "model": "FT0",
+                "parameters": {
+                    "weight": [{"filter": "layers.1*mlp", "value": 0.9}, {"value": 0.2}]
+                },
+            },
+            {"model": "FT1", "parameters": {"weight": 0.5}},
+        ],
+    },
     "ties_gradient_density": {
         "merge_method": "ties",
         "base_model": "BASE",

@@ -235,12 +235,22 @@ def interpolate_gradient(values: list[float], t: float) -> float:
     return float(np.interp(t, positions, values))
 
 
-def _filter_matches(pattern: Any, tensor_name: str) -> bool:
-    """No filter or ``*`` matches all; else a substring of the name (mergekit 0.1.5) or a glob
-    matched as ``*pattern*`` (older mergekit's fnmatch rule, e.g. ``layers.1*.mlp``)."""
+FILTER_KEYS = {"filter", "filter_glob", "value"}
+
+
+def _filter_matches(entry: dict[str, Any], tensor_name: str) -> bool:
+    """Whether a ``{filter, value}`` entry applies to ``tensor_name``.
+
+    ``filter`` matches as mergekit 0.1.5 does: a substring of the name; ``*`` or no filter
+    matches everything. ``filter_glob`` (dammerge only, never implied) is a shell glob matched
+    anywhere in the name, e.g. ``layers.1*.mlp``.
+    """
+    if "filter_glob" in entry:
+        return fnmatchcase(tensor_name, f"*{entry['filter_glob']}*")
+    pattern = entry.get("filter")
     if pattern is None or str(pattern) in ("", "*"):
         return True
-    return str(pattern) in tensor_name or fnmatchcase(tensor_name, f"*{pattern}*")
+    return str(pattern) in tensor_name
 
 
 def _is_discrete_list(value: Any) -> bool:
@@ -259,20 +269,27 @@ def resolve_value(value: ParamValue, tensor_name: str, t: float, param: str = "p
     - a list of numbers is a gradient, interpolated over depth; a list of strings or booleans
       picks entry ``int(t * (n - 1))``;
     - a list of ``{filter, value}`` (or a single such mapping) picks the first entry whose
-      ``filter`` matches the tensor name: a substring, or a glob such as ``layers.1*.mlp``
-      (``*`` or no ``filter`` matches everything); its value may be a gradient. No match
+      ``filter`` is a substring of the tensor name, as in mergekit 0.1.5 (``*`` or no
+      ``filter`` matches everything), or whose ``filter_glob`` matches it as a shell glob
+      (``layers.1*.mlp``); its value may be a gradient. No match
       resolves to None (the caller then falls back to the global value or the default).
     """
-    if isinstance(value, dict) and "value" in value and set(value) <= {"filter", "value"}:
+    if isinstance(value, dict) and "value" in value and set(value) <= FILTER_KEYS:
         value = [value]
     if _is_filter_list(value):
         for entry in value:
-            unknown = set(entry) - {"filter", "value"}
+            unknown = set(entry) - FILTER_KEYS
             if unknown or "value" not in entry:
                 raise ConfigError(
-                    f"{param}: filter entries need 'value' (and optionally 'filter'), got {entry}"
+                    f"{param}: filter entries need 'value' (and optionally 'filter' or "
+                    f"'filter_glob'), got {entry}"
                 )
-            if _filter_matches(entry.get("filter"), tensor_name):
+            if "filter" in entry and "filter_glob" in entry:
+                raise ConfigError(
+                    f"{param}: an entry takes 'filter' (substring) or 'filter_glob', not both",
+                    "keep one of them",
+                )
+            if _filter_matches(entry, tensor_name):
                 return resolve_value(entry["value"], tensor_name, t, param)
         return None
     if _is_gradient(value):
