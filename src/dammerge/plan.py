@@ -7,6 +7,8 @@ tensor names and shapes (all mismatches are listed at once).
 
 from __future__ import annotations
 
+import difflib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from dammerge.checkpoint.architecture import TensorInfo, TensorKind
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.config import MergeConfig, compute_dtype_of, parse_dtype, resolve_value
 from dammerge.errors import CheckpointError, ConfigError
-from dammerge.methods import REQUIRED, MergeMethod, get_method
+from dammerge.methods import METHODS, REQUIRED, MergeMethod, get_method
 
 MAX_LISTED_MISMATCHES = 8
 
@@ -156,21 +158,55 @@ def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
     return plan
 
 
+class UnusedParameterWarning(UserWarning):
+    """A recipe sets a parameter that another merge method takes but this one ignores."""
+
+
+def _parameters_by_method() -> dict[str, set[str]]:
+    return {name: set(m.model_params) | set(m.global_params) for name, m in METHODS.items()}
+
+
 def check_parameters(config: MergeConfig, method: MergeMethod) -> None:
-    """Every parameter the recipe names is one the method takes (per model or global)."""
+    """Every parameter the recipe names is one the method takes (per model or global).
+
+    A parameter another data-free method takes but this one does not (mergekit's own tests
+    pass ``weight`` to slerp and ``density`` to task_arithmetic, which mergekit ignores) is
+    ignored with an :class:`UnusedParameterWarning`; any other name is a typo and an error,
+    with the closest accepted name as a suggestion.
+    """
     known_model = set(method.model_params)
     known_global = set(method.global_params) | known_model
-    problems = [f"'{key}' (global)" for key in config.parameters if key not in known_global] + [
-        f"'{key}' (model {m.model})"
+    named = [(key, "global") for key in config.parameters if key not in known_global] + [
+        (key, f"model {m.model}")
         for m in config.models
         for key in m.parameters
         if key not in known_model
     ]
-    if problems:
-        accepted = ", ".join(sorted(known_global)) or "none"
+    misplaced = [key for key, where in named if where != "global" and key in known_global]
+    if misplaced:
         raise ConfigError(
-            f"unknown parameter {problems[0]} for {method.name}",
+            f"'{misplaced[0]}' is a global parameter of {method.name}, set per model",
+            f"move it to the recipe's top-level parameters: {{{misplaced[0]}: ...}}",
+        )
+    by_method = _parameters_by_method()
+    elsewhere = set().union(*by_method.values())
+    typos = [(key, where) for key, where in named if key not in elsewhere]
+    if typos:
+        key, where = typos[0]
+        accepted = ", ".join(sorted(known_global)) or "none"
+        guess = difflib.get_close_matches(key, sorted(known_global | elsewhere), n=1)
+        suggestion = f"; did you mean '{guess[0]}'?" if guess else ""
+        raise ConfigError(
+            f"unknown parameter '{key}' ({where}) for {method.name}{suggestion}",
             f"{method.name} accepts: {accepted}",
+        )
+    for key in dict.fromkeys(key for key, _ in named):
+        users = sorted(name for name, params in by_method.items() if key in params)
+        warnings.warn(
+            f"{method.name} does not use parameter '{key}' (taken by {', '.join(users[:3])}"
+            f"{', ...' if len(users) > 3 else ''}): ignored",
+            UnusedParameterWarning,
+            stacklevel=1,  # one location: shown once though the registry and the plan check
         )
 
 
