@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dammerge.config import MergeConfig, interpolate_gradient, parse_dtype, resolve_value
+from dammerge.config import (
+    MergeConfig,
+    check_model_reference,
+    interpolate_gradient,
+    parse_dtype,
+    resolve_value,
+)
 from dammerge.errors import ConfigError
 
 NAME = "model.layers.3.self_attn.q_proj.weight"
@@ -136,6 +142,21 @@ def test_recipe_parses_and_paths_resolve_against_its_folder(tmp_path, monkeypatc
     assert cfg.tokenizer_source == "base"
     again = MergeConfig.from_dict(__import__("yaml").safe_load(cfg.to_yaml()))
     assert again == cfg
+
+
+@pytest.mark.parametrize("key", ["slices", "modules", "tokenizer", "chat_template"])
+def test_unsupported_mergekit_keys_say_so(key):
+    with pytest.raises(ConfigError, match=f"'{key}' is not supported \\(yet\\)") as caught:
+        MergeConfig.from_dict({"merge_method": "linear", key: "chatml"})
+    assert "spelling" not in (caught.value.hint or "")
+
+
+def test_lora_references_are_refused_as_such(tmp_path):
+    with pytest.raises(ConfigError, match=r"LoRA references \(model\+lora\) are not supported"):
+        check_model_reference(f"{tmp_path}/base+{tmp_path}/adapter")
+    folder = tmp_path / "odd+name"
+    folder.mkdir()
+    check_model_reference(str(folder))  # an existing folder with a '+' is a folder
 
 
 @pytest.mark.parametrize(

@@ -76,6 +76,27 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         ) from None
 
 
+# mergekit 0.1.5 recipe keys dammerge does not implement yet, with what to do instead.
+NOT_SUPPORTED_KEYS = {
+    "slices": "list whole models under 'models:' (layer ranges are not supported yet)",
+    "modules": "list whole models under 'models:' (per-module recipes are not supported yet)",
+    "tokenizer": "use tokenizer_source: base or a model path (the tokenizer block and vocabulary "
+    "union are not supported yet)",
+    "chat_template": "set the chat template in the output's tokenizer_config.json after merging",
+}
+
+
+def check_model_reference(reference: str) -> None:
+    """Refuse mergekit's ``model+lora`` reference (a base plus a LoRA adapter folder) with a
+    message saying so, rather than 'folder not found'. A folder whose name has a ``+`` is
+    still a folder."""
+    if "+" in reference and not Path(reference).expanduser().exists():
+        raise ConfigError(
+            f"{reference}: LoRA references (model+lora) are not supported yet",
+            "merge the adapter into its base first (peft's merge_and_unload) and list that folder",
+        )
+
+
 class InputModel(BaseModel):
     """One source model of the recipe."""
 
@@ -134,11 +155,9 @@ class MergeConfig(BaseModel):
     def from_dict(cls, data: Any, source: str = "recipe") -> MergeConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source} must be a mapping with merge_method, models, ...")
-        if "slices" in data:
-            raise ConfigError(
-                f"{source} uses 'slices', which dammerge does not support",
-                "list whole models under 'models:' (layer-stacking/frankenmerges are out of scope)",
-            )
+        for key, hint in NOT_SUPPORTED_KEYS.items():
+            if key in data:
+                raise ConfigError(f"{source}: '{key}' is not supported (yet)", hint)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:

@@ -17,7 +17,13 @@ import torch
 
 from dammerge.checkpoint.architecture import TensorInfo, TensorKind
 from dammerge.checkpoint.reader import Checkpoint
-from dammerge.config import MergeConfig, compute_dtype_of, parse_dtype, resolve_value
+from dammerge.config import (
+    MergeConfig,
+    check_model_reference,
+    compute_dtype_of,
+    parse_dtype,
+    resolve_value,
+)
 from dammerge.errors import CheckpointError, ConfigError
 from dammerge.methods import METHODS, REQUIRED, MergeMethod, get_method
 
@@ -102,6 +108,7 @@ def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
     cache: dict[Path, Checkpoint] = {}
 
     def load(path: str) -> Checkpoint:
+        check_model_reference(path)
         key = Path(path).resolve()
         if key not in cache:
             cache[key] = Checkpoint(path, allow_pickle=allow_pickle)
@@ -155,6 +162,7 @@ def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
                 copy_from_reference=not dtype.is_floating_point,
             )
         )
+        check_values(method, plan.tensors[-1])
     return plan
 
 
@@ -208,6 +216,49 @@ def check_parameters(config: MergeConfig, method: MergeMethod) -> None:
             UnusedParameterWarning,
             stacklevel=1,  # one location: shown once though the registry and the plan check
         )
+
+
+NUMERIC_PARAMETERS = {"weight", "density", "gamma", "epsilon", "lambda", "t"}
+FRACTIONS = {"density", "gamma"}  # shares of a tensor's entries
+RESCALE_MODES = {"l1", "density", "probability"}
+
+
+def check_values(method: MergeMethod, tensor: TensorPlan) -> None:
+    """The resolved parameters of one tensor are values its method can use, so a bad value
+    fails ``--dry-run`` rather than the merge halfway through."""
+    for params in [*tensor.model_params, tensor.params]:
+        for key, value in params.items():
+            if key in NUMERIC_PARAMETERS and not _is_number(value):
+                _bad_value(method, tensor, key, value, "a number")
+            if key in FRACTIONS and not 0.0 <= value <= 1.0:
+                _bad_value(method, tensor, key, value, "in [0, 1]")
+            if key == "rescale_mode" and value not in RESCALE_MODES:
+                _bad_value(method, tensor, key, value, f"one of {sorted(RESCALE_MODES)}")
+        if "epsilon" in params:
+            _check_epsilon(method, tensor, float(params["density"]), float(params["epsilon"]))
+
+
+def _check_epsilon(method: MergeMethod, tensor: TensorPlan, density: float, eps: float) -> None:
+    """DELLA's keep probabilities run from density - epsilon to density + epsilon: both must
+    be probabilities (density 0 and 1 keep nothing or everything and ignore epsilon)."""
+    if eps < 0.0:
+        _bad_value(method, tensor, "epsilon", eps, ">= 0")
+    if 0.0 < density < 1.0 and not (density - eps > 0.0 and density + eps <= 1.0):
+        raise ConfigError(
+            f"{method.name}: density {density} ± epsilon {eps} leaves [0, 1] for {tensor.name}",
+            "choose epsilon < min(density, 1 - density)",
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _bad_value(method: MergeMethod, tensor: TensorPlan, key: str, value: Any, want: str) -> None:
+    raise ConfigError(
+        f"{method.name}: parameter '{key}' is {value!r} for {tensor.name}; it must be {want}",
+        f"fix '{key}' in the recipe's parameters",
+    )
 
 
 def _check_model_count(method: MergeMethod, count: int) -> None:
