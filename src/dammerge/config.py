@@ -20,6 +20,7 @@ Parameter values are resolved per tensor by :func:`resolve_value`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dammerge.errors import ConfigError
 
+DEFAULT_SHARD_SIZE = 5 * 2**30
 Scalar = float | int | bool | str
 ParamValue = Any  # scalar | list[float] (gradient) | list[{filter, value}]
 
@@ -165,6 +167,34 @@ class MergeConfig(BaseModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False)
+
+
+def load_config(config: MergeConfig | dict[str, Any] | str | Path) -> MergeConfig:
+    """A recipe as a :class:`MergeConfig`: given as one already, as a dict shaped like the YAML,
+    or as the path of a YAML file (relative paths then resolve from the file's folder)."""
+    if isinstance(config, MergeConfig):
+        return config
+    if isinstance(config, dict):
+        return MergeConfig.from_dict(config)
+    return MergeConfig.from_yaml(config)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a merge runs, the same for every method: the command line's flags.
+
+    ``seed`` drives stochastic kernels (DARE, DELLA), data order and initialisation of learned
+    methods, and the search's sampling; ``dry_run`` validates everything and prints the plan
+    without computing; ``progress`` shows bars and messages.
+    """
+
+    device: str = "cpu"
+    seed: int = 0
+    shard_size: int = DEFAULT_SHARD_SIZE
+    overwrite: bool = False
+    dry_run: bool = False
+    allow_pickle: bool = False
+    progress: bool = True
 
 
 def _is_filter_list(value: Any) -> bool:

@@ -13,7 +13,7 @@ blocks, which do not always fit the chunk just freed, so the heap may grow by a 
 before every request finds one). It changes where tensors live, never what is computed: a
 family built inside it has the same content hash as one built outside. On leaving, large
 allocations are mappings again and the kept memory is handed back (``AFTER_*`` below).
-Merges of checkpoints (:mod:`dammerge.merge`) do not use it: they stream tensors of ever
+Merges of checkpoints (:mod:`dammerge.executor`) do not use it: they stream tensors of ever
 different sizes, where kept memory would only raise the peak.
 
 Set ``DAMMERGE_REUSE_MEMORY=0`` to keep the allocator's defaults (to compare with and without).

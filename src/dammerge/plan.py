@@ -79,7 +79,7 @@ class MergePlan:
 
 def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
     method = get_method(config.merge_method)
-    _check_known_parameters(config, method)
+    check_parameters(config, method)
     if not config.models:
         raise ConfigError("the recipe lists no models", "add a 'models:' list")
     if method.requires_base and not config.base_model:
@@ -148,7 +148,8 @@ def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
     return plan
 
 
-def _check_known_parameters(config: MergeConfig, method: MergeMethod) -> None:
+def check_parameters(config: MergeConfig, method: MergeMethod) -> None:
+    """Every parameter the recipe names is one the method takes (per model or global)."""
     known_model = set(method.model_params)
     known_global = set(method.global_params) | known_model
     problems = [f"'{key}' (global)" for key in config.parameters if key not in known_global] + [
