@@ -6,9 +6,10 @@ them in one process, so mergekit is imported once; ``mergekit-yaml`` is exercise
 once by :func:`dammerge.merge`, and every output tensor is compared within float tolerance.
 
 Only deterministic settings are compared: DARE and DELLA are checked at density 1 (no random
-drop); breadcrumbs, whose band selection is deterministic, at density 1 and below. The
-gradient/filter recipe pins down where each tensor sits on the depth axis, including tensors
-outside the blocks (embeddings, final norm, ``lm_head``), which mergekit places at ``t = 0``.
+drop); breadcrumbs, whose band selection is deterministic, at density 1 and below; SCE, whose
+top-variance selection is deterministic too, with and without selecting. The gradient/filter
+recipe pins down where each tensor sits on the depth axis, including tensors outside the blocks
+(embeddings, final norm, ``lm_head``), which mergekit places at ``t = 0``.
 
 Half precision (``dtype: float16`` / ``bfloat16``) is compared within one unit in the last place
 (ulp) of the output dtype. mergekit computes linear and SLERP in float32 whatever ``dtype`` says,
@@ -173,6 +174,18 @@ RECIPES: dict[str, dict[str, Any]] = {
             {"model": "FT1", "parameters": {"weight": 0.3, "density": 0.6, "gamma": 0.02}},
             {"model": "FT2", "parameters": {"weight": 0.5, "density": 0.4, "gamma": 0.1}},
         ],
+    },
+    "sce": {
+        "merge_method": "sce",
+        "base_model": "BASE",
+        "models": [{"model": "FT0"}, {"model": "FT1"}, {"model": "FT2"}],
+    },
+    # SCE's top-variance selection is deterministic: compare it where it actually selects.
+    "sce_select_topk": {
+        "merge_method": "sce",
+        "base_model": "BASE",
+        "models": [{"model": "FT0"}, {"model": "FT1"}, {"model": "FT2"}],
+        "parameters": {"select_topk": 0.3},
     },
     # Gradients and {filter, value} lists resolved per tensor. The lm_head/embed/norm entries
     # use steep gradients so that any disagreement about their depth position is large.

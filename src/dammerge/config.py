@@ -163,7 +163,7 @@ class MergeConfig(BaseModel):
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "recipe"
-            hint = "check the spelling against the README's recipe reference"
+            hint = "check the spelling against docs/recipes.md"
             raise ConfigError(f"{source}: {where}: {first['msg']}", hint) from None
 
     def relative_to(self, folder: Path) -> MergeConfig:

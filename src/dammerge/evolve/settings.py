@@ -17,7 +17,7 @@ training:               # the search (pydantic, unknown keys are refused)
   sigma0: 0.2           # CMA-ES step size in the normalised [0, 1] space
   layer_groups: 2       # 1 = one value for all layers, num_layers = one per layer
   module_groups: [self_attn, mlp]   # optional: separate values per module filter (+ the rest)
-  search: [weight, density]         # default: weight and density (t for slerp)
+  search: [weight, density]         # default: those of weight, density, t, select_topk it has
   bounds: {weight: [0, 1], density: [0.1, 1]}
   fitness: kl           # or task (needs `family:`)
   samples: 16           # held-in examples per model (a dataset's own `samples` wins)
@@ -52,10 +52,11 @@ DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
     "lambda": (0.5, 1.5),
     "gamma": (0.0, 0.1),
     "epsilon": (0.0, 0.2),
+    "select_topk": (0.1, 1.0),
 }
 # Parameters that are switches or labels, never searched.
 NOT_SEARCHABLE = {"normalize", "rescale", "rescale_mode", "int8_mask", "filter_wise"}
-DEFAULT_SEARCH = ("weight", "density", "t")
+DEFAULT_SEARCH = ("weight", "density", "t", "select_topk")
 DEFAULT_LAYER_GROUPS = 4
 
 
@@ -136,7 +137,7 @@ def read_settings(cfg: MergeConfig) -> EvolveSettings:
         where = ".".join(str(p) for p in first["loc"]) or "training"
         raise ConfigError(
             f"training.{where}: {first['msg']}",
-            "see the evolve recipe reference in dammerge.evolve.settings / the README",
+            "see docs/evolve.md",
         ) from None
 
 
@@ -183,8 +184,7 @@ def searched_parameters(settings: EvolveSettings, method: MergeMethod) -> list[s
     if not chosen:
         raise ConfigError(
             f"{method.name} has no parameter that evolve can search",
-            "use linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, della "
-            "or slerp",
+            "choose a method with a weight, density, t or select_topk (see dammerge methods)",
         )
     for key in chosen:
         if key not in settings.bounds and key not in DEFAULT_BOUNDS:
