@@ -218,8 +218,8 @@ def check_parameters(config: MergeConfig, method: MergeMethod) -> None:
         )
 
 
-NUMERIC_PARAMETERS = {"weight", "density", "gamma", "epsilon", "lambda", "t"}
-FRACTIONS = {"density", "gamma"}  # shares of a tensor's entries
+NUMERIC_PARAMETERS = {"weight", "density", "gamma", "epsilon", "lambda", "t", "select_topk"}
+FRACTIONS = {"density", "gamma", "select_topk"}  # shares of a tensor's entries
 RESCALE_MODES = {"l1", "density", "probability"}
 
 
