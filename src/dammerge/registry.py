@@ -99,6 +99,11 @@ def _data_free_parser(method: MergeMethod) -> Callable[[MergeConfig], None]:
 
 def _learned_parser(preset: Mapping[str, Any]) -> Callable[[MergeConfig], TrainingSettings]:
     def parse(cfg: MergeConfig) -> TrainingSettings:
+        if cfg.compute_dtype is not None:
+            raise ConfigError(
+                "compute_dtype is for data-free merges; a learned merge trains in training.dtype",
+                "remove compute_dtype, or set training: {dtype: ...}",
+            )
         return parse_settings(cfg.training, preset)
 
     return parse
@@ -166,4 +171,9 @@ def load_recipe(source: MergeConfig | dict[str, Any] | str | Path) -> Recipe:
     """Read and validate a whole recipe (``training:`` included) before any compute."""
     config = load_config(source)
     method = get_entry(config.merge_method)
+    if config.slices and method.kind != "data-free":
+        raise ConfigError(
+            f"{method.name} merges whole models; 'slices' are for data-free methods",
+            "list the models under 'models:'",
+        )
     return Recipe(config, method, method.parse(config))

@@ -56,7 +56,7 @@ class InMemoryMerger:
         self.device = device
         self.seed = seed
         self.sources = {
-            ck.path: InMemoryCheckpoint(ck, plan.compute_dtype, device) for ck in plan.inputs
+            ck.path: InMemoryCheckpoint(ck, plan.held_dtype, device) for ck in plan.inputs
         }
 
     def plan_for(self, cfg: MergeConfig) -> MergePlan:

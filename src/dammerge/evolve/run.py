@@ -38,7 +38,7 @@ from dammerge.checkpoint.reader import Checkpoint
 from dammerge.checkpoint.writer import CheckpointWriter, check_output_location
 from dammerge.config import DEFAULT_SHARD_SIZE, MergeConfig, RunOptions, load_config
 from dammerge.devices import resolve_device
-from dammerge.errors import ConfigError, DammergeError, OutputError
+from dammerge.errors import ConfigError, DammergeError, Interrupted, OutputError
 from dammerge.evolve.candidate import InMemoryMerger, ModelSlot
 from dammerge.evolve.fitness import (
     Fitness,
@@ -199,12 +199,10 @@ def evolve_merge(
                 progress=progress,
             )
         except KeyboardInterrupt:
-            console.print(
-                f"search interrupted: {len(log.records)} evaluations are saved in {log.path}; "
+            raise Interrupted(
+                f"search stopped; its {len(log.records)} evaluations are saved in {log.path}",
                 "run the same command again to resume",
-                style="yellow",
-            )
-            raise
+            ) from None
         finally:
             scorer.close()
     search_seconds = time.perf_counter() - started - setup_seconds
@@ -304,7 +302,7 @@ def _fingerprint(
 
 def describe_search(prepared: PreparedSearch) -> list[str]:
     space, settings = prepared.space, prepared.settings
-    source_bytes = prepared.plan.compute_dtype.itemsize * sum(
+    source_bytes = prepared.plan.held_dtype.itemsize * sum(
         int(np.prod(ck.shape(name))) for ck in prepared.plan.inputs for name in ck.names()
     )
     modules = ", ".join(m or "rest" for m in space.modules)
@@ -332,7 +330,7 @@ def load_and_setup(
     """Load the sources once, build the reusable model, let the fitness prepare."""
     plan = prepared.plan
     merger = InMemoryMerger(plan, device, prepared.seed)
-    slot = ModelSlot(plan.reference.path, plan.compute_dtype, device)
+    slot = ModelSlot(plan.reference.path, plan.held_dtype, device)
     names = plan.reference.names()
     slot.check_names(names)
     tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_folder())

@@ -17,7 +17,7 @@ training:               # the search (pydantic, unknown keys are refused)
   sigma0: 0.2           # CMA-ES step size in the normalised [0, 1] space
   layer_groups: 2       # 1 = one value for all layers, num_layers = one per layer
   module_groups: [self_attn, mlp]   # optional: separate values per module filter (+ the rest)
-  search: [weight, density]         # default: weight and density (t for slerp)
+  search: [weight, density]         # default: those of weight, density, t, select_topk it has
   bounds: {weight: [0, 1], density: [0.1, 1]}
   fitness: kl           # or task (needs `family:`)
   samples: 16           # held-in examples per model (a dataset's own `samples` wins)
@@ -137,7 +137,7 @@ def read_settings(cfg: MergeConfig) -> EvolveSettings:
         where = ".".join(str(p) for p in first["loc"]) or "training"
         raise ConfigError(
             f"training.{where}: {first['msg']}",
-            "see the evolve recipe reference in dammerge.evolve.settings / the README",
+            "see docs/evolve.md",
         ) from None
 
 

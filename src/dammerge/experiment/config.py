@@ -132,7 +132,7 @@ class ExperimentConfig(BaseModel):
             where = ".".join(str(p) for p in first["loc"]) or "experiment"
             raise ConfigError(
                 f"{path}: {where}: {first['msg']}",
-                "see the experiment file format in the README (section Experiments) or the shipped "
+                "see docs/evaluation.md (experiments) or the shipped "
                 "src/dammerge/experiment/shipped/quick.yaml",
             ) from None
         family = Path(config.family)

@@ -116,7 +116,7 @@ def _first_error(exc: ValidationError, where: str) -> ConfigError:
     loc = ".".join(parts)
     message = first["msg"].removeprefix("Value error, ")
     place = f"{where}.{loc}" if loc else where
-    return ConfigError(f"{place}: {message}", "check the spelling against the DAM recipe reference")
+    return ConfigError(f"{place}: {message}", "check the spelling against docs/dam.md")
 
 
 def parse_settings(
