@@ -152,6 +152,14 @@ app.add_typer(family_app, name="family")
 # <<< registered commands
 
 
+def _reports_errors() -> bool:
+    """False on the ranks other than 0 of a torchrun launch: errors reach every rank together
+    (see dammerge.learned.distributed) and rank 0 alone prints them."""
+    if not all(os.environ.get(v) for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK")):
+        return True
+    return os.environ["RANK"] == "0"
+
+
 def main() -> None:
     """Console entry point: run the app, turning user errors into one-line messages."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -159,6 +167,8 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except DammergeError as exc:
+        if not _reports_errors():
+            sys.exit(2)
         console.print(
             f"error: {exc.message}", style="bold red", highlight=False, markup=False, soft_wrap=True
         )

@@ -24,7 +24,7 @@ from dammerge.checkpoint.reader import Checkpoint
 from dammerge.checkpoint.writer import check_output_location
 from dammerge.config import MergeConfig, parse_dtype
 from dammerge.errors import CheckpointError, ConfigError, DammergeError
-from dammerge.learned import LEARNED_METHODS
+from dammerge.learned import LEARNED_METHODS, distributed
 from dammerge.learned.data import (
     SourceData,
     check_columns,
@@ -32,6 +32,7 @@ from dammerge.learned.data import (
     load_records,
     select_records,
 )
+from dammerge.learned.distributed import Distributed
 from dammerge.learned.settings import (
     DatasetSettings,
     TrainingSettings,
@@ -48,6 +49,7 @@ BOOKKEEPING = {
     "work_dir",
     "steps",
     "epochs",
+    "distributed",  # a run resumes under any strategy and world size
 }
 console = Console(stderr=True)
 
@@ -324,26 +326,45 @@ def _resume_flag(plan: LearnedPlan) -> bool:
 
 
 def train_plan(
-    plan: LearnedPlan, *, progress: bool = True, stop_after: int | None = None
+    plan: LearnedPlan,
+    *,
+    progress: bool = True,
+    stop_after: int | None = None,
+    ranks: Distributed | None = None,
 ) -> tuple[Any, Any]:
-    """Build the merge module and teachers, train; returns (model, TrainResult)."""
-    from dammerge.learned.model import MergeOptions, build_merged_model
-    from dammerge.learned.teachers import OnTheFlyTeacher, precompute_teachers
+    """Build the merge module and teachers, train; returns (model, TrainResult).
+
+    ``ranks`` places this process among the ranks of a torchrun launch (one process when
+    None): see :mod:`dammerge.learned.distributed`.
+    """
+    from dammerge.learned.model import MergeOptions
+    from dammerge.learned.teachers import (
+        LockstepTeacher,
+        OnTheFlyTeacher,
+        PrecomputedTeacher,
+        precompute_teacher_files,
+    )
     from dammerge.learned.train import Trainer
 
+    ranks = ranks or Distributed(plan.device)
     s = plan.settings
     needs_teacher = s.objective != "entropy"
     teacher = None
     if needs_teacher and s.teacher == "precomputed":
-        teacher = precompute_teachers(
-            plan.sources,
-            plan.data,
-            s.top_k,
-            plan.work_dir / "teachers",
-            device=plan.device,
-            dtype=plan.dtype,
-            progress=progress,
+        files = ranks.together(
+            lambda: precompute_teacher_files(
+                plan.sources,
+                plan.data,
+                s.top_k,
+                plan.work_dir / "teachers",
+                device=plan.device,
+                dtype=plan.dtype,
+                progress=progress,
+                rank=ranks.rank,
+                world_size=ranks.world_size,
+            )
         )
+        teacher = PrecomputedTeacher(files, plan.device)
     options = MergeOptions(
         granularity=s.granularity,
         parametrization=s.parametrization,
@@ -354,17 +375,13 @@ def train_plan(
         merge_norms=s.merge_norms,
         include_base=s.include_base,
     )
-    model = build_merged_model(
-        plan.base,
-        plan.sources,
-        options,
-        device=plan.device,
-        dtype=plan.dtype,
-        keep_teacher_weights=needs_teacher and s.teacher == "on_the_fly",
-        seed=plan.seed,
-    )
+    keep_teacher_weights = needs_teacher and s.teacher == "on_the_fly"
+    model = ranks.together(lambda: _build_model(plan, options, keep_teacher_weights, ranks))
     if needs_teacher and teacher is None:
         teacher = OnTheFlyTeacher(model)
+        if ranks.sharded:
+            calls = ranks.teacher_calls_per_step(len(plan.data), s.batch_size)
+            teacher = LockstepTeacher(teacher, calls)
     trainer = Trainer(
         model,
         plan.data,
@@ -375,12 +392,42 @@ def train_plan(
         fingerprint=plan.fingerprint,
         progress=progress,
         names=plan.names,
+        ranks=ranks,
     )
-    resume = _resume_flag(plan)
+    resume = ranks.from_main(lambda: _resume_flag(plan))
     if resume and progress:
         console.print(f"resuming from {plan.work_dir}", style="yellow")
     result = trainer.run(resume=resume, stop_after=stop_after)
     return model, result
+
+
+def _build_model(
+    plan: LearnedPlan, options: Any, keep_teacher_weights: bool, ranks: Distributed
+) -> Any:
+    """The merge module: whole on this rank, or this rank's shard of it."""
+    from dammerge.learned.model import build_merged_model
+
+    if ranks.sharded:
+        from dammerge.learned.sharded import build_sharded_model
+
+        return build_sharded_model(
+            plan.base,
+            plan.sources,
+            options,
+            ranks=ranks,
+            dtype=plan.dtype,
+            keep_teacher_weights=keep_teacher_weights,
+            seed=plan.seed,
+        )
+    return build_merged_model(
+        plan.base,
+        plan.sources,
+        options,
+        device=plan.device,
+        dtype=plan.dtype,
+        keep_teacher_weights=keep_teacher_weights,
+        seed=plan.seed,
+    )
 
 
 def _check_init(s: TrainingSettings, n_sources: int) -> None:
@@ -392,12 +439,20 @@ def _check_init(s: TrainingSettings, n_sources: int) -> None:
         raise ConfigError(f"training.init: {problem}")
 
 
-def compute_stats(plan: LearnedPlan, model: Any, result: Any) -> dict[str, Any]:
+def compute_stats(
+    plan: LearnedPlan,
+    model: Any,
+    result: Any,
+    ranks: Distributed | None = None,
+    held: list[dict[str, float]] | None = None,
+) -> dict[str, Any]:
     """Compute counts of a finished training, in passes over one sequence.
 
     Every step runs ``batch_size`` sequences of every source through the merged model, forward
     and backward. Teachers on the fly add one teacher forward per trained sequence; precomputed
     teachers ran once over each source's examples; the entropy objective has no teacher.
+    Under torchrun the counts are of all ranks together, and ``distributed`` says how the
+    ranks shared the work and what each held of the weight stores (``held``, per rank).
     """
     s = plan.settings
     trained = result.steps * s.batch_size * len(plan.sources)
@@ -407,7 +462,7 @@ def compute_stats(plan: LearnedPlan, model: Any, result: Any) -> dict[str, Any]:
         teacher_forwards = sum(len(d) for d in plan.data)
     else:
         teacher_forwards = trained
-    return {
+    stats: dict[str, Any] = {
         "steps": result.steps,
         "training_seconds": round(result.seconds, 3),
         "merged_forward_sequences": trained,
@@ -417,6 +472,14 @@ def compute_stats(plan: LearnedPlan, model: Any, result: Any) -> dict[str, Any]:
         "fitness_evaluations": 0,
         "trainable_coefficients": sum(p.numel() for p in model.coefficient_parameters()),
     }
+    if ranks is not None and ranks.enabled:
+        stats["distributed"] = {
+            "strategy": ranks.strategy,
+            "world_size": ranks.world_size,
+            "backend": ranks.backend,
+            "ranks": held or [],
+        }
+    return stats
 
 
 def run_learned_merge(
@@ -434,18 +497,61 @@ def run_learned_merge(
     """Validate, train and export a learned merge; returns the output folder.
 
     Returns None for ``dry_run`` and when ``stop_after`` steps ended the run early (the
-    training state stays in the work folder; calling again resumes).
+    training state stays in the work folder; calling again resumes). Under torchrun every
+    rank trains and rank 0 alone writes (the other ranks return None).
     """
-    from dammerge.learned.export import export_merged
+    ranks = distributed.start(device)
+    try:
+        return _run_learned_merge(
+            ranks,
+            cfg,
+            Path(output),
+            seed=seed,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            shard_size=shard_size,
+            progress=progress,
+            stop_after=stop_after,
+        )
+    finally:
+        ranks.close()
 
-    plan = prepare(cfg, Path(output), device=device, seed=seed, overwrite=overwrite)
+
+def _run_learned_merge(
+    ranks: Distributed,
+    cfg: MergeConfig,
+    output: Path,
+    *,
+    seed: int,
+    overwrite: bool,
+    dry_run: bool,
+    shard_size: int,
+    progress: bool,
+    stop_after: int | None,
+) -> Path | None:
+    from dammerge.learned.export import export_merged
+    from dammerge.learned.sharded import held_store_bytes
+
+    plan = ranks.together(
+        lambda: prepare(cfg, output, device=str(ranks.device), seed=seed, overwrite=overwrite)
+    )
+    s = plan.settings
+    notes = distributed.resolve_strategy(ranks, s.distributed, len(plan.sources), s.batch_size)
+    for note in notes if ranks.is_main else []:
+        console.print(note, style="yellow", highlight=False, markup=False, soft_wrap=True)
     if dry_run:
-        for line in describe(plan):
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
-        console.print("dry run: nothing trained or written", style="green")
+        if ranks.is_main:
+            for line in describe(plan) + ranks.describe():
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
+            console.print("dry run: nothing trained or written", style="green")
         return None
-    model, result = train_plan(plan, progress=progress, stop_after=stop_after)
+    model, result = train_plan(
+        plan, progress=progress and ranks.is_main, stop_after=stop_after, ranks=ranks
+    )
     if result.steps < plan.steps:
+        return None
+    held = ranks.gather(held_store_bytes(model))
+    if not ranks.is_main:
         return None
     summary = {
         "steps": result.steps,
@@ -468,7 +574,7 @@ def run_learned_merge(
         else Path(cfg.tokenizer_source),
         log_path=plan.work_dir / "train_log.jsonl",
         summary=summary,
-        stats=compute_stats(plan, model, result),
+        stats=compute_stats(plan, model, result, ranks, held),
         progress=progress,
     )
     if not plan.settings.keep_work:
