@@ -30,8 +30,10 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import socket
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -83,7 +85,6 @@ class Distributed:
     backend: str | None = None  # None: no process group
     strategy: str | None = None  # replicate | shard once resolved; None for one process
     owns_group: bool = False  # this run started the process group (and ends it)
-    sequences_per_step: list[int] = field(default_factory=list)
 
     @property
     def enabled(self) -> bool:
@@ -317,6 +318,8 @@ def _rendezvous(rank: int, world_size: int) -> dist.TCPStore:
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     hosts = rank == 0 and not agent_store
     try:
+        if not hosts:  # a quiet wait first: the store's own retries log C++ stack traces
+            _wait_for_listener(address, port, wait)
         store = dist.TCPStore(
             address,
             port,
@@ -335,6 +338,20 @@ def _rendezvous(rank: int, world_size: int) -> dist.TCPStore:
         ) from None
     store.set_timeout(_collective_timeout())
     return store
+
+
+def _wait_for_listener(address: str, port: int, seconds: float) -> None:
+    """Return once ``address:port`` accepts a connection; ``TimeoutError`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("nothing listens there")
+        try:
+            with socket.create_connection((address, port), timeout=min(left, 2.0)):
+                return
+        except OSError:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
 def _collective_timeout() -> timedelta:
