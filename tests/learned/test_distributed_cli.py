@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 
 import dammerge
 from dammerge.learned.export import COEFFICIENTS_FILE, STATS_FILE
-from dammerge.learned.run import learned_merge
 from dammerge.learned.train import CHECKPOINT, LOG
 
 pytestmark = [
@@ -131,7 +130,7 @@ def _assert_close(got: Path, expected: Path, tolerance: float) -> None:
 def _one_process(recipe: dict, folder: Path) -> Path:
     out = folder / "single"
     if not out.exists():
-        learned_merge(recipe, out, progress=False)
+        dammerge.merge(recipe, out, progress=False)
     return out
 
 
@@ -240,7 +239,7 @@ def test_killed_on_two_ranks_resumes_on_one_with_an_uninterrupted_runs_coefficie
             launch.kill()
     assert killed_at is not None and not (tmp_path / "out").exists()
     assert 4 <= _checkpoint_step(checkpoint) < 20
-    learned_merge(recipe, tmp_path / "out", progress=False)  # one process resumes
+    dammerge.merge(recipe, tmp_path / "out", progress=False)  # one process resumes
     _assert_close(tmp_path / "out", _one_process(recipe, tmp_path / "reference"), 1e-5)
     steps = [json.loads(line)["step"] for line in (tmp_path / "out" / LOG).read_text().splitlines()]
     assert steps == list(range(1, 21))

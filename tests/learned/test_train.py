@@ -202,11 +202,12 @@ def test_cosine_term_is_logged_and_reduces(untied_family, datasets_dir, tmp_path
 )
 def test_objective_with_grad_equals_autograd_of_objective(objective, direction, top_k):
     """The fused step's per-source loss and logit gradient, whichever way they are formed."""
+    from dammerge.learned.presets import DAM
     from dammerge.learned.settings import parse_settings
     from dammerge.learned.teachers import TeacherOutput
 
     settings = parse_settings(
-        "dam", {"objective": objective, "kl_direction": direction, "temperature": 2.0}
+        {"objective": objective, "kl_direction": direction, "temperature": 2.0}, DAM
     )
     generator = torch.Generator().manual_seed(0)
     rows = torch.randn(6, 11, generator=generator, dtype=torch.float64) * 3
@@ -225,3 +226,19 @@ def test_objective_with_grad_equals_autograd_of_objective(objective, direction, 
     value = train_module.objective_with_grad(settings, rows, teacher, grad_out)
     torch.testing.assert_close(value, expected.detach())
     torch.testing.assert_close(grad_out, leaf.grad)
+
+
+def test_ctrl_c_during_the_update_is_held_until_the_step_is_whole():
+    """A SIGINT inside the deferred block is raised only when the block ends."""
+    import os
+    import signal
+
+    from dammerge.learned.train import ctrl_c_deferred
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            finished.append(True)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

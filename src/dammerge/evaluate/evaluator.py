@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from dammerge.devices import resolve_device
 from dammerge.errors import DammergeError
 from dammerge.evaluate.data import (
     COMPOSITIONAL,
@@ -42,7 +43,7 @@ from dammerge.evaluate.generation import (
     generate_responses,
     pad_id,
 )
-from dammerge.evaluate.loading import check_model_dir, load_model, resolve_device, resolve_dtype
+from dammerge.evaluate.loading import check_model_dir, load_model, resolve_dtype
 from dammerge.evaluate.metrics import score_record
 from dammerge.evaluate.teacher_forcing import (
     LikelihoodTotals,

@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 
 from rich.console import Console
 
-from dammerge.errors import DammergeError
+from dammerge.errors import DammergeError, Interrupted
 from dammerge.evolve.report import peak_rss_mib
 from dammerge.experiment.config import ExperimentConfig, MethodSpec
 from dammerge.family.manifest import Family, load_family
@@ -126,8 +127,7 @@ def plan_cells(config: ExperimentConfig, family: Family, out: Path) -> list[Cell
 
 def validate_cells(cells: list[Cell], device: str) -> None:
     """Check every recipe (inputs, shapes, datasets) before any compute; name the failing cell."""
-    from dammerge.merge import data_informed_runner, load_config
-    from dammerge.plan import build_plan
+    from dammerge.dispatch import merge
 
     for cell in cells:
         if cell.recipe is None:
@@ -138,20 +138,15 @@ def validate_cells(cells: list[Cell], device: str) -> None:
                 )
             continue
         try:
-            config = load_config(cell.recipe)
-            runner = data_informed_runner(config.merge_method)
-            if runner is None:
-                build_plan(config)
-            else:
-                runner(
-                    config,
-                    cell.model,
-                    device=device,
-                    seed=cell.seed or 0,
-                    overwrite=True,
-                    dry_run=True,
-                    shard_size=2**40,
-                )
+            merge(
+                cell.recipe,
+                cell.model,
+                device=device,
+                seed=cell.seed or 0,
+                overwrite=True,
+                dry_run=True,
+                progress=False,
+            )
         except DammergeError as exc:
             raise DammergeError(f"cell {cell.label!r}: {exc.message}", exc.hint) from None
 
@@ -159,7 +154,7 @@ def validate_cells(cells: list[Cell], device: str) -> None:
 def _merge_in_child(recipe: dict[str, Any], out: str, seed: int, device: str, queue: Any) -> None:
     """Body of the merge process: run the merge, report compute (or the user error)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from dammerge.merge import merge
+    from dammerge.dispatch import merge
 
     start = time.perf_counter()
     try:
@@ -167,6 +162,8 @@ def _merge_in_child(recipe: dict[str, Any], out: str, seed: int, device: str, qu
     except DammergeError as exc:
         queue.put({"error": exc.message, "hint": exc.hint})
         return
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the runner reports it
+        sys.exit(130)
     queue.put(
         {
             "wall_seconds": time.perf_counter() - start,
@@ -230,18 +227,27 @@ def run_experiment(
     if rerun:
         shutil.rmtree(out / "cells", ignore_errors=True)
     evaluation = config.evaluation.model_dump(mode="json")
-    for number, cell in enumerate(cells, 1):
-        prefix = f"[{number}/{len(cells)}] {cell.label}"
-        _forget_if_changed(cell, cell.key(evaluation), prefix)
-        if cell.recipe is not None and not cell.merge_record.exists():
-            console.print(f"{prefix}: merging ({cell.recipe['merge_method']})")
-            write_json(cell.merge_record, run_merge(cell, config.device))
-        if not cell.scores_record.exists():
-            console.print(f"{prefix}: evaluating")
-            scores = evaluate_cell(cell.model, family, config.evaluation, config.device, progress)
-            write_json(cell.scores_record, scores)
-        else:
-            console.print(f"{prefix}: done earlier", style="dim")
+    try:
+        for number, cell in enumerate(cells, 1):
+            prefix = f"[{number}/{len(cells)}] {cell.label}"
+            _forget_if_changed(cell, cell.key(evaluation), prefix)
+            if cell.recipe is not None and not cell.merge_record.exists():
+                console.print(f"{prefix}: merging ({cell.recipe['merge_method']})")
+                write_json(cell.merge_record, run_merge(cell, config.device))
+            if not cell.scores_record.exists():
+                console.print(f"{prefix}: evaluating")
+                scores = evaluate_cell(
+                    cell.model, family, config.evaluation, config.device, progress
+                )
+                write_json(cell.scores_record, scores)
+            else:
+                console.print(f"{prefix}: done earlier", style="dim")
+    except KeyboardInterrupt:
+        finished = sum(cell.scores_record.is_file() for cell in cells)
+        raise Interrupted(
+            f"experiment stopped; {finished} of {len(cells)} cells are finished and kept in {out}",
+            "run the same command again to compute only the missing cells",
+        ) from None
     return write_report(config, cells, out)
 
 

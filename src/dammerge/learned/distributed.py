@@ -244,7 +244,7 @@ def select_rows(batch: Batch, rows: list[int]) -> Batch:
 def start(device: str) -> Distributed:
     """The context of this process: the one-process one outside torchrun, else a started
     process group (or the one the caller already started)."""
-    from dammerge.merge import resolve_device
+    from dammerge.devices import resolve_device
 
     asked = resolve_device(device)
     if not launched_by_torchrun():

@@ -22,9 +22,10 @@ from rich.console import Console
 
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.checkpoint.writer import check_output_location
-from dammerge.config import MergeConfig, parse_dtype
-from dammerge.errors import CheckpointError, ConfigError, DammergeError
-from dammerge.learned import LEARNED_METHODS, distributed
+from dammerge.config import MergeConfig, RunOptions, parse_dtype
+from dammerge.devices import resolve_device
+from dammerge.errors import CheckpointError, ConfigError
+from dammerge.learned import distributed
 from dammerge.learned.data import (
     SourceData,
     check_columns,
@@ -37,10 +38,8 @@ from dammerge.learned.settings import (
     DatasetSettings,
     TrainingSettings,
     parse_dataset,
-    parse_settings,
 )
 
-DEFAULT_SHARD_SIZE = 5 * 2**30
 BOOKKEEPING = {
     "resume",
     "keep_work",
@@ -76,10 +75,7 @@ class LearnedPlan:
 
 
 # -- validation -----------------------------------------------------------------------------
-def _check_recipe(cfg: MergeConfig) -> tuple[TrainingSettings, list[DatasetSettings]]:
-    if cfg.merge_method not in LEARNED_METHODS:
-        raise ConfigError(f"{cfg.merge_method} is not a learned merge method")
-    settings = parse_settings(cfg.merge_method, cfg.training)
+def _check_recipe(cfg: MergeConfig, settings: TrainingSettings) -> list[DatasetSettings]:
     if cfg.parameters or any(m.parameters for m in cfg.models):
         raise ConfigError(
             f"{cfg.merge_method} learns its coefficients; 'parameters' are for data-free methods",
@@ -95,7 +91,7 @@ def _check_recipe(cfg: MergeConfig) -> tuple[TrainingSettings, list[DatasetSetti
         raise ConfigError(f"{cfg.merge_method} merges at least 2 models, got {len(cfg.models)}")
     datasets = [parse_dataset(m.model, m.dataset) for m in cfg.models]
     _check_init(settings, len(cfg.models))
-    return settings, datasets
+    return datasets
 
 
 def check_architecture(base: Checkpoint, sources: list[Checkpoint]) -> None:
@@ -227,6 +223,7 @@ def _fingerprint(plan: LearnedPlan) -> str:
 
 def prepare(
     cfg: MergeConfig,
+    settings: TrainingSettings,
     output: Path,
     *,
     device: str = "cpu",
@@ -235,9 +232,8 @@ def prepare(
 ) -> LearnedPlan:
     """Validate the recipe and its inputs and load the data (no model weights yet)."""
     from dammerge.learned.train import total_steps
-    from dammerge.merge import resolve_device
 
-    settings, datasets = _check_recipe(cfg)
+    datasets = _check_recipe(cfg, settings)
     base = Checkpoint(cfg.base_model)  # type: ignore[arg-type]
     sources = [Checkpoint(m.model) for m in cfg.models]
     check_architecture(base, sources)
@@ -337,7 +333,6 @@ def train_plan(
     ``ranks`` places this process among the ranks of a torchrun launch (one process when
     None): see :mod:`dammerge.learned.distributed`.
     """
-    from dammerge.learned.model import MergeOptions
     from dammerge.learned.teachers import (
         LockstepTeacher,
         OnTheFlyTeacher,
@@ -365,18 +360,8 @@ def train_plan(
             )
         )
         teacher = PrecomputedTeacher(files, plan.device)
-    options = MergeOptions(
-        granularity=s.granularity,
-        parametrization=s.parametrization,
-        activation=s.activation,
-        init=s.init,
-        clamp=s.clamp,
-        merge_embeddings=s.merge_embeddings,
-        merge_norms=s.merge_norms,
-        include_base=s.include_base,
-    )
     keep_teacher_weights = needs_teacher and s.teacher == "on_the_fly"
-    model = ranks.together(lambda: _build_model(plan, options, keep_teacher_weights, ranks))
+    model = ranks.together(lambda: _build_model(plan, keep_teacher_weights, ranks))
     if needs_teacher and teacher is None:
         teacher = OnTheFlyTeacher(model)
         if ranks.sharded:
@@ -401,12 +386,11 @@ def train_plan(
     return model, result
 
 
-def _build_model(
-    plan: LearnedPlan, options: Any, keep_teacher_weights: bool, ranks: Distributed
-) -> Any:
+def _build_model(plan: LearnedPlan, keep_teacher_weights: bool, ranks: Distributed) -> Any:
     """The merge module: whole on this rank, or this rank's shard of it."""
-    from dammerge.learned.model import build_merged_model
+    from dammerge.learned.model import MergeOptions, build_merged_model
 
+    options = MergeOptions.from_settings(plan.settings)
     if ranks.sharded:
         from dammerge.learned.sharded import build_sharded_model
 
@@ -484,14 +468,10 @@ def compute_stats(
 
 def run_learned_merge(
     cfg: MergeConfig,
+    settings: TrainingSettings,
     output: Path,
+    options: RunOptions,
     *,
-    device: str = "cpu",
-    seed: int = 0,
-    overwrite: bool = False,
-    dry_run: bool = False,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    progress: bool = True,
     stop_after: int | None = None,
 ) -> Path | None:
     """Validate, train and export a learned merge; returns the output folder.
@@ -500,19 +480,9 @@ def run_learned_merge(
     training state stays in the work folder; calling again resumes). Under torchrun every
     rank trains and rank 0 alone writes (the other ranks return None).
     """
-    ranks = distributed.start(device)
+    ranks = distributed.start(options.device)
     try:
-        return _run_learned_merge(
-            ranks,
-            cfg,
-            Path(output),
-            seed=seed,
-            overwrite=overwrite,
-            dry_run=dry_run,
-            shard_size=shard_size,
-            progress=progress,
-            stop_after=stop_after,
-        )
+        return _run_learned_merge(ranks, cfg, settings, Path(output), options, stop_after)
     finally:
         ranks.close()
 
@@ -520,33 +490,37 @@ def run_learned_merge(
 def _run_learned_merge(
     ranks: Distributed,
     cfg: MergeConfig,
+    settings: TrainingSettings,
     output: Path,
-    *,
-    seed: int,
-    overwrite: bool,
-    dry_run: bool,
-    shard_size: int,
-    progress: bool,
+    options: RunOptions,
     stop_after: int | None,
 ) -> Path | None:
     from dammerge.learned.export import export_merged
     from dammerge.learned.sharded import held_store_bytes
 
     plan = ranks.together(
-        lambda: prepare(cfg, output, device=str(ranks.device), seed=seed, overwrite=overwrite)
+        lambda: prepare(
+            cfg,
+            settings,
+            output,
+            device=str(ranks.device),
+            seed=options.seed,
+            overwrite=options.overwrite,
+        )
     )
-    s = plan.settings
-    notes = distributed.resolve_strategy(ranks, s.distributed, len(plan.sources), s.batch_size)
+    notes = distributed.resolve_strategy(
+        ranks, settings.distributed, len(plan.sources), settings.batch_size
+    )
     for note in notes if ranks.is_main else []:
         console.print(note, style="yellow", highlight=False, markup=False, soft_wrap=True)
-    if dry_run:
-        if ranks.is_main:
+    if options.dry_run:
+        if options.progress and ranks.is_main:
             for line in describe(plan) + ranks.describe():
                 console.print(line, highlight=False, markup=False, soft_wrap=True)
             console.print("dry run: nothing trained or written", style="green")
         return None
     model, result = train_plan(
-        plan, progress=progress and ranks.is_main, stop_after=stop_after, ranks=ranks
+        plan, progress=options.progress and ranks.is_main, stop_after=stop_after, ranks=ranks
     )
     if result.steps < plan.steps:
         return None
@@ -555,7 +529,7 @@ def _run_learned_merge(
         return None
     summary = {
         "steps": result.steps,
-        "seed": seed,
+        "seed": options.seed,
         "examples per source": ", ".join(str(len(d)) for d in plan.data),
         **{k: f"{v:.6g}" for k, v in result.last.items()},
     }
@@ -566,8 +540,8 @@ def _run_learned_merge(
         plan.output,
         cfg=cfg,
         settings=plan.settings,
-        shard_size=shard_size,
-        overwrite=overwrite,
+        shard_size=options.shard_size,
+        overwrite=options.overwrite,
         out_dtype=parse_dtype(cfg.out_dtype),
         tokenizer_folder=None
         if cfg.tokenizer_source in (None, "base")
@@ -575,26 +549,10 @@ def _run_learned_merge(
         log_path=plan.work_dir / "train_log.jsonl",
         summary=summary,
         stats=compute_stats(plan, model, result, ranks, held),
-        progress=progress,
+        progress=options.progress,
     )
     if not plan.settings.keep_work:
         shutil.rmtree(plan.work_dir, ignore_errors=True)
-    if progress:
+    if options.progress:
         console.print(f"merged model written to {out}", style="green")
     return out
-
-
-def learned_merge(
-    config: MergeConfig | dict[str, Any] | str | Path,
-    out: str | Path,
-    **kwargs: Any,
-) -> Path | None:
-    """Python API: like :func:`dammerge.merge` for ``merge_method: dam`` / ``adamerging``."""
-    from dammerge.merge import load_config
-
-    cfg = load_config(config)
-    if cfg.merge_method not in LEARNED_METHODS:
-        raise DammergeError(
-            f"{cfg.merge_method} is not a learned method", "use dammerge.merge for data-free ones"
-        )
-    return run_learned_merge(cfg, Path(out), **kwargs)

@@ -13,113 +13,54 @@ are the critical path and reading ahead would only add memory, so it is off.
 
 from __future__ import annotations
 
-import importlib
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import torch
+from rich.console import Console
 from tqdm.auto import tqdm
 
 from dammerge import __version__
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.checkpoint.writer import CheckpointWriter, check_output_location
-from dammerge.config import MergeConfig
+from dammerge.config import DEFAULT_SHARD_SIZE, MergeConfig, RunOptions
+from dammerge.devices import resolve_device
 from dammerge.errors import ConfigError, DammergeError
 from dammerge.methods import MergeInputs
-from dammerge.plan import MergePlan, TensorPlan, build_plan
+from dammerge.plan import MergePlan, TensorPlan, build_plan, describe
 
-DEFAULT_SHARD_SIZE = 5 * 2**30
-
-
-def load_config(config: MergeConfig | dict[str, Any] | str | Path) -> MergeConfig:
-    if isinstance(config, MergeConfig):
-        return config
-    if isinstance(config, dict):
-        return MergeConfig.from_dict(config)
-    return MergeConfig.from_yaml(config)
+console = Console(stderr=True)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DammergeError("--device cuda was asked for but no CUDA GPU is visible", "use cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise DammergeError(f"unknown device {device!r}", "use cpu or cuda") from None
+def merge_data_free(config: MergeConfig, out: Path, options: RunOptions) -> Path | None:
+    """Plan and execute a data-free recipe; with ``dry_run``, print the plan and write nothing.
 
-
-def merge(
-    config: MergeConfig | dict[str, Any] | str | Path,
-    out: str | Path,
-    *,
-    device: str = "cpu",
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    seed: int = 0,
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Merge the models of a recipe into a new checkpoint folder ``out``; returns its path.
-
-    ``config`` is a :class:`MergeConfig`, a dict shaped like the YAML recipe, or a YAML path.
-    Raises :class:`dammerge.errors.DammergeError` for any problem with the inputs; on error
-    nothing is left at ``out``.
+    Returns the output folder (None for a dry run). Every problem with the inputs is found by
+    :func:`build_plan` before a byte is written; on error nothing is left at ``out``.
     """
-    cfg = load_config(config)
-    runner = data_informed_runner(cfg.merge_method)
-    if runner is not None:
-        runner(
-            cfg,
-            Path(out),
-            device=device,
-            seed=seed,
-            overwrite=overwrite,
-            dry_run=False,
-            shard_size=shard_size,
-        )
-        return Path(out)
-    plan = build_plan(cfg, allow_pickle=allow_pickle)
-    return execute(
+    plan = build_plan(config, allow_pickle=options.allow_pickle)
+    if options.dry_run:
+        if options.progress:
+            for line in describe(plan):
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
+            console.print("dry run: nothing written", style="green")
+        return None
+    out = execute(
         plan,
         Path(out),
-        device=resolve_device(device),
-        shard_size=shard_size,
-        seed=seed,
-        overwrite=overwrite,
-        progress=progress,
+        device=resolve_device(options.device),
+        shard_size=options.shard_size,
+        seed=options.seed,
+        overwrite=options.overwrite,
+        progress=options.progress,
     )
-
-
-# Data-informed methods need training data and run their own loop, so they bypass the streaming
-# plan (reusing its validation and writer). Each runner has the signature
-# ``(cfg, output, *, device, seed, overwrite, dry_run, shard_size)``.
-DATA_INFORMED_RUNNERS = {
-    "dam": "dammerge.learned.run:run_learned_merge",
-    "adamerging": "dammerge.learned.run:run_learned_merge",
-    "evolve": "dammerge.evolve.run:run_evolve_merge",
-}
-DATA_INFORMED_SUMMARIES = {
-    "dam": "learn one coefficient per input column per model by gradient descent, so the merge "
-    "matches each specialist (KL) on its own data",
-    "adamerging": "learn one task-vector coefficient per layer per model by minimising the "
-    "merged model's entropy (no teachers needed)",
-    "evolve": "CMA-ES search over per-layer parameters of a data-free method, scored on held-in "
-    "data; exports the best recipe",
-}
-
-
-def data_informed_runner(method: str) -> Callable[..., Any] | None:
-    """The runner of a data-informed method (DAM, AdaMerging, evolve), or None if data-free."""
-    target = DATA_INFORMED_RUNNERS.get(method)
-    if target is None:
-        return None
-    module, _, function = target.partition(":")
-    return getattr(importlib.import_module(module), function)
+    if options.progress:
+        console.print(f"merged model written to {out}", style="green")
+    return out
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -127,12 +68,14 @@ def tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def tensor_sources(plan: MergePlan, tensor: TensorPlan) -> list[Checkpoint]:
-    """The checkpoints one output tensor is read from: the participants, then the base (or
-    only the reference, for a tensor copied unchanged)."""
-    if tensor.copy_from_reference:
-        return [plan.reference]
-    return [*plan.participants, *([plan.base] if plan.base is not None else [])]
+def tensor_sources(plan: MergePlan, tensor: TensorPlan) -> list[tuple[Checkpoint, str]]:
+    """The (checkpoint, tensor name) pairs one output tensor is read from: the participants',
+    then the base's (one source only, for a tensor copied unchanged). The checkpoints are
+    looked up in the plan's inputs, so a caller that swaps those (the search's in-memory
+    copies) is read from."""
+    by_path = {ck.path: ck for ck in plan.inputs}
+    wanted = [*tensor.sources, *([tensor.base_source] if tensor.base_source else [])]
+    return [(by_path[source.model], source.tensor) for source in wanted]
 
 
 def merge_tensor(
@@ -148,20 +91,20 @@ def merge_tensor(
     converted (raw bf16 inputs and their float32 copies are never all alive at once), and it is
     emptied on return, so the inputs are freed before the result is written."""
     if loaded is None:
-        loaded = [ck.get(tensor.name) for ck in tensor_sources(plan, tensor)]
+        loaded = [ck.get(name) for ck, name in tensor_sources(plan, tensor)]
     if tensor.copy_from_reference:
         return loaded[0]
     for k, raw in enumerate(loaded):
-        loaded[k] = to_device(raw, device, plan.compute_dtype)
+        loaded[k] = to_device(raw, device, plan.compute_dtype, plan.input_dtype)
         del raw
     generator = None
     if plan.method.stochastic:
         generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, tensor.name))
-    n = len(plan.participants)
+    n = len(tensor.sources)
     inputs = MergeInputs(
         name=tensor.name,
         tensors=loaded[:n],
-        base=loaded[n] if plan.base is not None else None,
+        base=loaded[n] if tensor.base_source is not None else None,
         model_params=tensor.model_params,
         params=tensor.params,
         generator=generator,
@@ -172,17 +115,29 @@ def merge_tensor(
         raise ConfigError(f"{plan.method.name} failed on {tensor.name}: {exc}") from None
     if not torch.isfinite(merged).all():
         raise DammergeError(
-            f"the merge produced NaN/Inf in {tensor.name}{_nonfinite_source(plan, inputs)}",
+            f"the merge produced NaN/Inf in {tensor.name}{_nonfinite_source(plan, tensor, inputs)}",
             "check the input checkpoints and the recipe's weights",
         )
     loaded.clear()
     return merged
 
 
-def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Move first, convert on arrival: a GPU converts for free, while a conversion inside a
+def to_device(
+    tensor: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    rounded_to: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``tensor`` on ``device`` in ``dtype``, first rounded to ``rounded_to`` when given (the
+    recipe's ``dtype``: a float32 checkpoint merged with ``dtype: bfloat16`` is read as
+    mergekit reads it, then computed in float32).
+
+    Move first, convert on arrival: a GPU converts for free, while a conversion inside a
     host-to-GPU copy runs on the CPU and sends twice the bytes (bf16 inputs, float32 compute)."""
-    return tensor.to(device, non_blocking=tensor.is_pinned()).to(dtype)
+    moved = tensor.to(device, non_blocking=tensor.is_pinned())
+    if rounded_to is not None:
+        moved = moved.to(rounded_to)
+    return moved.to(dtype)
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -193,13 +148,11 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host.copy_(tensor)
 
 
-def _nonfinite_source(plan: MergePlan, inputs: MergeInputs) -> str:
-    candidates = list(zip(plan.participants, inputs.tensors, strict=True))
-    if plan.base is not None and inputs.base is not None:
-        candidates.append((plan.base, inputs.base))
-    for ck, t in candidates:
-        if not torch.isfinite(t).all():
-            return f" (input {ck.path} already holds NaN/Inf there)"
+def _nonfinite_source(plan: MergePlan, tensor: TensorPlan, inputs: MergeInputs) -> str:
+    values = [*inputs.tensors, *([inputs.base] if inputs.base is not None else [])]
+    for (ck, name), value in zip(tensor_sources(plan, tensor), values, strict=True):
+        if not torch.isfinite(value).all():
+            return f" (input {ck.path} already holds NaN/Inf in {name})"
     return ""
 
 
@@ -216,8 +169,8 @@ def read_inputs(
         tensor = next(remaining, None)
         if tensor is not None:
             reads = [
-                pool.submit(ck.get, tensor.name, pinned=pinned)
-                for ck in tensor_sources(plan, tensor)
+                pool.submit(ck.get, name, pinned=pinned)
+                for ck, name in tensor_sources(plan, tensor)
             ]
             queued.append((tensor, reads))
 
@@ -270,7 +223,7 @@ def write_side_files(writer: CheckpointWriter, plan: MergePlan, seed: int) -> No
     """config.json (dtype updated), generation config, tokenizer, recipe and model card."""
     dtypes = {plan.output_dtype(t) for t in plan.tensors if t.dtype.is_floating_point}
     out_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    writer.write_config(plan.reference.config, out_dtype)
+    writer.write_config(plan.output_config(), out_dtype)
     generation = plan.reference.path / "generation_config.json"
     if generation.is_file():
         writer.copy_file(generation)
