@@ -454,11 +454,9 @@ def _check_sources(plan: MergePlan) -> None:
                     f"{list(tensor.shape)} for {tensor.name}"
                 )
     if problems:
-        listed = "; ".join(problems[:MAX_LISTED_MISMATCHES])
-        more = len(problems) - MAX_LISTED_MISMATCHES
-        suffix = f"; and {more} more" if more > 0 else ""
-        raise CheckpointError(
-            f"the slices' models do not share tensor names and shapes: {listed}{suffix}",
+        raise mismatch_error(
+            "the slices' models do not share tensor names and shapes",
+            problems,
             "slice only models of the same architecture and width",
         )
 
@@ -614,13 +612,19 @@ def check_compatible(reference: Checkpoint, others: list[Checkpoint]) -> None:
                     f"{other.name} {list(other.shape(name))}"
                 )
     if problems:
-        listed = "; ".join(problems[:MAX_LISTED_MISMATCHES])
-        more = len(problems) - MAX_LISTED_MISMATCHES
-        suffix = f"; and {more} more" if more > 0 else ""
-        raise CheckpointError(
-            f"models do not share tensor names and shapes: {listed}{suffix}",
+        raise mismatch_error(
+            "models do not share tensor names and shapes",
+            problems,
             "merge only models fine-tuned from the same base (same architecture and vocab)",
         )
+
+
+def mismatch_error(what: str, problems: list[str], hint: str) -> CheckpointError:
+    """One error line listing the first few of many mismatches (all of them are found first)."""
+    listed = "; ".join(problems[:MAX_LISTED_MISMATCHES])
+    more = len(problems) - MAX_LISTED_MISMATCHES
+    suffix = f"; and {more} more" if more > 0 else ""
+    return CheckpointError(f"{what}: {listed}{suffix}", hint)
 
 
 def _resolve_model_params(
