@@ -210,7 +210,14 @@ def load_store(
 
 
 class _Builder:
-    """Swaps the modules of an empty ``transformers`` skeleton for filled merge modules."""
+    """Swaps the modules of an empty ``transformers`` skeleton for filled merge modules.
+
+    Tensors are obtained through :meth:`_store` and :meth:`_base_tensor` and the skeleton's
+    buffers placed by :meth:`_place`, which a sharded build overrides (empty tensors on the
+    meta device, filled per rank after sharding; see :mod:`dammerge.learned.sharded`).
+    """
+
+    shares_base_rows = True  # the base's own tensor is a view of its row of a store
 
     def __init__(
         self,
@@ -247,6 +254,15 @@ class _Builder:
         )
         return nn.Parameter(raw.to(self.device))
 
+    def _store(self, tensor_name: str) -> torch.Tensor:
+        return load_store(self.store, tensor_name, self.device, self.dtype)
+
+    def _base_tensor(self, tensor_name: str) -> torch.Tensor:
+        return self.base.get(tensor_name).to(device=self.device, dtype=self.dtype)
+
+    def _place(self, model: nn.Module) -> None:
+        model.to(self.device)  # the skeleton's own buffers (rotary frequencies)
+
     def _tensor_name(self, module_name: str, param: str) -> str:
         name = f"{module_name}.{param}"
         if name not in self.base:
@@ -259,34 +275,33 @@ class _Builder:
 
     def linear(self, module_name: str, module: nn.Linear) -> MergedLinear:
         weight_name = self._tensor_name(module_name, "weight")
-        weights = load_store(self.store, weight_name, self.device, self.dtype)
+        weights = self._store(weight_name)
         biases = bias_coefficients = None
         if module.bias is not None:
-            biases = load_store(
-                self.store, self._tensor_name(module_name, "bias"), self.device, self.dtype
-            )
+            biases = self._store(self._tensor_name(module_name, "bias"))
             if self.options.granularity == "column":
                 raw = self.scheme.initial_raw(
                     (self.scheme.n_learned,), self.options.init, self.generator
                 )
                 bias_coefficients = nn.Parameter(raw.to(self.device))
         coefficients = self._parameter(int(weights.shape[2]))
-        return MergedLinear(weights, biases, self.scheme, coefficients, bias_coefficients)
+        out_features = self.base.shape(weight_name)[0]
+        return MergedLinear(
+            weights, biases, self.scheme, coefficients, bias_coefficients, out_features
+        )
 
     def parameter_module(self, module_name: str, module: nn.Module, merge: bool):
         names = [n for n, _ in module.named_parameters(recurse=False)]
         tensor_names = {n: self._tensor_name(module_name, n) for n in names}
         stacks = None
         if merge or self.keep_teacher_weights:
-            stacks = {
-                n: load_store(self.store, t, self.device, self.dtype)
-                for n, t in tensor_names.items()
-            }
+            stacks = {n: self._store(t) for n, t in tensor_names.items()}
         for n, t in tensor_names.items():
-            if stacks is not None and self.scheme.base_index is not None:
-                value = stacks[n][self.scheme.base_index]  # a view: the base is held once
+            base_row = self.scheme.base_index
+            if stacks is not None and base_row is not None and self.shares_base_rows:
+                value = stacks[n][base_row]  # a view: the base is held once
             else:
-                value = self.base.get(t).to(device=self.device, dtype=self.dtype)
+                value = self._base_tensor(t)
             module._parameters[n] = nn.Parameter(value, requires_grad=False)
         width = int(module._parameters[names[0]].shape[-1])
         coefficients = self._parameter(width) if merge else None
@@ -294,11 +309,18 @@ class _Builder:
 
     def fill_remaining(self, model: nn.Module) -> None:
         """Tensors no merge module covers come from the base, frozen."""
+        covered = {
+            id(inner)
+            for module in model.modules()
+            if isinstance(module, MergedLinear | MergedParameterModule)
+            for inner in module.modules()
+        }
         for module_name, module in model.named_modules():
+            if id(module) in covered:
+                continue
             for n, param in list(module._parameters.items()):
                 if param is not None and param.is_meta:
-                    name = self._tensor_name(module_name, n)
-                    value = self.base.get(name).to(device=self.device, dtype=self.dtype)
+                    value = self._base_tensor(self._tensor_name(module_name, n))
                     module._parameters[n] = nn.Parameter(value, requires_grad=False)
 
     def build(self) -> MergedModel:
@@ -336,7 +358,7 @@ class _Builder:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, new)
         self.fill_remaining(model)
-        model.to(self.device)  # the skeleton's own buffers (rotary frequencies)
+        self._place(model)
         model.eval()
         model.config.use_cache = False
         for param in model.parameters():
