@@ -74,7 +74,6 @@ STRATEGIES = (
     Strategy("one GPU, offload: layers", "single", "layers", 1),
     Strategy("replicate, 1 rank per source", "replicate", "none", None),
     Strategy(f"shard over {SHARD_RANKS}", "shard", "none", SHARD_RANKS),
-    Strategy(f"shard over {SHARD_RANKS}, offload: layers", "shard", "layers", SHARD_RANKS),
 )
 
 

@@ -150,6 +150,14 @@ app.add_typer(family_app, name="family")
 # <<< registered commands
 
 
+def _reports_errors() -> bool:
+    """False on the ranks other than 0 of a torchrun launch: errors reach every rank together
+    (see dammerge.learned.distributed) and rank 0 alone prints them."""
+    if not all(os.environ.get(v) for v in ("WORLD_SIZE", "RANK", "LOCAL_RANK")):
+        return True
+    return os.environ["RANK"] == "0"
+
+
 # mergekit-yaml's flags, and what does their job here.
 MERGEKIT_FLAGS = {
     "--cuda": "use --device cuda",
@@ -200,6 +208,8 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except DammergeError as exc:
+        if not _reports_errors():
+            sys.exit(2)
         _print("error", exc.message, "bold red")
         if exc.hint:
             _print("hint", exc.hint, "yellow")

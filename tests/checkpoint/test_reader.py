@@ -61,6 +61,19 @@ def test_bf16_and_int_tensors(tmp_path):
     assert_reads_like(Checkpoint(folder), state)
 
 
+def test_rows_of_a_tensor_read_alone(llama_family, tmp_path, derive):
+    base, _ = llama_family
+    sharded = derive(base, tmp_path / "sharded", shard_files=3)
+    for ck in (Checkpoint(base), Checkpoint(sharded)):
+        for name, tensor in reference_state(base).items():
+            rows = tensor.shape[0]
+            for first, last in [(0, rows), (1, rows // 2 + 1), (rows - 1, rows + 5), (rows, rows)]:
+                expected = tensor[first:last]
+                torch.testing.assert_close(ck.get_rows(name, first, last), expected, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="no tensor"):
+        Checkpoint(base).get_rows("missing", 0, 1)
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

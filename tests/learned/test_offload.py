@@ -228,3 +228,21 @@ def test_host_arena_hands_out_disjoint_views_of_power_of_two_segments():
         view.fill_(i)
     assert all(bool((view == i).all()) for i, view in enumerate(views))
     assert arena.reserved < 1.5 * sum(sizes)
+
+
+def test_offload_with_a_sharded_strategy_is_one_line_error(
+    untied_family, datasets_dir, dam_recipe, tmp_path
+):
+    from dammerge.learned.distributed import Distributed
+    from dammerge.learned.run import memory_plan
+
+    plan = training_plan(
+        dam_recipe, untied_family, datasets_dir, tmp_path / "out", offload="layers"
+    )
+    sharded = Distributed(torch.device("cpu"), world_size=2, backend="gloo", strategy="shard")
+    with pytest.raises(ConfigError, match=r"does not combine with training\.distributed: shard"):
+        memory_plan(plan, sharded)
+    replicated = Distributed(
+        torch.device("cpu"), world_size=2, backend="gloo", strategy="replicate"
+    )
+    assert memory_plan(plan, replicated).strategy == "replicate"

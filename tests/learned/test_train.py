@@ -236,9 +236,8 @@ def test_ctrl_c_during_the_update_is_held_until_the_step_is_whole():
     from dammerge.learned.train import ctrl_c_deferred
 
     finished = []
-    with pytest.raises(KeyboardInterrupt):
-        with ctrl_c_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            finished.append(True)
+    with pytest.raises(KeyboardInterrupt), ctrl_c_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        finished.append(True)
     assert finished == [True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

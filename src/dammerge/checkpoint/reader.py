@@ -218,6 +218,26 @@ class Checkpoint:
                 raise CheckpointError(f"cannot read {name!r} from {shard}: {exc}") from None
         return self._pickles[shard][name]
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of one tensor (along its first dimension), reading only their
+        bytes: a rank of a sharded learned merge fills its slice of a store with this."""
+        shard = self._weight_map.get(name)
+        if shard is None:
+            raise CheckpointError(f"{self.path} has no tensor {name!r}")
+        shape, dtype = self._meta[name]
+        start, stop = max(0, start), min(shape[0], stop)
+        if shard not in self._handles:
+            return self._pickles[shard][name][start:stop].clone()
+        row_bytes = dtype.itemsize
+        for size in shape[1:]:
+            row_bytes *= size
+        first = self._offsets[name][0]
+        span = (first + start * row_bytes, first + max(start, stop) * row_bytes)
+        try:
+            return _pread_tensor(shard, span, (max(0, stop - start), *shape[1:]), dtype)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {name!r} from {shard}: {exc}") from None
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():
             yield name, self.get(name)

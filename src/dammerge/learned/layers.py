@@ -16,7 +16,10 @@ Every module has a ``selected`` attribute: ``None`` for the merge, or a source i
 *teacher mode* (model i's own tensors, bit for bit, no arithmetic). No hooks, no parametrize
 magic: ordinary modules whose weight stores are frozen parameters (``requires_grad=False``)
 and whose coefficients are trainable ones, so FSDP shards the stores too (it shards
-parameters; buffers would be replicated whole on every rank).
+parameters; buffers would be replicated whole on every rank). A sharded store may carry a few
+zero rows of padding along its weight axis (FSDP splits only dimension 0 unevenly; see
+:mod:`dammerge.learned.sharded`): every module reads its stores through accessors that leave
+the padding out.
 """
 
 from __future__ import annotations
@@ -161,6 +164,11 @@ def _broadcast(scales: torch.Tensor, ndim: int) -> torch.Tensor:
     return scales.reshape(scales.shape[0], *([1] * (ndim - 2)), scales.shape[-1])
 
 
+def _rows(store: torch.Tensor, rows: int) -> torch.Tensor:
+    """``store`` (n_store, rows + padding, ...) without its padding rows (itself when none)."""
+    return store if store.shape[1] == rows else store.narrow(1, 0, rows)
+
+
 class MergedLinear(nn.Module):
     """``nn.Linear`` replacement computing ``x · (Σ_m W_m diag(s_m))ᵀ + Σ_m β_m b_m``.
 
@@ -168,7 +176,8 @@ class MergedLinear(nn.Module):
     ``coefficients`` is (n_learned, in) for column granularity or (n_learned, 1) for layer/model
     granularity (for model granularity one parameter object is shared by every module). The
     bias takes one coefficient per model: its own (n_learned,) parameter with column
-    granularity, else the layer's (or model's) coefficient.
+    granularity, else the layer's (or model's) coefficient. ``out_features`` is given when the
+    stores hold padding rows beyond it (a sharded build).
     """
 
     def __init__(
@@ -178,11 +187,12 @@ class MergedLinear(nn.Module):
         scheme: CoefficientScheme,
         coefficients: nn.Parameter,
         bias_coefficients: nn.Parameter | None = None,
+        out_features: int | None = None,
     ) -> None:
         super().__init__()
         self.scheme = scheme
         self.in_features = int(weights.shape[2])
-        self.out_features = int(weights.shape[1])
+        self.out_features = int(weights.shape[1]) if out_features is None else out_features
         self.weights = frozen(weights)
         self.biases = frozen(biases)
         self.coefficients = coefficients
@@ -193,10 +203,19 @@ class MergedLinear(nn.Module):
         self.store_source: Callable[[MergedLinear], StorePair] | None = None
 
     def stores(self) -> StorePair:
-        """The (weights, biases) stores on the compute device (fetched there when streamed)."""
+        """The (weights, biases) stores on the compute device, without padding rows (fetched
+        there when streamed)."""
         if self.store_source is None:
-            return self.weights, self.biases
+            return self.weight_store(), self.bias_store()
         return self.store_source(self)
+
+    def weight_store(self) -> torch.Tensor:
+        """The (n_store, out, in) weight store, without padding rows."""
+        return _rows(self.weights, self.out_features)
+
+    def bias_store(self) -> torch.Tensor | None:
+        """The (n_store, out) bias store (None without biases), without padding rows."""
+        return None if self.biases is None else _rows(self.biases, self.out_features)
 
     def scales(self) -> torch.Tensor:
         """(n_store, in) float32 scales of the weight store."""
@@ -216,7 +235,7 @@ class MergedLinear(nn.Module):
             scales = self.bias_scales()
             if scales is None:
                 return None
-            return (self.biases.float() * scales[:, None]).sum(0)
+            return (self.bias_store().float() * scales[:, None]).sum(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, biases = self.stores()
@@ -253,6 +272,8 @@ class MergedParameterModule(nn.Module):
         self.inner = inner
         self.scheme = scheme
         self.stack_names = sorted(stacks) if stacks else []
+        # rows of each tensor (a sharded build may pad the stacks beyond them)
+        self.stack_rows = {name: int(getattr(inner, name).shape[0]) for name in self.stack_names}
         for name in self.stack_names:
             setattr(self, f"stack_{name}", frozen(stacks[name]))  # type: ignore[index]
         self.coefficients = coefficients
@@ -263,7 +284,7 @@ class MergedParameterModule(nn.Module):
             raise RuntimeError(
                 "this module holds no source tensors (teacher weights were not kept)"
             )
-        return getattr(self, f"stack_{name}")
+        return _rows(getattr(self, f"stack_{name}"), self.stack_rows[name])
 
     @property
     def merged(self) -> bool:

@@ -50,6 +50,7 @@ from dammerge.learned.settings import TrainingSettings
 from dammerge.learned.teachers import PRECOMPUTE_BATCH
 
 if TYPE_CHECKING:
+    from dammerge.learned.distributed import Distributed
     from dammerge.learned.run import LearnedPlan
 
 Strategy = Literal["single", "replicate", "shard"]
@@ -630,11 +631,12 @@ def _advice(p: _Inputs, device: str, capacity: int, host_capacity: int | None) -
         toggles.append(("gradient_checkpointing: true", {"gradient_checkpointing": True}))
     if s.objective != "entropy" and s.teacher == "on_the_fly":
         toggles.append(("teacher: precomputed", {"teacher": "precomputed"}))
-    if s.offload == "none":
+    if s.offload == "none" and p.strategy != "shard":  # streaming a shard: not yet
         toggles.append(("offload: layers", {"offload": "layers"}))
     advice = [label for label, update in toggles if fits(with_settings(**update))]
     ranks = None
-    if p.cuda:  # CPU ranks on one machine share its memory: more of them do not help
+    # CPU ranks on one machine share its memory: more of them do not help
+    if p.cuda and s.offload == "none":
         ranks = next(
             (
                 k
@@ -670,22 +672,17 @@ def _longest_that_fits(p: _Inputs, fits) -> int | None:
 
 
 # -- a prepared run ------------------------------------------------------------------------
-def run_strategy(settings: TrainingSettings) -> tuple[Strategy, int]:
-    """The strategy and world size this process runs under: one process outside ``torchrun``,
-    else ``training.distributed`` (``replicate`` unless set) over ``WORLD_SIZE`` ranks."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world_size <= 1:
-        return "single", 1
-    strategy = getattr(settings, "distributed", None) or "replicate"
-    return ("shard" if strategy == "shard" else "replicate"), world_size
+def plan_run(plan: LearnedPlan, ranks: Distributed | None = None) -> MemoryPlan:
+    """The memory plan of a prepared learned merge on the device this process runs on.
 
-
-def plan_run(plan: LearnedPlan) -> MemoryPlan:
-    """The memory plan of a prepared learned merge on the device it will run on.
-
-    On a CPU the processes of one machine share its memory: each gets its share of it.
+    ``ranks`` gives the strategy and world size under torchrun (one process when None). On a
+    CPU the processes of one machine share its memory: each gets its share of it.
     """
-    strategy, world_size = run_strategy(plan.settings)
+    strategy: Strategy = "single"
+    world_size = 1
+    if ranks is not None and ranks.enabled:
+        strategy = "shard" if ranks.sharded else "replicate"
+        world_size = ranks.world_size
     capacity = device_available(plan.device)
     if capacity is not None and plan.device.type == "cpu":
         capacity //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))

@@ -248,7 +248,14 @@ def load_store(
 
 
 class _Builder:
-    """Swaps the modules of an empty ``transformers`` skeleton for filled merge modules."""
+    """Swaps the modules of an empty ``transformers`` skeleton for filled merge modules.
+
+    Tensors are obtained through :meth:`_store` and :meth:`_base_tensor` and the skeleton's
+    buffers placed by :meth:`_place`, which a sharded build overrides (empty tensors on the
+    meta device, filled per rank after sharding; see :mod:`dammerge.learned.sharded`).
+    """
+
+    shares_base_rows = True  # the base's own tensor is a view of its row of a store
 
     def __init__(
         self,
@@ -293,6 +300,24 @@ class _Builder:
         )
         return nn.Parameter(raw.to(self.device))
 
+    def _store(self, tensor_name: str) -> torch.Tensor:
+        return load_store(self.store, tensor_name, self.device, self.dtype)
+
+    def _base_tensor(self, tensor_name: str) -> torch.Tensor:
+        return self.base.get(tensor_name).to(device=self.device, dtype=self.dtype)
+
+    def _host_store(self, tensor_name: str) -> torch.Tensor:
+        """A store to be streamed: built in the host arena (see ``offload``)."""
+        return load_store(self.store, tensor_name, self.device, self.dtype, arena=self.arena)
+
+    def _place(self, model: nn.Module) -> None:
+        """The skeleton's own buffers (rotary frequencies) on the device; streamed stores stay
+        in host memory."""
+        if not self.streamed:
+            model.to(self.device)
+            return
+        _to_device(model, self.device, keep_on_host={id(p) for p in self._host_stores()})
+
     def _tensor_name(self, module_name: str, param: str) -> str:
         name = f"{module_name}.{param}"
         if name not in self.base:
@@ -306,21 +331,24 @@ class _Builder:
     def linear(self, module_name: str, module: nn.Linear) -> MergedLinear:
         weight_name = self._tensor_name(module_name, "weight")
         layer = streamed_layer(self.base, weight_name)
-        arena = self.arena if layer is not None else None
-        weights = load_store(self.store, weight_name, self.device, self.dtype, arena=arena)
+        streamed = self.arena is not None and layer is not None
+        store = self._host_store if streamed else self._store
+        weights = store(weight_name)
         biases = bias_coefficients = None
         if module.bias is not None:
-            bias_name = self._tensor_name(module_name, "bias")
-            biases = load_store(self.store, bias_name, self.device, self.dtype, arena=arena)
+            biases = store(self._tensor_name(module_name, "bias"))
             if self.options.granularity == "column":
                 raw = self.scheme.initial_raw(
                     (self.scheme.n_learned,), self.options.init, self.generator
                 )
                 bias_coefficients = nn.Parameter(raw.to(self.device))
         coefficients = self._parameter(int(weights.shape[2]))
-        merged = MergedLinear(weights, biases, self.scheme, coefficients, bias_coefficients)
+        out_features = self.base.shape(weight_name)[0]
+        merged = MergedLinear(
+            weights, biases, self.scheme, coefficients, bias_coefficients, out_features
+        )
         merged.layer = layer
-        if arena is not None:
+        if streamed:
             self.streamed.append(merged)
         return merged
 
@@ -329,15 +357,13 @@ class _Builder:
         tensor_names = {n: self._tensor_name(module_name, n) for n in names}
         stacks = None
         if merge or self.keep_teacher_weights:
-            stacks = {
-                n: load_store(self.store, t, self.device, self.dtype)
-                for n, t in tensor_names.items()
-            }
+            stacks = {n: self._store(t) for n, t in tensor_names.items()}
         for n, t in tensor_names.items():
-            if stacks is not None and self.scheme.base_index is not None:
-                value = stacks[n][self.scheme.base_index]  # a view: the base is held once
+            base_row = self.scheme.base_index
+            if stacks is not None and base_row is not None and self.shares_base_rows:
+                value = stacks[n][base_row]  # a view: the base is held once
             else:
-                value = self.base.get(t).to(device=self.device, dtype=self.dtype)
+                value = self._base_tensor(t)
             module._parameters[n] = nn.Parameter(value, requires_grad=False)
         width = int(module._parameters[names[0]].shape[-1])
         coefficients = self._parameter(width) if merge else None
@@ -345,11 +371,18 @@ class _Builder:
 
     def fill_remaining(self, model: nn.Module) -> None:
         """Tensors no merge module covers come from the base, frozen."""
+        covered = {
+            id(inner)
+            for module in model.modules()
+            if isinstance(module, MergedLinear | MergedParameterModule)
+            for inner in module.modules()
+        }
         for module_name, module in model.named_modules():
+            if id(module) in covered:
+                continue
             for n, param in list(module._parameters.items()):
                 if param is not None and param.is_meta:
-                    name = self._tensor_name(module_name, n)
-                    value = self.base.get(name).to(device=self.device, dtype=self.dtype)
+                    value = self._base_tensor(self._tensor_name(module_name, n))
                     module._parameters[n] = nn.Parameter(value, requires_grad=False)
 
     def build(self) -> MergedModel:
@@ -387,7 +420,7 @@ class _Builder:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, new)
         self.fill_remaining(model)
-        _to_device(model, self.device, keep_on_host={id(p) for p in self._host_stores()})
+        self._place(model)
         model.eval()
         model.config.use_cache = False
         for param in model.parameters():

@@ -254,9 +254,9 @@ class LayerStreamer:
         """Bytes of one layer's stores (what each resident layer costs on the device)."""
         total = 0
         for module in self._layers[layer]:
-            total += module.weights.numel() * module.weights.element_size()
-            if module.biases is not None:
-                total += module.biases.numel() * module.biases.element_size()
+            for store in (module.weight_store(), module.bias_store()):
+                if store is not None:
+                    total += store.numel() * store.element_size()
         return total
 
     # -- internals ------------------------------------------------------------------------
@@ -272,8 +272,9 @@ class LayerStreamer:
             return span
 
         for module in self._layers[layer]:
-            weights = place(module.weights)
-            biases = None if module.biases is None else place(module.biases)
+            weights = place(module.weight_store())
+            bias_store = module.bias_store()
+            biases = None if bias_store is None else place(bias_store)
             spans[id(module)] = (weights, biases)
         return spans, offset
 
@@ -316,10 +317,11 @@ class LayerStreamer:
                 stream.wait_event(slot.released)
             for module in self._layers[layer]:
                 weight_span, bias_span = spans[id(module)]
-                weights = _copy_into(slot.buffer, weight_span, module.weights)
+                weights = _copy_into(slot.buffer, weight_span, module.weight_store())
                 biases = None
-                if bias_span is not None and module.biases is not None:
-                    biases = _copy_into(slot.buffer, bias_span, module.biases)
+                bias_store = module.bias_store()
+                if bias_span is not None and bias_store is not None:
+                    biases = _copy_into(slot.buffer, bias_span, bias_store)
                 resident.stores[id(module)] = (weights, biases)
             if stream is not None:
                 resident.ready = torch.cuda.Event()

@@ -25,6 +25,7 @@ from dammerge.checkpoint.writer import check_output_location
 from dammerge.config import MergeConfig, RunOptions, parse_dtype
 from dammerge.devices import resolve_device
 from dammerge.errors import CheckpointError, ConfigError
+from dammerge.learned import distributed
 from dammerge.learned.data import (
     SourceData,
     check_columns,
@@ -32,6 +33,7 @@ from dammerge.learned.data import (
     load_records,
     select_records,
 )
+from dammerge.learned.distributed import Distributed
 from dammerge.learned.offload import check_offloadable
 from dammerge.learned.settings import (
     DatasetSettings,
@@ -47,6 +49,7 @@ BOOKKEEPING = {
     "work_dir",
     "steps",
     "epochs",
+    "distributed",  # a run resumes under any strategy and world size
     # How memory is spent, not what is computed (the coefficients are the same either way):
     # a run stopped for lack of memory resumes with either switched on.
     "gradient_checkpointing",
@@ -327,38 +330,51 @@ def _resume_flag(plan: LearnedPlan) -> bool:
 
 
 def train_plan(
-    plan: LearnedPlan, *, progress: bool = True, stop_after: int | None = None
+    plan: LearnedPlan,
+    *,
+    progress: bool = True,
+    stop_after: int | None = None,
+    ranks: Distributed | None = None,
 ) -> tuple[Any, Any]:
-    """Build the merge module and teachers, train; returns (model, TrainResult)."""
-    from dammerge.learned.model import MergeOptions, build_merged_model
-    from dammerge.learned.teachers import OnTheFlyTeacher, precompute_teachers
+    """Build the merge module and teachers, train; returns (model, TrainResult).
+
+    ``ranks`` places this process among the ranks of a torchrun launch (one process when
+    None): see :mod:`dammerge.learned.distributed`.
+    """
+    from dammerge.learned.teachers import (
+        LockstepTeacher,
+        OnTheFlyTeacher,
+        PrecomputedTeacher,
+        precompute_teacher_files,
+    )
     from dammerge.learned.train import Trainer
 
+    ranks = ranks or Distributed(plan.device)
     s = plan.settings
     needs_teacher = s.objective != "entropy"
     teacher = None
     if needs_teacher and s.teacher == "precomputed":
-        teacher = precompute_teachers(
-            plan.sources,
-            plan.data,
-            s.top_k,
-            plan.work_dir / "teachers",
-            device=plan.device,
-            dtype=plan.dtype,
-            progress=progress,
+        files = ranks.together(
+            lambda: precompute_teacher_files(
+                plan.sources,
+                plan.data,
+                s.top_k,
+                plan.work_dir / "teachers",
+                device=plan.device,
+                dtype=plan.dtype,
+                progress=progress,
+                rank=ranks.rank,
+                world_size=ranks.world_size,
+            )
         )
-    model = build_merged_model(
-        plan.base,
-        plan.sources,
-        MergeOptions.from_settings(s),
-        device=plan.device,
-        dtype=plan.dtype,
-        keep_teacher_weights=needs_teacher and s.teacher == "on_the_fly",
-        seed=plan.seed,
-        offload=s.offload,
-    )
+        teacher = PrecomputedTeacher(files, plan.device)
+    keep_teacher_weights = needs_teacher and s.teacher == "on_the_fly"
+    model = ranks.together(lambda: _build_model(plan, keep_teacher_weights, ranks))
     if needs_teacher and teacher is None:
         teacher = OnTheFlyTeacher(model)
+        if ranks.sharded:
+            calls = ranks.teacher_calls_per_step(len(plan.data), s.batch_size)
+            teacher = LockstepTeacher(teacher, calls)
     trainer = Trainer(
         model,
         plan.data,
@@ -369,12 +385,42 @@ def train_plan(
         fingerprint=plan.fingerprint,
         progress=progress,
         names=plan.names,
+        ranks=ranks,
     )
-    resume = _resume_flag(plan)
+    resume = ranks.from_main(lambda: _resume_flag(plan))
     if resume and progress:
         console.print(f"resuming from {plan.work_dir}", style="yellow")
     result = trainer.run(resume=resume, stop_after=stop_after)
     return model, result
+
+
+def _build_model(plan: LearnedPlan, keep_teacher_weights: bool, ranks: Distributed) -> Any:
+    """The merge module: whole on this rank, or this rank's shard of it."""
+    from dammerge.learned.model import MergeOptions, build_merged_model
+
+    options = MergeOptions.from_settings(plan.settings)
+    if ranks.sharded:
+        from dammerge.learned.sharded import build_sharded_model
+
+        return build_sharded_model(
+            plan.base,
+            plan.sources,
+            options,
+            ranks=ranks,
+            dtype=plan.dtype,
+            keep_teacher_weights=keep_teacher_weights,
+            seed=plan.seed,
+        )
+    return build_merged_model(
+        plan.base,
+        plan.sources,
+        options,
+        device=plan.device,
+        dtype=plan.dtype,
+        keep_teacher_weights=keep_teacher_weights,
+        seed=plan.seed,
+        offload=plan.settings.offload,
+    )
 
 
 def _check_init(s: TrainingSettings, n_sources: int) -> None:
@@ -386,12 +432,20 @@ def _check_init(s: TrainingSettings, n_sources: int) -> None:
         raise ConfigError(f"training.init: {problem}")
 
 
-def compute_stats(plan: LearnedPlan, model: Any, result: Any) -> dict[str, Any]:
+def compute_stats(
+    plan: LearnedPlan,
+    model: Any,
+    result: Any,
+    ranks: Distributed | None = None,
+    held: list[dict[str, float]] | None = None,
+) -> dict[str, Any]:
     """Compute counts of a finished training, in passes over one sequence.
 
     Every step runs ``batch_size`` sequences of every source through the merged model, forward
     and backward. Teachers on the fly add one teacher forward per trained sequence; precomputed
     teachers ran once over each source's examples; the entropy objective has no teacher.
+    Under torchrun the counts are of all ranks together, and ``distributed`` says how the
+    ranks shared the work and what each held of the weight stores (``held``, per rank).
     """
     s = plan.settings
     trained = result.steps * s.batch_size * len(plan.sources)
@@ -401,7 +455,7 @@ def compute_stats(plan: LearnedPlan, model: Any, result: Any) -> dict[str, Any]:
         teacher_forwards = sum(len(d) for d in plan.data)
     else:
         teacher_forwards = trained
-    return {
+    stats: dict[str, Any] = {
         "steps": result.steps,
         "training_seconds": round(result.seconds, 3),
         "merged_forward_sequences": trained,
@@ -411,6 +465,14 @@ def compute_stats(plan: LearnedPlan, model: Any, result: Any) -> dict[str, Any]:
         "fitness_evaluations": 0,
         "trainable_coefficients": sum(p.numel() for p in model.coefficient_parameters()),
     }
+    if ranks is not None and ranks.enabled:
+        stats["distributed"] = {
+            "strategy": ranks.strategy,
+            "world_size": ranks.world_size,
+            "backend": ranks.backend,
+            "ranks": held or [],
+        }
+    return stats
 
 
 def run_learned_merge(
@@ -424,31 +486,74 @@ def run_learned_merge(
     """Validate, train and export a learned merge; returns the output folder.
 
     Returns None for ``dry_run`` and when ``stop_after`` steps ended the run early (the
-    training state stays in the work folder; calling again resumes).
+    training state stays in the work folder; calling again resumes). Under torchrun every
+    rank trains and rank 0 alone writes (the other ranks return None).
     """
-    from dammerge.learned.export import export_merged
+    ranks = distributed.start(options.device)
+    try:
+        return _run_learned_merge(ranks, cfg, settings, Path(output), options, stop_after)
+    finally:
+        ranks.close()
+
+
+def memory_plan(plan: LearnedPlan, ranks: Distributed) -> Any:
+    """The memory plan of this rank (see :mod:`dammerge.learned.memory_plan`), once the
+    strategy is settled; streaming a sharded merge is refused here."""
     from dammerge.learned.memory_plan import plan_run
 
-    plan = prepare(
-        cfg,
-        settings,
-        Path(output),
-        device=options.device,
-        seed=options.seed,
-        overwrite=options.overwrite,
+    if ranks.sharded and plan.settings.offload == "layers":
+        raise ConfigError(
+            "training.offload: layers does not combine with training.distributed: shard yet",
+            "use offload: layers in one process or with replicate, or shard without offload",
+        )
+    return plan_run(plan, ranks)
+
+
+def _run_learned_merge(
+    ranks: Distributed,
+    cfg: MergeConfig,
+    settings: TrainingSettings,
+    output: Path,
+    options: RunOptions,
+    stop_after: int | None,
+) -> Path | None:
+    from dammerge.learned.export import export_merged
+    from dammerge.learned.sharded import held_store_bytes
+
+    plan = ranks.together(
+        lambda: prepare(
+            cfg,
+            settings,
+            output,
+            device=str(ranks.device),
+            seed=options.seed,
+            overwrite=options.overwrite,
+        )
     )
-    memory = plan_run(plan)
-    if options.progress:
-        lines = [*describe(plan), *memory.lines()] if options.dry_run else memory.lines()
+    notes = distributed.resolve_strategy(
+        ranks, settings.distributed, len(plan.sources), settings.batch_size
+    )
+    for note in notes if ranks.is_main else []:
+        console.print(note, style="yellow", highlight=False, markup=False, soft_wrap=True)
+    memory = ranks.together(lambda: memory_plan(plan, ranks))
+    if options.progress and ranks.is_main:
+        lines = memory.lines()
+        if options.dry_run:
+            lines = [*describe(plan), *ranks.describe(), *lines]
         for line in lines:
             console.print(line, highlight=False, markup=False, soft_wrap=True)
-    memory.require_fits()  # before any weight is loaded
+    ranks.together(memory.require_fits)  # before any weight is loaded, on every rank alike
     if options.dry_run:
-        if options.progress:
+        if options.progress and ranks.is_main:
             console.print("dry run: nothing trained or written", style="green")
         return None
-    model, result = train_plan(plan, progress=options.progress, stop_after=stop_after)
+    model, result = train_plan(
+        plan, progress=options.progress and ranks.is_main, stop_after=stop_after, ranks=ranks
+    )
     if result.steps < plan.steps:
+        return None
+    held = ranks.gather(held_store_bytes(model))
+    if not ranks.is_main:
         return None
     summary = {
         "steps": result.steps,
@@ -471,7 +576,7 @@ def run_learned_merge(
         else Path(cfg.tokenizer_source),
         log_path=plan.work_dir / "train_log.jsonl",
         summary=summary,
-        stats=compute_stats(plan, model, result),
+        stats=compute_stats(plan, model, result, ranks, held),
         progress=options.progress,
     )
     if not plan.settings.keep_work:

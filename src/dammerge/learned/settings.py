@@ -84,6 +84,8 @@ class TrainingSettings(BaseModel):
     gradient_checkpointing: bool = False
     offload: Literal["none", "layers"] = "none"  # layers: stores in host memory, streamed
     dtype: str | None = None  # weights and activations; coefficients are always float32
+    # under torchrun: replicate (default) or shard the merge module; one process ignores it
+    distributed: Literal["replicate", "shard"] | None = None
     # bookkeeping
     checkpoint_every: int = Field(default=50, gt=0)
     log_every: int = Field(default=1, gt=0)

@@ -7,7 +7,8 @@ linears, embeddings and norms, selected from the store), so no second copy of an
 logits of every position of its representative data are written to
 ``WORK/teachers/source-<i>.safetensors`` (values float32, indices int32, row offsets per
 example). Training then holds only the merge; the files are reused on resume when their
-fingerprint (model files, tokens, K, dtype) matches.
+fingerprint (model files, tokens, K, dtype) matches. Across ranks, source i's file is
+computed by rank ``i mod K`` alone and read by all (the work folder must be shared).
 """
 
 from __future__ import annotations
@@ -49,6 +50,35 @@ class OnTheFlyTeacher:
     def __call__(self, source: int, batch: Batch) -> TeacherOutput:
         with self.model.teacher(source):
             return TeacherOutput(logits=self.model(batch.input_ids, batch.attention_mask))
+
+
+class LockstepTeacher:
+    """An on-the-fly teacher whose forwards every rank of a sharded merge makes together.
+
+    FSDP gathers each layer's store on every rank for every forward, so all ranks must run the
+    same number of them. A rank trains on a different number of sources than another in a
+    step; :meth:`finish_step` (called before the backward) runs the forwards it still owes, on
+    a one-token input, up to ``calls_per_step`` (the most sources any rank holds).
+    """
+
+    def __init__(self, teacher: OnTheFlyTeacher, calls_per_step: int) -> None:
+        self.teacher = teacher
+        self.calls_per_step = calls_per_step
+        self.calls = 0
+
+    def __call__(self, source: int, batch: Batch) -> TeacherOutput:
+        self.calls += 1
+        return self.teacher(source, batch)
+
+    @torch.no_grad()
+    def finish_step(self) -> None:
+        model = self.teacher.model
+        device = next(p.device for p in model.coefficient_parameters())
+        token = torch.zeros((1, 1), dtype=torch.long, device=device)
+        for _ in range(self.calls, self.calls_per_step):
+            with model.teacher(0):
+                model(token)
+        self.calls = 0
 
 
 class PrecomputedTeacher:
@@ -141,7 +171,7 @@ def precompute_source(
     partial.replace(path)
 
 
-def precompute_teachers(
+def precompute_teacher_files(
     sources: list[Checkpoint],
     data: list[SourceData],
     top_k: int,
@@ -150,11 +180,17 @@ def precompute_teachers(
     device: torch.device,
     dtype: torch.dtype,
     progress: bool = True,
-) -> PrecomputedTeacher:
-    """Precompute (or reuse) every source's top-K logits; returns their reader."""
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[Path]:
+    """Precompute (or reuse) the top-K logits of the sources this rank owns (``i mod
+    world_size == rank``); returns every source's file path."""
     files = []
     for i, (source, source_data) in enumerate(zip(sources, data, strict=True)):
         path = folder / f"source-{i}.safetensors"
+        files.append(path)
+        if i % world_size != rank:
+            continue
         fingerprint = teacher_fingerprint(source, source_data, top_k, str(dtype))
         if not _existing(path, fingerprint):
             precompute_source(
@@ -167,8 +203,26 @@ def precompute_teachers(
                 fingerprint=fingerprint,
                 progress=progress,
             )
-        files.append(path)
-    (folder / "teachers.json").write_text(
-        json.dumps({"sources": [str(s.path) for s in sources], "top_k": top_k}, indent=2)
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "teachers.json").write_text(
+            json.dumps({"sources": [str(s.path) for s in sources], "top_k": top_k}, indent=2)
+        )
+    return files
+
+
+def precompute_teachers(
+    sources: list[Checkpoint],
+    data: list[SourceData],
+    top_k: int,
+    folder: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = True,
+) -> PrecomputedTeacher:
+    """Precompute (or reuse) every source's top-K logits in one process; returns their reader."""
+    files = precompute_teacher_files(
+        sources, data, top_k, folder, device=device, dtype=dtype, progress=progress
     )
     return PrecomputedTeacher(files, device)

@@ -16,6 +16,10 @@ bit-identical to an uninterrupted run. A non-finite loss or gradient stops train
 update, leaving the last good checkpoint in place. Running out of memory (see
 :func:`out_of_memory`) stops training the same way, with the step, its example length and the
 options that lower memory.
+
+Across processes (torchrun), each rank trains on its portion of the step's sequences and the
+gradients and losses are summed over the ranks before any check or update (see
+:mod:`dammerge.learned.distributed`); rank 0 alone writes the work folder.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from tqdm.auto import tqdm
 from dammerge.errors import DammergeError, Interrupted
 from dammerge.learned import losses
 from dammerge.learned.data import Batch, SourceData
+from dammerge.learned.distributed import Distributed, Portion
 from dammerge.learned.functional import MergedLinearFunction
 from dammerge.learned.model import MergedModel
 from dammerge.learned.settings import TrainingSettings
@@ -281,9 +286,12 @@ class Trainer:
         progress: bool = True,
         names: list[str] | None = None,
         fuse_sources: bool = True,
+        ranks: Distributed | None = None,
     ) -> None:
         self.model, self.data, self.teacher = model, data, teacher
-        self.fuse_sources = fuse_sources
+        self.ranks = ranks or Distributed(device)
+        # Sharded ranks must run the same forwards and backwards: one fused pass each.
+        self.fuse_sources = fuse_sources or self.ranks.sharded
         self.settings, self.device = settings, device
         self.work_dir = Path(work_dir)
         self.fingerprint = fingerprint
@@ -327,6 +335,10 @@ class Trainer:
         return self.work_dir / LOG
 
     def save_checkpoint(self) -> None:
+        """Write the state (rank 0 only: every rank holds the same, whole state)."""
+        if not self.ranks.is_main:
+            self.saved_step = self.step  # the state rank 0 writes
+            return
         self.work_dir.mkdir(parents=True, exist_ok=True)
         state = {
             "step": self.step,
@@ -350,7 +362,21 @@ class Trainer:
         )
 
     def load_checkpoint(self) -> int:
-        """Restore the saved state; returns the step it resumes at."""
+        """Restore the saved state (read by rank 0, handed to every rank); returns the step it
+        resumes at."""
+        state = self.ranks.from_main(self._read_checkpoint)
+        self.model.load_coefficient_state(state["coefficients"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = int(state["step"])
+        self.saved_step = self.step
+        if self.ranks.is_main:
+            self._truncate_log(self.step)
+        return self.step
+
+    def _read_checkpoint(self) -> dict[str, Any]:
         try:
             state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -363,15 +389,7 @@ class Trainer:
                 f"the training checkpoint in {self.work_dir} belongs to a different recipe or data",
                 "set training.resume: false to start afresh, or use the original recipe",
             )
-        self.model.load_coefficient_state(state["coefficients"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.step = int(state["step"])
-        self.saved_step = self.step
-        self._truncate_log(self.step)
-        return self.step
+        return state
 
     def _truncate_log(self, step: int) -> None:
         """Drop log lines of steps after the checkpoint (they will be run again)."""
@@ -385,6 +403,8 @@ class Trainer:
         self.log_path.write_text("".join(f"{line}\n" for line in kept))
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.ranks.is_main:
+            return
         with self.log_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -412,12 +432,14 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """Run step ``self.step`` (forward, backward, clip, update, advance); returns the terms."""
         self.optimizer.zero_grad(set_to_none=True)
-        batches = [source.batch(self.step).to(self.device) for source in self.data]
-        self.step_length = max(b.input_ids.shape[1] for b in batches)
+        portions = self.ranks.portions([source.batch(self.step) for source in self.data])
+        portions = [Portion(p.source, p.batch.to(self.device), p.weight) for p in portions]
+        self.step_length = max((p.batch.input_ids.shape[1] for p in portions), default=0)
         if self.fuse_sources:
-            terms, total = self._fused_losses(batches)
+            losses = self._fused_losses(portions)
         else:
-            terms, total = self._per_source_losses(batches)
+            losses = self._per_source_losses(portions)
+        terms, total = self._checked(self.ranks.reduce_step(self.params, losses))
         reg = regularisers(self.settings, self.model)
         if reg:
             reg_total = sum(reg.values())
@@ -442,30 +464,41 @@ class Trainer:
         terms["grad_norm"] = norm
         return terms
 
-    def _checked(self, i: int, loss: torch.Tensor) -> tuple[str, float]:
-        """The log name and value of source ``i``'s loss; a NaN or Inf stops training."""
-        value = float(loss.detach())
-        name = f"{self.settings.objective}/{self.names[i]}"
-        if not math.isfinite(value):
-            raise self._diverged(f"the {name} loss", value)
-        return name, value
-
-    def _per_source_losses(self, batches: list[Batch]) -> tuple[dict[str, float], float]:
-        """One forward and backward per source (the smallest activation memory)."""
+    def _checked(self, losses: list[float]) -> tuple[dict[str, float], float]:
+        """The sources' loss terms by log name, and their sum; a NaN or Inf stops training."""
         terms: dict[str, float] = {}
         total = 0.0
-        for i, batch in enumerate(batches):
-            target = None if self.teacher is None else self.teacher(i, batch)
-            logits = self.model(batch.input_ids, batch.attention_mask)
-            loss = objective(self.settings, logits, target, batch.loss_mask)
-            name, value = self._checked(i, loss)
-            loss.backward()
-            del logits, loss, target
+        for i, value in enumerate(losses):
+            name = f"{self.settings.objective}/{self.names[i]}"
+            if not math.isfinite(value):
+                raise self._diverged(f"the {name} loss", value)
             terms[name] = value
             total += value
         return terms, total
 
-    def _fused_losses(self, batches: list[Batch]) -> tuple[dict[str, float], float]:
+    def _per_source_losses(self, portions: list[Portion]) -> list[float]:
+        """One forward and backward per source (the smallest activation memory); returns
+        each source's loss (this rank's part of it)."""
+        losses = [0.0] * len(self.data)
+        for portion in portions:
+            batch = portion.batch
+            target = None if self.teacher is None else self.teacher(portion.source, batch)
+            logits = self.model(batch.input_ids, batch.attention_mask)
+            loss = objective(self.settings, logits, target, batch.loss_mask)
+            if portion.weight != 1.0:
+                loss = loss * portion.weight
+            losses[portion.source] += float(loss.detach())
+            loss.backward()
+            del logits, loss, target
+        return losses
+
+    def _teacher_calls_done(self) -> None:
+        """Let a teacher that must keep in step with other ranks catch up before backward."""
+        finish = getattr(self.teacher, "finish_step", None)
+        if finish is not None:
+            finish()
+
+    def _fused_losses(self, portions: list[Portion]) -> list[float]:
         """Every source's batch through the merge in ONE forward and ONE backward.
 
         The merged weights are the same for every source within a step, so one pass forms
@@ -473,8 +506,14 @@ class Trainer:
         once per layer, instead of once per source: the per-step merge cost stops growing
         as N². Each source's loss and logit gradient are formed on its own logit rows only
         (its teacher's logits are freed before the next teacher runs); the model's backward
-        then runs once with the gathered logit gradient.
+        then runs once with the gathered logit gradient. Returns each source's loss (this
+        rank's part of it; 0 for a source it has no rows of).
         """
+        losses = [0.0] * len(self.data)
+        if not portions:  # more ranks than sequences (replicate): nothing to train on
+            self._teacher_calls_done()
+            return losses
+        batches = [p.batch for p in portions]
         stacked = _stack_batches(batches, self.data[0].pad_id)
         logits = self.model(stacked.input_ids, stacked.attention_mask)
         flat = logits.detach().reshape(-1, logits.shape[-1])
@@ -483,13 +522,12 @@ class Trainer:
         # tensor less, and no fresh one to fault in and zero.
         in_place = _output_not_saved(logits)
         grad = flat if in_place else torch.zeros_like(flat)
-        terms: dict[str, float] = {}
-        total = 0.0
         row = 0
-        for i, batch in enumerate(batches):
+        for portion in portions:
+            batch = portion.batch
             rows = _flat_positions(batch.loss_mask, row, stacked.input_ids.shape[1])
             row += batch.input_ids.shape[0]
-            target = None if self.teacher is None else self.teacher(i, batch)
+            target = None if self.teacher is None else self.teacher(portion.source, batch)
             target = _select_target(target, batch.loss_mask)
             merged = _take_rows(flat, rows)
             # Sources own disjoint rows: a contiguous run gets its gradient written straight
@@ -497,17 +535,19 @@ class Trainer:
             direct = isinstance(rows, slice)
             grad_rows = grad[rows] if direct else torch.empty_like(merged)
             loss = objective_with_grad(self.settings, merged, target, grad_rows)
-            name, value = self._checked(i, loss)
+            if portion.weight != 1.0:  # a part of the source's rows: its share of the mean
+                loss = loss * portion.weight
+                grad_rows.mul_(portion.weight)
+            losses[portion.source] += float(loss)
             if not direct:
                 grad.index_copy_(0, rows, grad_rows)
             del merged, grad_rows, target
-            terms[name] = value
-            total += value
         if in_place:  # padding and uncounted positions get no gradient (only their rows)
             uncounted = (~stacked.loss_mask.reshape(-1)).nonzero().squeeze(1)
             grad.index_fill_(0, uncounted, 0)
+        self._teacher_calls_done()
         logits.backward(grad.view_as(logits))
-        return terms, total
+        return losses
 
     # -- loop -----------------------------------------------------------------------------
     def _train_until(self, end: int, result: TrainResult, bar: Any) -> None:
@@ -524,10 +564,12 @@ class Trainer:
 
     def run(self, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
         """Train to ``self.steps`` (or stop after ``stop_after`` steps of this call)."""
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        if self.ranks.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
         start = self.load_checkpoint() if resume else 0
         if not resume:
-            self.log_path.write_text("")
+            if self.ranks.is_main:
+                self.log_path.write_text("")
             self.save_checkpoint()  # the initial state is the first "last good" state
         end = self.steps if stop_after is None else min(self.steps, start + stop_after)
         result = TrainResult(steps=start, resumed_from=start, log=self.log_path)
