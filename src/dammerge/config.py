@@ -27,8 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 
+from dammerge.data.spec import DatasetSpec
 from dammerge.errors import ConfigError
 
 Scalar = float | int | bool | str
@@ -64,7 +72,12 @@ class InputModel(BaseModel):
 
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
-    dataset: dict[str, Any] | None = None  # representative data, used by learned methods
+    dataset: DatasetSpec | None = None  # representative data (learned and searched methods)
+
+    @field_serializer("dataset")
+    def _dataset_as_written(self, dataset: DatasetSpec | None) -> dict[str, Any] | None:
+        """The dataset block without its defaults, as a recipe states it."""
+        return None if dataset is None else dataset.model_dump(exclude_defaults=True)
 
 
 def read_yaml_file(path: Path, what: str) -> Any:
@@ -124,8 +137,9 @@ class MergeConfig(BaseModel):
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "recipe"
+            message = first["msg"].removeprefix("Value error, ")
             hint = "check the spelling against the README's recipe reference"
-            raise ConfigError(f"{source}: {where}: {first['msg']}", hint) from None
+            raise ConfigError(f"{source}: {where}: {message}", hint) from None
 
     def relative_to(self, folder: Path) -> MergeConfig:
         """Resolve relative model and dataset paths against the recipe's folder."""
@@ -138,10 +152,10 @@ class MergeConfig(BaseModel):
                 candidate = folder / candidate
             return str(candidate)
 
-        def fix_dataset(dataset: dict[str, Any] | None) -> dict[str, Any] | None:
-            if not dataset or not isinstance(dataset.get("path"), str):
-                return dataset
-            return {**dataset, "path": fix(dataset["path"])}
+        def fix_dataset(dataset: DatasetSpec | None) -> DatasetSpec | None:
+            if dataset is None:
+                return None
+            return dataset.model_copy(update={"path": fix(dataset.path)})
 
         def fix_training(training: dict[str, Any] | None) -> dict[str, Any] | None:
             if not training or not isinstance(training.get("family"), str):

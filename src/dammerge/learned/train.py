@@ -30,9 +30,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dammerge.data.examples import Batch
 from dammerge.errors import DammergeError
 from dammerge.learned import losses
-from dammerge.learned.data import Batch, SourceData
+from dammerge.learned.data import SourceData
 from dammerge.learned.functional import MergedLinearFunction
 from dammerge.learned.model import MergedModel
 from dammerge.learned.settings import TrainingSettings
