@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from dammerge.data.examples import Example, collate, encode_dataset, encode_record
+from dammerge.data.examples import (
+    Example,
+    collate,
+    encode_dataset,
+    encode_prompt,
+    encode_record,
+    pad_id,
+)
 from dammerge.data.spec import DatasetSpec
 from dammerge.errors import DammergeError
 from dammerge.templates import alpaca_prompt
@@ -81,3 +90,47 @@ def test_chat_template_without_one_on_the_tokenizer_is_a_one_line_error():
             max_length=64,
             where="source lang",
         )
+
+
+def test_from_parts_truncates_and_splits_at_the_first_target():
+    example = Example.from_parts([1, 2, 3], [4, 5], max_length=4)
+    assert example.input_ids == [1, 2, 3, 4]
+    assert example.target_mask == [False, False, False, True]
+    assert (example.prompt_ids, example.response_ids, example.response_start) == ([1, 2, 3], [4], 3)
+    everything = Example.from_parts([1, 2], [3], prompt_is_target=True)
+    assert everything.target_mask == [True, True, True] and everything.response_start == 0
+    cut = Example.from_parts([1, 2, 3], [4], max_length=2)
+    assert cut.response_ids == [] and cut.prompt_ids == [1, 2]
+
+
+def test_the_prompt_is_what_generation_continues(tokenizer):
+    record = {"instruction": "w3 w4", "input": "", "output": "w6 w7"}
+    spec = DatasetSpec(path="x")
+    prompt = encode_prompt(record, spec, tokenizer)
+    assert prompt == tokenizer(alpaca_prompt("w3 w4"))["input_ids"]
+    assert encode_record(record, spec, tokenizer).prompt_ids == prompt
+    assert encode_prompt({"text": "w3"}, DatasetSpec(path="x", template="raw"), tokenizer) == []
+
+
+def test_records_that_lose_every_target_are_dropped_and_none_left_is_an_error(tokenizer):
+    spec = DatasetSpec(path="data.jsonl")
+    short = {"instruction": "w3", "output": "w4"}
+    long = {"instruction": " ".join(f"w{i}" for i in range(3, 60)), "output": "w4"}
+    options = {"loss_on": "response", "max_length": 40, "where": "m"}
+    kept = encode_dataset([short, long], spec, tokenizer, **options)
+    assert len(kept) == 1 and kept[0].input_ids[-1] == tokenizer.eos_token_id
+    with pytest.raises(DammergeError, match=r"no example of data\.jsonl keeps a target") as info:
+        encode_dataset([long], spec, tokenizer, **options)
+    assert "loss_on: all" in info.value.hint
+
+
+def test_pad_id_falls_back_to_eos_then_zero(tokenizer):
+    assert pad_id(tokenizer) == tokenizer.pad_token_id
+    no_pad = SimpleNamespace(pad_token_id=None, eos_token_id=7)
+    assert pad_id(no_pad) == 7
+    assert pad_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
+
+
+def test_batch_counts_real_tokens_and_moves_whole():
+    batch = collate([Example([1, 2, 3], [False, True, True]), Example([4], [True])], [5, 6], 0)
+    assert batch.tokens == 4 and batch.to("cpu").indices == [5, 6]
