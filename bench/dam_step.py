@@ -242,9 +242,10 @@ def make_data(n: int, seq_len: int, vocab: int, seed: int, examples: int = 4) ->
 
 def dam_settings(teacher: str, top_k: int) -> Any:
     """The ``dam`` preset exactly as a recipe gets it (KL, T = 2, cosine regulariser)."""
+    from dammerge.learned.presets import DAM
     from dammerge.learned.settings import parse_settings
 
-    return parse_settings("dam", {"teacher": teacher, "top_k": top_k})
+    return parse_settings({"teacher": teacher, "top_k": top_k}, DAM)
 
 
 def teacher_files(
@@ -304,13 +305,7 @@ def dam_runner(
     from dammerge.learned.train import Trainer
 
     settings = dam_settings(teacher, cfg.top_k)
-    options = MergeOptions(
-        granularity=settings.granularity,
-        parametrization=settings.parametrization,
-        activation=settings.activation,
-        init=settings.init,
-        clamp=settings.clamp,
-    )
+    options = MergeOptions.from_settings(settings)
     if teacher == "precomputed":
         checkpoints, folder = teacher_files(sources, data, cfg, tag)
         files = [folder / f"source-{i}.safetensors" for i in range(len(sources))]

@@ -247,14 +247,13 @@ def test_real_console_script(case, llama_family, tmp_path, derive):
 
 def test_methods_lists_every_registered_and_data_informed_method(monkeypatch, capfd):
     """`dammerge methods`: one row per method with its parameters and defaults."""
-    from dammerge.merge import DATA_INFORMED_SUMMARIES
-    from dammerge.methods import METHODS
+    from dammerge.registry import REGISTRY
 
     monkeypatch.setenv("COLUMNS", "400")  # one table row per line
     monkeypatch.setattr(sys, "argv", ["dammerge", "methods"])
     main()
     out = capfd.readouterr().out
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 2}
-    assert set(METHODS) | set(DATA_INFORMED_SUMMARIES) <= set(rows)
+    assert set(REGISTRY) <= set(rows)
     assert "density=1.0" in rows["ties"] and "weight" in rows["ties"]
     assert "lambda=1.0" in rows["ties"]

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from dammerge.config import MergeConfig, interpolate_gradient, parse_dtype, resolve_value
+from dammerge.config import (
+    MergeConfig,
+    check_model_reference,
+    interpolate_gradient,
+    parse_dtype,
+    resolve_value,
+)
 from dammerge.errors import ConfigError
 
 NAME = "model.layers.3.self_attn.q_proj.weight"
@@ -70,11 +76,27 @@ def test_lists_of_strings_or_booleans_pick_by_depth():
     assert resolve_value([True, False], NAME, 0.99) is True
 
 
-def test_filters_accept_mergekit_globs_and_star():
+def test_filters_match_substrings_only_as_mergekit_0_1_5():
+    """A ``filter`` with glob characters is a literal substring: ``layers.1*mlp`` matches no
+    real tensor name (mergekit 0.1.5 merges the same tensors)."""
     value = [{"filter": "layers.1*.mlp", "value": 1.0}, {"filter": "*", "value": 2.0}]
-    assert resolve_value(value, "model.layers.12.mlp.up_proj.weight", 0.0) == 1.0
-    assert resolve_value(value, "model.layers.2.mlp.up_proj.weight", 0.0) == 2.0
+    assert resolve_value(value, "model.layers.12.mlp.up_proj.weight", 0.0) == 2.0
+    assert resolve_value(value, "model.layers.1*.mlp.odd_name", 0.0) == 1.0
     assert resolve_value(value, NAME, 0.0) == 2.0
+    assert resolve_value([{"filter": "layers.1", "value": 3.0}], "x.layers.12.y", 0.0) == 3.0
+
+
+def test_filter_glob_is_an_explicit_glob():
+    value = [{"filter_glob": "layers.1*.mlp", "value": 1.0}, {"value": 2.0}]
+    assert resolve_value(value, "model.layers.12.mlp.up_proj.weight", 0.0) == 1.0
+    assert resolve_value(value, "model.layers.1.mlp.up_proj.weight", 0.0) == 1.0
+    assert resolve_value(value, "model.layers.2.mlp.up_proj.weight", 0.0) == 2.0
+    assert resolve_value({"filter_glob": "lm_head", "value": 4.0}, "lm_head.weight", 0.0) == 4.0
+
+
+def test_filter_and_filter_glob_together_are_refused():
+    with pytest.raises(ConfigError, match="not both"):
+        resolve_value([{"filter": "mlp", "filter_glob": "mlp*", "value": 1.0}], NAME, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -120,6 +142,21 @@ def test_recipe_parses_and_paths_resolve_against_its_folder(tmp_path, monkeypatc
     assert cfg.tokenizer_source == "base"
     again = MergeConfig.from_dict(__import__("yaml").safe_load(cfg.to_yaml()))
     assert again == cfg
+
+
+@pytest.mark.parametrize("key", ["slices", "modules", "tokenizer", "chat_template"])
+def test_unsupported_mergekit_keys_say_so(key):
+    with pytest.raises(ConfigError, match=f"'{key}' is not supported \\(yet\\)") as caught:
+        MergeConfig.from_dict({"merge_method": "linear", key: "chatml"})
+    assert "spelling" not in (caught.value.hint or "")
+
+
+def test_lora_references_are_refused_as_such(tmp_path):
+    with pytest.raises(ConfigError, match=r"LoRA references \(model\+lora\) are not supported"):
+        check_model_reference(f"{tmp_path}/base+{tmp_path}/adapter")
+    folder = tmp_path / "odd+name"
+    folder.mkdir()
+    check_model_reference(str(folder))  # an existing folder with a '+' is a folder
 
 
 @pytest.mark.parametrize(

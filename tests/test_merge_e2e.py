@@ -4,7 +4,6 @@ architecture and every method; plus the executor's contracts (dry run, devices, 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -17,14 +16,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dammerge
+from dammerge import executor
 from dammerge.cli import main
 from dammerge.config import MergeConfig
 from dammerge.errors import DammergeError
-from dammerge.merge import execute
+from dammerge.executor import execute
 from dammerge.plan import build_plan
 from dammerge.testing import VOCAB, make_tiny_model, make_variant
-
-merge_module = importlib.import_module("dammerge.merge")  # the module, not dammerge.merge()
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
 METHODS = (
@@ -210,10 +208,10 @@ def test_each_tensor_draws_the_same_whatever_the_order(llama_family):
     base, variants = llama_family
     plan = build_plan(MergeConfig.from_dict(recipe_for("della", base, variants)))
     device = torch.device("cpu")
-    forward = {t.name: merge_module.merge_tensor(plan, t, device, 5) for t in plan.tensors}
+    forward = {t.name: executor.merge_tensor(plan, t, device, 5) for t in plan.tensors}
     for t in reversed(plan.tensors):
         torch.testing.assert_close(
-            merge_module.merge_tensor(plan, t, device, 5), forward[t.name], rtol=0, atol=0
+            executor.merge_tensor(plan, t, device, 5), forward[t.name], rtol=0, atol=0
         )
 
 

@@ -6,9 +6,20 @@ them in one process, so mergekit is imported once; ``mergekit-yaml`` is exercise
 once by :func:`dammerge.merge`, and every output tensor is compared within float tolerance.
 
 Only deterministic settings are compared: DARE and DELLA are checked at density 1 (no random
-drop); breadcrumbs, whose band selection is deterministic, at density 1 and below. The
-gradient/filter recipe pins down where each tensor sits on the depth axis, including tensors
-outside the blocks (embeddings, final norm, ``lm_head``), which mergekit places at ``t = 0``.
+drop); breadcrumbs, whose band selection is deterministic, at density 1 and below; SCE, whose
+top-variance selection is deterministic too, with and without selecting. The gradient/filter
+recipe pins down where each tensor sits on the depth axis, including tensors outside the blocks
+(embeddings, final norm, ``lm_head``), which mergekit places at ``t = 0``.
+
+Half precision (``dtype: float16`` / ``bfloat16``) is compared within one unit in the last place
+(ulp) of the output dtype. mergekit computes linear and SLERP in float32 whatever ``dtype`` says,
+so the same recipe is compared directly. Its task-arithmetic family (task_arithmetic, TIES,
+breadcrumbs, DARE, DELLA) and model_stock compute in the half dtype itself, while dammerge
+computes in float32 and rounds once; for those, mergekit is run in float32 on copies of the
+checkpoints already rounded to the half dtype, and its output rounded once is what dammerge must
+give. The only entries allowed to differ there are ties at the density cut: entries whose
+magnitude equals the k-th largest one, where dammerge keeps the lower index and mergekit whatever
+its unstable sort returns.
 
 mergekit lives in ``.venv-mergekit`` (``make .venv-mergekit/.installed``, which ``make test``
 builds); without it these tests fail rather than skip, so CI cannot pass them silently.
@@ -25,15 +36,19 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import dammerge
+from dammerge.config import load_config
+from dammerge.plan import build_plan
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 MERGEKIT_BIN = REPO / ".venv-mergekit" / "bin"
 RTOL, ATOL = 1e-5, 1e-6
+HALF_DTYPES = ("float16", "bfloat16")
+HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # mergekit options shared by every call: local folders only, CPU, no tokenizer/model card.
 MERGEKIT_OPTIONS = ["--no-copy-tokenizer", "--no-write-model-card", "--lazy-unpickle", "--quiet"]
@@ -160,6 +175,18 @@ RECIPES: dict[str, dict[str, Any]] = {
             {"model": "FT2", "parameters": {"weight": 0.5, "density": 0.4, "gamma": 0.1}},
         ],
     },
+    "sce": {
+        "merge_method": "sce",
+        "base_model": "BASE",
+        "models": [{"model": "FT0"}, {"model": "FT1"}, {"model": "FT2"}],
+    },
+    # SCE's top-variance selection is deterministic: compare it where it actually selects.
+    "sce_select_topk": {
+        "merge_method": "sce",
+        "base_model": "BASE",
+        "models": [{"model": "FT0"}, {"model": "FT1"}, {"model": "FT2"}],
+        "parameters": {"select_topk": 0.3},
+    },
     # Gradients and {filter, value} lists resolved per tensor. The lm_head/embed/norm entries
     # use steep gradients so that any disagreement about their depth position is large.
     "gradient_filters": {
@@ -185,6 +212,21 @@ RECIPES: dict[str, dict[str, Any]] = {
         # FT2's filter list matches only lm_head; elsewhere the global default applies.
         "parameters": {"weight": [{"filter": "*", "value": [0.3, -0.3]}]},
     },
+    # mergekit 0.1.5 matches a filter as a substring only: glob characters are literal, so
+    # this filter matches no tensor and the default value applies everywhere.
+    "filter_is_a_substring": {
+        "merge_method": "task_arithmetic",
+        "base_model": "BASE",
+        "models": [
+            {
+                "model": "FT0",
+                "parameters": {
+                    "weight": [{"filter": "layers.1*mlp", "value": 0.9}, {"value": 0.2}]
+                },
+            },
+            {"model": "FT1", "parameters": {"weight": 0.5}},
+        ],
+    },
     "ties_gradient_density": {
         "merge_method": "ties",
         "base_model": "BASE",
@@ -196,20 +238,64 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# mergekit computes these in float32 whatever `dtype` says: the same half-precision recipe is
+# compared directly. The others it computes in the half dtype (see the module docstring).
+UPCAST_RECIPES = ("linear_weighted", "linear_normalize", "slerp_scalar", "slerp_gradient")
+HALF_COMPUTED_RECIPES = tuple(name for name in RECIPES if name not in UPCAST_RECIPES)
+# Recipes that select by magnitude rank below density 1: ties at the cut may differ.
+CUT_RECIPES = {
+    "ties",
+    "ties_unnormalized_densities",
+    "ties_gradient_density",
+    "breadcrumbs_band",
+    "breadcrumbs_ties_band",
+}
+
+
 @pytest.fixture(scope="session")
 def family_paths(llama_family) -> dict[str, str]:
     base, variants = llama_family
     return {"BASE": str(base), **{f"FT{i}": str(v) for i, v in enumerate(variants)}}
 
 
-def fill_paths(recipe: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
-    """The recipe with placeholders replaced by folders, computed in float32 for both tools."""
+def rounded_copy(src: Path, dst: Path, dtype: torch.dtype) -> Path:
+    """A copy of checkpoint folder ``src`` with its float tensors stored in ``dtype``."""
+    dst.mkdir(parents=True)
+    for file in src.iterdir():
+        if file.suffix != ".safetensors":
+            (dst / file.name).write_bytes(file.read_bytes())
+    for shard in src.glob("*.safetensors"):
+        state = {
+            name: t.to(dtype) if t.is_floating_point() else t
+            for name, t in load_file(shard).items()
+        }
+        save_file(state, dst / shard.name, metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="session")
+def rounded_family_paths(family_paths, tmp_path_factory) -> dict[str, dict[str, str]]:
+    """For each half dtype, the family's checkpoints stored already rounded to it."""
+    root = tmp_path_factory.mktemp("rounded")
+    return {
+        dtype: {
+            key: str(rounded_copy(Path(path), root / dtype / key, HALF[dtype]))
+            for key, path in family_paths.items()
+        }
+        for dtype in HALF_DTYPES
+    }
+
+
+def fill_paths(
+    recipe: dict[str, Any], paths: dict[str, str], dtype: str = "float32"
+) -> dict[str, Any]:
+    """The recipe with placeholders replaced by folders, computed with ``dtype``."""
     filled = copy.deepcopy(recipe)
     if "base_model" in filled:
         filled["base_model"] = paths[filled["base_model"]]
     for entry in filled["models"]:
         entry["model"] = paths[entry["model"]]
-    filled["dtype"] = "float32"
+    filled["dtype"] = dtype
     return filled
 
 
@@ -232,20 +318,24 @@ def run_mergekit(args: list[str]) -> None:
 
 
 @pytest.fixture(scope="session")
-def mergekit_outputs(family_paths, tmp_path_factory) -> dict[str, Path]:
+def mergekit_outputs(family_paths, rounded_family_paths, tmp_path_factory) -> dict[str, Path]:
     """Every recipe merged by mergekit in one ``mergekit-multi`` process."""
     tool = mergekit_tool("mergekit-multi")
     work = tmp_path_factory.mktemp("mergekit")
     # Names get a prefix: mergekit-multi treats any string equal to a merge's name as a
     # reference to that merge, and a name equal to its own merge_method would depend on itself.
-    documents = [
-        {"name": f"recipe-{name}", **fill_paths(r, family_paths)} for name, r in RECIPES.items()
-    ]
+    cases = {name: fill_paths(r, family_paths) for name, r in RECIPES.items()}
+    for dtype in HALF_DTYPES:
+        for name in UPCAST_RECIPES:
+            cases[f"{name}-{dtype}"] = fill_paths(RECIPES[name], family_paths, dtype)
+        for name in HALF_COMPUTED_RECIPES:
+            cases[f"{name}-{dtype}-inputs"] = fill_paths(RECIPES[name], rounded_family_paths[dtype])
+    documents = [{"name": f"recipe-{case}", **recipe} for case, recipe in cases.items()]
     config = work / "recipes.yml"
     config.write_text(yaml.safe_dump_all(documents, sort_keys=False))
     out = work / "out"
     run_mergekit([str(tool), str(config), "-I", str(out), "--no-lazy", *MERGEKIT_OPTIONS])
-    return {name: out / f"recipe-{name}" for name in RECIPES}
+    return {case: out / f"recipe-{case}" for case in cases}
 
 
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -268,10 +358,91 @@ def assert_same_tensors(ours: Path, theirs: Path) -> None:
     assert not mismatched, f"{len(mismatched)} tensors differ from mergekit: {mismatched[:6]}"
 
 
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable values of their (shared, half) dtype lie between ``a`` and
+    ``b``, entry by entry: 0 when equal, 1 for neighbours (+0 and -0 count as equal)."""
+    assert a.dtype == b.dtype and a.element_size() == 2
+
+    def ordered(x: torch.Tensor) -> torch.Tensor:
+        bits = x.contiguous().view(torch.int16).long()
+        return torch.where(bits < 0, -(2**15) - bits, bits)
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+def cut_ties(recipe: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Per tensor, where some model's task vector (inputs rounded to ``dtype``) has a magnitude
+    equal to one of its selection cuts: the k-th largest magnitude for TIES, the two band
+    edges for breadcrumbs. Written independently of dammerge's selection code; only the
+    per-tensor density/gamma come from dammerge's plan."""
+    plan = build_plan(load_config(recipe))
+    assert plan.base is not None
+    tied: dict[str, torch.Tensor] = {}
+    for tensor in plan.tensors:
+        base = plan.base.get(tensor.name).to(dtype).float().reshape(-1)
+        hits = torch.zeros(base.numel(), dtype=torch.bool)
+        for ck, params in zip(plan.participants, tensor.model_params, strict=True):
+            magnitude = (ck.get(tensor.name).to(dtype).float().reshape(-1) - base).abs()
+            n = magnitude.numel()
+            keep = int(params["density"] * n)
+            top = min(int(params.get("gamma", 0.0) * n), n - keep)
+            ranked = torch.sort(magnitude, descending=True).values
+            for k in {keep + top, top} - {0, n + 1}:
+                if k <= n:
+                    hits |= magnitude == ranked[k - 1]
+        tied[tensor.name] = hits.view(tensor.shape)
+    return tied
+
+
+def assert_within_one_ulp(
+    ours: Path, theirs: Path, dtype: torch.dtype, allowed: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Every entry of ``ours`` within one ulp of ``theirs`` rounded to ``dtype``, except where
+    ``allowed`` marks it (ties at the density cut)."""
+    a, b = load_tensors(ours), load_tensors(theirs)
+    assert sorted(a) == sorted(b), "the two tools wrote different tensor names"
+    problems, excused, total = [], 0, 0
+    for name in sorted(a):
+        assert a[name].dtype == dtype, f"{name} written as {a[name].dtype}"
+        far = ulp_distance(a[name], b[name].to(dtype)) > 1
+        total += far.numel()
+        if allowed is not None:
+            excused += int((far & allowed[name]).sum())
+            far &= ~allowed[name]
+        if far.any():
+            problems.append(f"{name} ({int(far.sum())} entries)")
+    assert not problems, f"{len(problems)} tensors differ by > 1 ulp: {problems[:6]}"
+    assert excused <= total // 100, f"{excused}/{total} entries differ at the density cut"
+
+
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_same_tensors_as_mergekit(name, family_paths, mergekit_outputs, tmp_path):
     ours = dammerge.merge(fill_paths(RECIPES[name], family_paths), tmp_path / name, progress=False)
     assert_same_tensors(ours, mergekit_outputs[name])
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("name", UPCAST_RECIPES)
+def test_half_precision_upcast_methods_match_mergekit(
+    name, dtype, family_paths, mergekit_outputs, tmp_path
+):
+    """Linear and SLERP: the same half-precision recipe, within one ulp of mergekit's."""
+    recipe = fill_paths(RECIPES[name], family_paths, dtype)
+    ours = dammerge.merge(recipe, tmp_path / name, progress=False)
+    assert_within_one_ulp(ours, mergekit_outputs[f"{name}-{dtype}"], HALF[dtype])
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("name", HALF_COMPUTED_RECIPES)
+def test_half_precision_is_mergekits_float32_result_rounded_once(
+    name, dtype, family_paths, mergekit_outputs, tmp_path
+):
+    """dammerge's ``dtype: <half>`` result is mergekit's float32 arithmetic on the same rounded
+    inputs, rounded once: within one ulp, ties at the density cut excepted."""
+    recipe = fill_paths(RECIPES[name], family_paths, dtype)
+    ours = dammerge.merge(recipe, tmp_path / name, progress=False)
+    allowed = cut_ties(recipe, HALF[dtype]) if name in CUT_RECIPES else None
+    assert_within_one_ulp(ours, mergekit_outputs[f"{name}-{dtype}-inputs"], HALF[dtype], allowed)
 
 
 def test_recipe_file_through_mergekit_yaml(family_paths, tmp_path):

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import dammerge
 from dammerge.config import MergeConfig
 from dammerge.errors import CheckpointError, ConfigError
-from dammerge.plan import build_plan, describe
+from dammerge.plan import UnusedParameterWarning, build_plan, describe
 
 LAYERS = 3  # the tiny Llama of the llama_family fixture
 
@@ -134,9 +135,18 @@ def test_plan_describes_itself(llama_family):
                 "merge_method": "ties",
                 "base_model": "B",
                 "models": "A",
-                "model_parameters": {"gamma": 0.1},
+                "model_parameters": {"gama": 0.1},
             },
-            "unknown parameter 'gamma'",
+            "unknown parameter 'gama'.*did you mean 'gamma'",
+        ),
+        (
+            {
+                "merge_method": "ties",
+                "base_model": "B",
+                "models": "A",
+                "model_parameters": {"lambda": 0.5},
+            },
+            "'lambda' is a global parameter of ties",
         ),
         (
             {"merge_method": "slerp", "base_model": "B", "models": "AA", "parameters": {"t": 0.5}},
@@ -169,6 +179,101 @@ def test_recipe_problems_are_config_errors(llama_family, recipe, match):
     if "base_model" in recipe:
         recipe["base_model"] = paths[recipe["base_model"]]
     with pytest.raises(ConfigError, match=match):
+        plan_for(recipe)
+
+
+@pytest.mark.parametrize(
+    ("method", "where", "key"),
+    [
+        ("slerp", "model", "weight"),
+        ("model_stock", "model", "weight"),
+        ("task_arithmetic", "model", "density"),
+        ("linear", "global", "gamma"),
+    ],
+)
+def test_a_parameter_another_method_takes_is_ignored_with_a_warning(
+    llama_family, method, where, key
+):
+    """mergekit's own tests pass such parameters and mergekit ignores them; so does dammerge,
+    saying so once."""
+    base, variants = llama_family
+    takes_weight = method in ("linear", "task_arithmetic")
+    models = variants[:2] if method == "model_stock" else variants[:1]
+    recipe = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [
+            {
+                "model": str(m),
+                "parameters": {
+                    **({"weight": 1.0} if takes_weight else {}),
+                    **({key: 0.5} if where == "model" else {}),
+                },
+            }
+            for m in models
+        ],
+        "parameters": {
+            **({"t": 0.5} if method == "slerp" else {}),
+            **({key: 0.5} if where == "global" else {}),
+        },
+    }
+    with pytest.warns(UnusedParameterWarning, match=f"{method} does not use parameter '{key}'"):
+        plan = plan_for(recipe)
+    assert all(
+        key not in t.params and all(key not in p for p in t.model_params) for t in plan.tensors
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "model_params", "global_params", "match"),
+    [
+        ("della", {"density": 0.1, "epsilon": 0.2}, {}, "leaves \\[0, 1\\]"),
+        ("della", {"density": 0.5, "epsilon": -0.1}, {}, "'epsilon' is -0.1"),
+        ("ties", {"density": 1.5}, {}, "'density' is 1.5"),
+        ("breadcrumbs", {"density": 0.5, "gamma": [0.0, -0.2]}, {}, r"'gamma' is -0\.1"),
+        ("dare_ties", {"density": 0.5}, {"rescale_mode": "l2"}, "'rescale_mode' is 'l2'"),
+        ("task_arithmetic", {"weight": "half"}, {}, "'weight' is 'half'"),
+        ("task_arithmetic", {}, {"lambda": True}, "'lambda' is True"),
+    ],
+)
+def test_parameter_values_are_checked_before_compute(
+    llama_family, tmp_path, method, model_params, global_params, match
+):
+    """A value the kernel would reject fails the dry run, before anything is read or written."""
+    base, (a, b, _) = llama_family
+    recipe = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [
+            {"model": str(m), "parameters": {"weight": 0.5, **model_params}} for m in (a, b)
+        ],
+        "parameters": global_params,
+    }
+    with pytest.raises(ConfigError, match=match):
+        dammerge.merge(recipe, tmp_path / "out", dry_run=True, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_reference_is_refused_before_compute(llama_family, tmp_path):
+    base, (a, _, _) = llama_family
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": f"{a}+{tmp_path}/adapter", "parameters": {"weight": 1.0}},
+            {"model": str(base), "parameters": {"weight": 1.0}},
+        ],
+    }
+    with pytest.raises(ConfigError, match="LoRA references"):
+        dammerge.merge(recipe, tmp_path / "out", dry_run=True, progress=False)
+
+
+def test_a_true_typo_stays_an_error_with_a_suggestion(llama_family):
+    _, (a, _, _) = llama_family
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(a), "parameters": {"wieght": 1.0}}],
+    }
+    with pytest.raises(ConfigError, match=r"unknown parameter 'wieght'.*did you mean 'weight'"):
         plan_for(recipe)
 
 

@@ -10,7 +10,7 @@ Model Stock) and data-informed ones led by DAM. The Python API mirrors the CLI::
 __version__ = "0.1.0"
 
 from dammerge.config import MergeConfig
+from dammerge.dispatch import merge
 from dammerge.errors import DammergeError
-from dammerge.merge import merge
 
 __all__ = ["DammergeError", "MergeConfig", "__version__", "merge"]

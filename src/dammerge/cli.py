@@ -57,63 +57,41 @@ def merge_command(
     ] = False,
 ) -> None:
     """Merge the models of CONFIG into OUTPUT."""
-    from dammerge.merge import data_informed_runner, execute, load_config, resolve_device
-    from dammerge.plan import build_plan, describe
+    from dammerge.dispatch import merge
 
-    cfg = load_config(config)
-    data_informed = data_informed_runner(cfg.merge_method)
-    if data_informed is not None:
-        data_informed(
-            cfg,
-            output,
-            device=device,
-            seed=seed,
-            overwrite=overwrite,
-            dry_run=dry_run,
-            shard_size=parse_size(shard_size),
-        )
-        return
-    plan = build_plan(cfg, allow_pickle=allow_pickle)
-    if dry_run:
-        for line in describe(plan):
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
-        console.print("dry run: nothing written", style="green")
-        return
-    out = execute(
-        plan,
+    merge(
+        config,
         output,
-        device=resolve_device(device),
+        device=device,
         shard_size=parse_size(shard_size),
         seed=seed,
         overwrite=overwrite,
+        dry_run=dry_run,
+        allow_pickle=allow_pickle,
     )
-    console.print(f"merged model written to {out}", style="green")
 
 
 @app.command("methods")
 def methods_command() -> None:
-    """List the merge methods and their parameters."""
+    """List every merge method: its kind, parameters, what it does, and its paper."""
     from rich.table import Table
 
-    from dammerge.methods import METHODS, REQUIRED
-
-    table = Table("method", "base", "per-model parameters", "global parameters", "what it does")
+    from dammerge.methods import REQUIRED
+    from dammerge.registry import REGISTRY
 
     def fmt(params: dict) -> str:
         return ", ".join(k if v is REQUIRED else f"{k}={v}" for k, v in params.items())
 
-    for m in METHODS.values():
-        table.add_row(
-            m.name,
-            "yes" if m.requires_base else "no",
-            fmt(m.model_params),
-            fmt(m.global_params),
-            m.summary,
-        )
-    from dammerge.merge import DATA_INFORMED_SUMMARIES
-
-    for name, summary in DATA_INFORMED_SUMMARIES.items():
-        table.add_row(name, "yes", "dataset", "training (see README)", summary)
+    table = Table("method", "kind", "parameters", "what it does", "paper")
+    for entry in REGISTRY.values():
+        if entry.data_free is not None:
+            method = entry.data_free
+            base = "base_model; " if method.requires_base else ""
+            models = fmt(method.model_params)
+            params = f"{base}per model: {models or '-'}; global: {fmt(method.global_params) or '-'}"
+        else:
+            params = "base_model; dataset per model; training: (see docs)"
+        table.add_row(entry.name, entry.kind, params, entry.summary, entry.paper)
     Console().print(table)
 
 

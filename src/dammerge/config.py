@@ -10,16 +10,20 @@ models:
     parameters:
       weight: [{filter: self_attn, value: 0.7}, {value: 0.3}]  # per-tensor filters
 parameters: {normalize: true}
-dtype: float32        # compute dtype
-out_dtype: bfloat16   # written dtype
+dtype: bfloat16       # inputs are rounded to this when read (as mergekit loads them)
+out_dtype: bfloat16   # written dtype (default: dtype, else each tensor's stored dtype)
 tokenizer_source: base
 ```
 
-Parameter values are resolved per tensor by :func:`resolve_value`.
+The arithmetic runs in float32 whatever ``dtype`` says (float64 when ``dtype: float64``) and
+the result is rounded once to the output dtype; ``compute_dtype:`` overrides that (e.g.
+``compute_dtype: bfloat16`` computes in the inputs' half precision). See
+:func:`compute_dtype_of`. Parameter values are resolved per tensor by :func:`resolve_value`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,7 @@ from pydantic import (
 from dammerge.data.spec import DatasetSpec
 from dammerge.errors import ConfigError
 
+DEFAULT_SHARD_SIZE = 5 * 2**30
 Scalar = float | int | bool | str
 ParamValue = Any  # scalar | list[float] (gradient) | list[{filter, value}]
 
@@ -53,6 +58,20 @@ DTYPES = {
 }
 
 
+def compute_dtype_of(dtype: str | None, compute_dtype: str | None) -> torch.dtype:
+    """The dtype a data-free merge computes in: ``compute_dtype`` when the recipe sets it, else
+    float64 for ``dtype: float64`` and float32 otherwise.
+
+    ``dtype`` only rounds the inputs as they are read (what mergekit's loader does); doing the
+    arithmetic in float32 and rounding once on output gives the correctly rounded result of
+    linear and SLERP, as mergekit's own float32 upcast does.
+    """
+    explicit = parse_dtype(compute_dtype)
+    if explicit is not None:
+        return explicit
+    return torch.float64 if parse_dtype(dtype) is torch.float64 else torch.float32
+
+
 def parse_dtype(name: str | None) -> torch.dtype | None:
     """A recipe's dtype string as a torch dtype (None stays None)."""
     if name is None:
@@ -63,6 +82,27 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
         raise ConfigError(
             f"unknown dtype {name!r}", f"use one of: {', '.join(sorted(DTYPES))}"
         ) from None
+
+
+# mergekit 0.1.5 recipe keys dammerge does not implement yet, with what to do instead.
+NOT_SUPPORTED_KEYS = {
+    "slices": "list whole models under 'models:' (layer ranges are not supported yet)",
+    "modules": "list whole models under 'models:' (per-module recipes are not supported yet)",
+    "tokenizer": "use tokenizer_source: base or a model path (the tokenizer block and vocabulary "
+    "union are not supported yet)",
+    "chat_template": "set the chat template in the output's tokenizer_config.json after merging",
+}
+
+
+def check_model_reference(reference: str) -> None:
+    """Refuse mergekit's ``model+lora`` reference (a base plus a LoRA adapter folder) with a
+    message saying so, rather than 'folder not found'. A folder whose name has a ``+`` is
+    still a folder."""
+    if "+" in reference and not Path(reference).expanduser().exists():
+        raise ConfigError(
+            f"{reference}: LoRA references (model+lora) are not supported yet",
+            "merge the adapter into its base first (peft's merge_and_unload) and list that folder",
+        )
 
 
 class InputModel(BaseModel):
@@ -103,13 +143,14 @@ class MergeConfig(BaseModel):
     base_model: str | None = None
     models: list[InputModel] = Field(default_factory=list)
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
-    dtype: str | None = None
-    out_dtype: str | None = None
+    dtype: str | None = None  # inputs rounded to it when read; None keeps each stored dtype
+    out_dtype: str | None = None  # written dtype; None: dtype, else each stored dtype
+    compute_dtype: str | None = None  # arithmetic dtype; None: float32 (float64 for float64)
     tokenizer_source: str | None = None
     training: dict[str, Any] | None = None  # learned methods' settings (DAM, AdaMerging)
     name: str | None = None
 
-    @field_validator("dtype", "out_dtype")
+    @field_validator("dtype", "out_dtype", "compute_dtype")
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
         if value is not None and value.lower() not in DTYPES:
@@ -127,18 +168,16 @@ class MergeConfig(BaseModel):
     def from_dict(cls, data: Any, source: str = "recipe") -> MergeConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source} must be a mapping with merge_method, models, ...")
-        if "slices" in data:
-            raise ConfigError(
-                f"{source} uses 'slices', which dammerge does not support",
-                "list whole models under 'models:' (layer-stacking/frankenmerges are out of scope)",
-            )
+        for key, hint in NOT_SUPPORTED_KEYS.items():
+            if key in data:
+                raise ConfigError(f"{source}: '{key}' is not supported (yet)", hint)
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "recipe"
             message = first["msg"].removeprefix("Value error, ")
-            hint = "check the spelling against the README's recipe reference"
+            hint = "check the spelling against docs/recipes.md"
             raise ConfigError(f"{source}: {where}: {message}", hint) from None
 
     def relative_to(self, folder: Path) -> MergeConfig:
@@ -181,6 +220,34 @@ class MergeConfig(BaseModel):
         return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False)
 
 
+def load_config(config: MergeConfig | dict[str, Any] | str | Path) -> MergeConfig:
+    """A recipe as a :class:`MergeConfig`: given as one already, as a dict shaped like the YAML,
+    or as the path of a YAML file (relative paths then resolve from the file's folder)."""
+    if isinstance(config, MergeConfig):
+        return config
+    if isinstance(config, dict):
+        return MergeConfig.from_dict(config)
+    return MergeConfig.from_yaml(config)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a merge runs, the same for every method: the command line's flags.
+
+    ``seed`` drives stochastic kernels (DARE, DELLA), data order and initialisation of learned
+    methods, and the search's sampling; ``dry_run`` validates everything and prints the plan
+    without computing; ``progress`` shows bars and messages.
+    """
+
+    device: str = "cpu"
+    seed: int = 0
+    shard_size: int = DEFAULT_SHARD_SIZE
+    overwrite: bool = False
+    dry_run: bool = False
+    allow_pickle: bool = False
+    progress: bool = True
+
+
 def _is_filter_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
@@ -201,12 +268,22 @@ def interpolate_gradient(values: list[float], t: float) -> float:
     return float(np.interp(t, positions, values))
 
 
-def _filter_matches(pattern: Any, tensor_name: str) -> bool:
-    """No filter or ``*`` matches all; else a substring of the name (mergekit 0.1.5) or a glob
-    matched as ``*pattern*`` (older mergekit's fnmatch rule, e.g. ``layers.1*.mlp``)."""
+FILTER_KEYS = {"filter", "filter_glob", "value"}
+
+
+def _filter_matches(entry: dict[str, Any], tensor_name: str) -> bool:
+    """Whether a ``{filter, value}`` entry applies to ``tensor_name``.
+
+    ``filter`` matches as mergekit 0.1.5 does: a substring of the name; ``*`` or no filter
+    matches everything. ``filter_glob`` (dammerge only, never implied) is a shell glob matched
+    anywhere in the name, e.g. ``layers.1*.mlp``.
+    """
+    if "filter_glob" in entry:
+        return fnmatchcase(tensor_name, f"*{entry['filter_glob']}*")
+    pattern = entry.get("filter")
     if pattern is None or str(pattern) in ("", "*"):
         return True
-    return str(pattern) in tensor_name or fnmatchcase(tensor_name, f"*{pattern}*")
+    return str(pattern) in tensor_name
 
 
 def _is_discrete_list(value: Any) -> bool:
@@ -225,20 +302,27 @@ def resolve_value(value: ParamValue, tensor_name: str, t: float, param: str = "p
     - a list of numbers is a gradient, interpolated over depth; a list of strings or booleans
       picks entry ``int(t * (n - 1))``;
     - a list of ``{filter, value}`` (or a single such mapping) picks the first entry whose
-      ``filter`` matches the tensor name: a substring, or a glob such as ``layers.1*.mlp``
-      (``*`` or no ``filter`` matches everything); its value may be a gradient. No match
+      ``filter`` is a substring of the tensor name, as in mergekit 0.1.5 (``*`` or no
+      ``filter`` matches everything), or whose ``filter_glob`` matches it as a shell glob
+      (``layers.1*.mlp``); its value may be a gradient. No match
       resolves to None (the caller then falls back to the global value or the default).
     """
-    if isinstance(value, dict) and "value" in value and set(value) <= {"filter", "value"}:
+    if isinstance(value, dict) and "value" in value and set(value) <= FILTER_KEYS:
         value = [value]
     if _is_filter_list(value):
         for entry in value:
-            unknown = set(entry) - {"filter", "value"}
+            unknown = set(entry) - FILTER_KEYS
             if unknown or "value" not in entry:
                 raise ConfigError(
-                    f"{param}: filter entries need 'value' (and optionally 'filter'), got {entry}"
+                    f"{param}: filter entries need 'value' (and optionally 'filter' or "
+                    f"'filter_glob'), got {entry}"
                 )
-            if _filter_matches(entry.get("filter"), tensor_name):
+            if "filter" in entry and "filter_glob" in entry:
+                raise ConfigError(
+                    f"{param}: an entry takes 'filter' (substring) or 'filter_glob', not both",
+                    "keep one of them",
+                )
+            if _filter_matches(entry, tensor_name):
                 return resolve_value(entry["value"], tensor_name, t, param)
         return None
     if _is_gradient(value):

@@ -4,9 +4,7 @@ PyTorch's CPU allocator has no cache: every tensor is a ``malloc`` and a ``free`
 each allocation above its mmap threshold (32 MiB at most) with a fresh mapping and returns it
 to the kernel on ``free``, so a loop that makes one large tensor per step (the logits of 1,280
 positions over a 32k vocabulary are 164 MB, their log-softmax and gradient as much again) has
-the kernel fault in and zero every page of it, again on every step. Measured on a 2-core EPYC:
-a plain training step of ``bench/dam_step.py``'s model took 845 ms with glibc's defaults and
-650 ms inside this block; the ``small`` family build 809 s and 686 s (same content hash).
+the kernel fault in and zero every page of it, again on every step (docs/performance.md).
 
 :func:`reuse_freed_memory` switches glibc to serve every allocation from its heap and to keep
 freed heap memory (up to 2 GiB at the top) instead of trimming it, so the next step's tensors
@@ -15,10 +13,10 @@ blocks, which do not always fit the chunk just freed, so the heap may grow by a 
 before every request finds one). It changes where tensors live, never what is computed: a
 family built inside it has the same content hash as one built outside. On leaving, large
 allocations are mappings again and the kept memory is handed back (``AFTER_*`` below).
-Merges of checkpoints (:mod:`dammerge.merge`) do not use it: they stream tensors of ever
+Merges of checkpoints (:mod:`dammerge.executor`) do not use it: they stream tensors of ever
 different sizes, where kept memory would only raise the peak.
 
-Set ``DAMMERGE_REUSE_MEMORY=0`` to keep the allocator's defaults (for A/B measurements).
+Set ``DAMMERGE_REUSE_MEMORY=0`` to keep the allocator's defaults (to compare with and without).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ tensor names and shapes (all mismatches are listed at once).
 
 from __future__ import annotations
 
+import difflib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,15 @@ import torch
 
 from dammerge.checkpoint.architecture import TensorInfo, TensorKind
 from dammerge.checkpoint.reader import Checkpoint
-from dammerge.config import MergeConfig, parse_dtype, resolve_value
+from dammerge.config import (
+    MergeConfig,
+    check_model_reference,
+    compute_dtype_of,
+    parse_dtype,
+    resolve_value,
+)
 from dammerge.errors import CheckpointError, ConfigError
-from dammerge.methods import REQUIRED, MergeMethod, get_method
+from dammerge.methods import METHODS, REQUIRED, MergeMethod, get_method
 
 MAX_LISTED_MISMATCHES = 8
 
@@ -44,6 +52,7 @@ class MergePlan:
     base: Checkpoint | None
     participants: list[Checkpoint]
     tensors: list[TensorPlan] = field(default_factory=list)
+    input_dtype: torch.dtype | None = None  # inputs rounded to it when read (recipe's dtype)
     compute_dtype: torch.dtype = torch.float32
     out_dtype: torch.dtype | None = None
 
@@ -53,6 +62,12 @@ class MergePlan:
         for ck in [self.reference, *([self.base] if self.base else []), *self.participants]:
             seen.setdefault(ck.path, ck)
         return list(seen.values())
+
+    @property
+    def held_dtype(self) -> torch.dtype:
+        """The dtype a caller that keeps the inputs in memory (the search) holds them in: the
+        recipe's ``dtype`` (they are rounded to it anyway), else the compute dtype."""
+        return self.input_dtype or self.compute_dtype
 
     def output_dtype(self, tensor: TensorPlan) -> torch.dtype:
         """The written dtype: ``out_dtype`` for float tensors; integer/bool buffers keep theirs
@@ -79,7 +94,7 @@ class MergePlan:
 
 def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
     method = get_method(config.merge_method)
-    _check_known_parameters(config, method)
+    check_parameters(config, method)
     if not config.models:
         raise ConfigError("the recipe lists no models", "add a 'models:' list")
     if method.requires_base and not config.base_model:
@@ -93,6 +108,7 @@ def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
     cache: dict[Path, Checkpoint] = {}
 
     def load(path: str) -> Checkpoint:
+        check_model_reference(path)
         key = Path(path).resolve()
         if key not in cache:
             cache[key] = Checkpoint(path, allow_pickle=allow_pickle)
@@ -113,7 +129,8 @@ def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
         reference=reference,
         base=base if method.requires_base else None,
         participants=participants,
-        compute_dtype=parse_dtype(config.dtype) or torch.float32,
+        input_dtype=parse_dtype(config.dtype),
+        compute_dtype=compute_dtype_of(config.dtype, config.compute_dtype),
         out_dtype=parse_dtype(config.out_dtype) or parse_dtype(config.dtype),
     )
     if config.tokenizer_source not in (None, "base"):
@@ -145,24 +162,103 @@ def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
                 copy_from_reference=not dtype.is_floating_point,
             )
         )
+        check_values(method, plan.tensors[-1])
     return plan
 
 
-def _check_known_parameters(config: MergeConfig, method: MergeMethod) -> None:
+class UnusedParameterWarning(UserWarning):
+    """A recipe sets a parameter that another merge method takes but this one ignores."""
+
+
+def _parameters_by_method() -> dict[str, set[str]]:
+    return {name: set(m.model_params) | set(m.global_params) for name, m in METHODS.items()}
+
+
+def check_parameters(config: MergeConfig, method: MergeMethod) -> None:
+    """Every parameter the recipe names is one the method takes (per model or global).
+
+    A parameter another data-free method takes but this one does not (mergekit's own tests
+    pass ``weight`` to slerp and ``density`` to task_arithmetic, which mergekit ignores) is
+    ignored with an :class:`UnusedParameterWarning`; any other name is a typo and an error,
+    with the closest accepted name as a suggestion.
+    """
     known_model = set(method.model_params)
     known_global = set(method.global_params) | known_model
-    problems = [f"'{key}' (global)" for key in config.parameters if key not in known_global] + [
-        f"'{key}' (model {m.model})"
+    named = [(key, "global") for key in config.parameters if key not in known_global] + [
+        (key, f"model {m.model}")
         for m in config.models
         for key in m.parameters
         if key not in known_model
     ]
-    if problems:
-        accepted = ", ".join(sorted(known_global)) or "none"
+    misplaced = [key for key, where in named if where != "global" and key in known_global]
+    if misplaced:
         raise ConfigError(
-            f"unknown parameter {problems[0]} for {method.name}",
+            f"'{misplaced[0]}' is a global parameter of {method.name}, set per model",
+            f"move it to the recipe's top-level parameters: {{{misplaced[0]}: ...}}",
+        )
+    by_method = _parameters_by_method()
+    elsewhere = set().union(*by_method.values())
+    typos = [(key, where) for key, where in named if key not in elsewhere]
+    if typos:
+        key, where = typos[0]
+        accepted = ", ".join(sorted(known_global)) or "none"
+        guess = difflib.get_close_matches(key, sorted(known_global | elsewhere), n=1)
+        suggestion = f"; did you mean '{guess[0]}'?" if guess else ""
+        raise ConfigError(
+            f"unknown parameter '{key}' ({where}) for {method.name}{suggestion}",
             f"{method.name} accepts: {accepted}",
         )
+    for key in dict.fromkeys(key for key, _ in named):
+        users = sorted(name for name, params in by_method.items() if key in params)
+        warnings.warn(
+            f"{method.name} does not use parameter '{key}' (taken by {', '.join(users[:3])}"
+            f"{', ...' if len(users) > 3 else ''}): ignored",
+            UnusedParameterWarning,
+            stacklevel=1,  # one location: shown once though the registry and the plan check
+        )
+
+
+NUMERIC_PARAMETERS = {"weight", "density", "gamma", "epsilon", "lambda", "t", "select_topk"}
+FRACTIONS = {"density", "gamma", "select_topk"}  # shares of a tensor's entries
+RESCALE_MODES = {"l1", "density", "probability"}
+
+
+def check_values(method: MergeMethod, tensor: TensorPlan) -> None:
+    """The resolved parameters of one tensor are values its method can use, so a bad value
+    fails ``--dry-run`` rather than the merge halfway through."""
+    for params in [*tensor.model_params, tensor.params]:
+        for key, value in params.items():
+            if key in NUMERIC_PARAMETERS and not _is_number(value):
+                _bad_value(method, tensor, key, value, "a number")
+            if key in FRACTIONS and not 0.0 <= value <= 1.0:
+                _bad_value(method, tensor, key, value, "in [0, 1]")
+            if key == "rescale_mode" and value not in RESCALE_MODES:
+                _bad_value(method, tensor, key, value, f"one of {sorted(RESCALE_MODES)}")
+        if "epsilon" in params:
+            _check_epsilon(method, tensor, float(params["density"]), float(params["epsilon"]))
+
+
+def _check_epsilon(method: MergeMethod, tensor: TensorPlan, density: float, eps: float) -> None:
+    """DELLA's keep probabilities run from density - epsilon to density + epsilon: both must
+    be probabilities (density 0 and 1 keep nothing or everything and ignore epsilon)."""
+    if eps < 0.0:
+        _bad_value(method, tensor, "epsilon", eps, ">= 0")
+    if 0.0 < density < 1.0 and not (density - eps > 0.0 and density + eps <= 1.0):
+        raise ConfigError(
+            f"{method.name}: density {density} ± epsilon {eps} leaves [0, 1] for {tensor.name}",
+            "choose epsilon < min(density, 1 - density)",
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _bad_value(method: MergeMethod, tensor: TensorPlan, key: str, value: Any, want: str) -> None:
+    raise ConfigError(
+        f"{method.name}: parameter '{key}' is {value!r} for {tensor.name}; it must be {want}",
+        f"fix '{key}' in the recipe's parameters",
+    )
 
 
 def _check_model_count(method: MergeMethod, count: int) -> None:
@@ -248,6 +344,16 @@ def _resolve_global_params(
     return resolved
 
 
+def _dtype_line(plan: MergePlan) -> str:
+    def name(dtype: torch.dtype | None, unset: str) -> str:
+        return unset if dtype is None else str(dtype).removeprefix("torch.")
+
+    return (
+        f"inputs read as {name(plan.input_dtype, 'stored')}, computed in "
+        f"{name(plan.compute_dtype, '')}, written as {name(plan.out_dtype, 'stored')}"
+    )
+
+
 def describe(plan: MergePlan) -> list[str]:
     """Human-readable lines summarising a plan (for --dry-run)."""
     kinds: dict[TensorKind, int] = {}
@@ -261,7 +367,7 @@ def describe(plan: MergePlan) -> list[str]:
         + ", ".join(f"{n} {k.value}" for k, n in sorted(kinds.items(), key=lambda kv: kv[0]))
         + ")",
         f"layers      {plan.reference.architecture.num_layers}",
-        f"compute     {str(plan.compute_dtype).removeprefix('torch.')}",
+        f"dtypes      {_dtype_line(plan)}",
         f"output size {plan.output_bytes() / 2**20:.1f} MiB",
     ]
     shown: set[str] = set()

@@ -20,6 +20,7 @@ from dammerge.learned import losses
 from dammerge.learned.data import SourceData
 from dammerge.learned.functional import merged_linear, naive_merged_linear
 from dammerge.learned.model import build_merged_model
+from dammerge.learned.presets import DAM
 from dammerge.learned.settings import parse_settings
 from dammerge.learned.teachers import OnTheFlyTeacher, precompute_teachers
 from dammerge.learned.train import Trainer
@@ -49,7 +50,7 @@ def _data(seed: int) -> list[SourceData]:
 
 def _train(family, tmp_path, teacher: str, fuse: bool, steps: int = 3) -> dict:
     base, sources = family
-    settings = parse_settings("dam", {"teacher": teacher, "top_k": 128, "lambda_l1": 1e-4})
+    settings = parse_settings({"teacher": teacher, "top_k": 128, "lambda_l1": 1e-4}, DAM)
     checkpoints = [Checkpoint(s) for s in sources]
     data = _data(0)
     model = build_merged_model(

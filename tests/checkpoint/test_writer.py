@@ -27,8 +27,7 @@ from dammerge.checkpoint import writer as writer_module
 from dammerge.checkpoint.writer import TMP_MARKER, CheckpointWriter
 from dammerge.errors import OutputError
 
-# the module, not the function dammerge.merge that the package exports under the same name
-merge_module = importlib.import_module("dammerge.merge")
+merge_module = importlib.import_module("dammerge.executor")
 
 
 def recipe(family, method="task_arithmetic", **extra):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dammerge.merge import merge
+from dammerge.dispatch import merge
 from dammerge.testing import make_tiny_model, make_variant
 
 from .evolve_helpers import TARGET_WEIGHTS, Sources, write_data

@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dammerge.config import MergeConfig
+from dammerge.dispatch import merge
 from dammerge.evolve import evolve_merge
 from dammerge.evolve.candidate import InMemoryMerger
 from dammerge.evolve.run import prepare
-from dammerge.merge import merge
+from dammerge.evolve.settings import read_settings
 
 from .evolve_helpers import evolve_recipe, logits_mse_fitness
 
@@ -47,9 +48,11 @@ def test_exported_recipe_reproduces_the_best_candidate(sources, tmp_path, method
     # 2. ... which is the in-memory candidate that scored best
     log = [json.loads(line) for line in (out / "evolve_log.jsonl").read_text().splitlines()]
     best = max((r for r in log[1:] if r["fitness"] is not None), key=lambda r: r["fitness"])
+    cfg = MergeConfig.from_dict(recipe)
     prepared = prepare(
-        MergeConfig.from_dict(recipe),
+        cfg,
         tmp_path / "unused",
+        settings=read_settings(cfg),
         fitness=fitness,
         seed=seed,
         overwrite=False,

@@ -91,3 +91,23 @@ def test_filter_that_matches_nothing(llama_family):
     space = _space(llama_family, layer_groups=1, module_groups=["attention"])
     with pytest.raises(ConfigError, match="'attention' matches no tensor"):
         space.check_filters(["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_sce_searches_its_selection_fraction_by_default(llama_family):
+    """A method whose only tunable knob is global (sce's select_topk) is searched per layer
+    group, and every candidate recipe is a valid sce plan."""
+    base, variants = llama_family
+    cfg = MergeConfig.from_dict(
+        {
+            "merge_method": "evolve",
+            "base_model": str(base),
+            "models": [{"model": str(v)} for v in variants[:2]],
+            "parameters": {"method": "sce"},
+            "training": {"layer_groups": 2},
+        }
+    )
+    settings, method = read_settings(cfg), base_method(cfg)
+    assert searched_parameters(settings, method) == ["select_topk"]
+    space = SearchSpace(cfg, method, ["select_topk"], settings, 3)
+    plan = build_plan(space.to_config(np.full(space.dims, 0.5)))
+    assert {t.params["select_topk"] for t in plan.tensors} == {0.55}

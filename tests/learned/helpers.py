@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from dammerge.checkpoint.reader import Checkpoint
-from dammerge.config import MergeConfig
 from dammerge.learned.model import MergeOptions, build_merged_model
 from dammerge.learned.run import prepare
+from dammerge.registry import load_recipe
 
 IDS = torch.tensor([[1, 5, 7, 9, 11, 40, 3], [2, 8, 100, 4, 6, 12, 13]])
 ALL_MERGED = MergeOptions(merge_embeddings=True, merge_norms=True)
@@ -26,7 +26,13 @@ def training_plan(dam_recipe, family, data, out, method="dam", device="cpu", **t
     """A prepared plan of a ``method`` recipe over a fixture family and the datasets folder."""
     recipe = dam_recipe(family[0], family[1], data, **training)
     recipe["merge_method"] = method
-    return prepare(MergeConfig.from_dict(recipe), out, device=device)
+    return prepare_recipe(recipe, out, device=device)
+
+
+def prepare_recipe(recipe: dict, out, **kwargs):
+    """The learned engine's prepared plan of a recipe dict, validated as the registry does."""
+    validated = load_recipe(recipe)
+    return prepare(validated.config, validated.settings, out, **kwargs)
 
 
 def naive_forward_kl(merged: torch.Tensor, teacher: torch.Tensor, temp: float) -> torch.Tensor:

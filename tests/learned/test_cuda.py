@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dammerge.config import MergeConfig
+import dammerge
 from dammerge.learned import losses
-from dammerge.learned.run import run_learned_merge, train_plan
+from dammerge.learned.run import train_plan
 
 from .helpers import ALL_MERGED, IDS, build_merged, naive_forward_kl, training_plan
 
@@ -76,7 +76,7 @@ def test_bf16_dam_merge_on_gpu_exports_a_loadable_checkpoint(
 ):
     recipe = dam_recipe(*untied_family, datasets_dir, steps=3, dtype="bfloat16")
     out = tmp_path / "out"
-    run_learned_merge(MergeConfig.from_dict(recipe), out, device="cuda", progress=False)
+    dammerge.merge(recipe, out, device="cuda", progress=False)
     model = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         assert torch.isfinite(model(IDS).logits).all()

@@ -14,6 +14,7 @@ from dammerge.config import MergeConfig
 from dammerge.learned.export import COEFFICIENTS_FILE, export_merged
 from dammerge.learned.layers import MergedLinear
 from dammerge.learned.model import MergeOptions, build_merged_model
+from dammerge.learned.presets import DAM
 from dammerge.learned.settings import parse_settings
 from dammerge.testing import make_family
 
@@ -86,7 +87,7 @@ def test_default_start_differs_from_linear_only_by_base_embeddings(untied_family
 
 def _recipe_and_settings(dam_recipe, family, data, **training):
     cfg = MergeConfig.from_dict(dam_recipe(family[0], family[1], data, **training))
-    return cfg, parse_settings("dam", cfg.training)
+    return cfg, parse_settings(cfg.training, DAM)
 
 
 @pytest.mark.parametrize(

@@ -12,12 +12,13 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dammerge.config import MergeConfig
+import dammerge
 from dammerge.errors import DammergeError
 from dammerge.learned import run as run_module
 from dammerge.learned.export import COEFFICIENTS_FILE, STATS_FILE
-from dammerge.learned.run import run_learned_merge
 from dammerge.testing import make_tiny_model
+
+from .helpers import prepare_recipe
 
 
 def _expect_error(recipe: dict, out, match: str, monkeypatch) -> DammergeError:
@@ -28,7 +29,7 @@ def _expect_error(recipe: dict, out, match: str, monkeypatch) -> DammergeError:
 
     monkeypatch.setattr(run_module, "train_plan", no_training)
     with pytest.raises(DammergeError, match=match) as info:
-        run_learned_merge(MergeConfig.from_dict(recipe), out, progress=False)
+        dammerge.merge(recipe, out, progress=False)
     assert "\n" not in info.value.message
     assert not out.exists()
     return info.value
@@ -43,23 +44,19 @@ def test_missing_field(untied_family, tmp_path, dam_recipe, datasets_dir, monkey
     assert "question, answer" in error.hint
     recipe["models"][1]["dataset"]["fields"] = {"instruction": "question", "output": "answer"}
     monkeypatch.undo()
-    run_module.prepare(MergeConfig.from_dict(recipe), tmp_path / "out")  # mapped: accepted
+    prepare_recipe(recipe, tmp_path / "out")  # mapped: accepted
 
 
 def test_weights_dtype_follows_training_then_recipe_then_base(
     untied_family, tmp_path, dam_recipe, datasets_dir
 ):
     recipe = dam_recipe(*untied_family, datasets_dir)
-    base_dtype = run_module.prepare(MergeConfig.from_dict(recipe), tmp_path / "out").dtype
+    base_dtype = prepare_recipe(recipe, tmp_path / "out").dtype
     assert base_dtype == torch.float32
     recipe["dtype"] = "bfloat16"  # a mergekit recipe's compute dtype
-    assert run_module.prepare(MergeConfig.from_dict(recipe), tmp_path / "out").dtype == (
-        torch.bfloat16
-    )
+    assert prepare_recipe(recipe, tmp_path / "out").dtype == (torch.bfloat16)
     recipe["training"]["dtype"] = "float16"  # training.dtype wins
-    assert run_module.prepare(MergeConfig.from_dict(recipe), tmp_path / "out").dtype == (
-        torch.float16
-    )
+    assert prepare_recipe(recipe, tmp_path / "out").dtype == (torch.float16)
 
 
 def test_empty_dataset(untied_family, tmp_path, dam_recipe, datasets_dir, monkeypatch):
@@ -127,7 +124,7 @@ def test_existing_output_refused_before_training(
 
     monkeypatch.setattr(run_module, "train_plan", no_training)
     with pytest.raises(DammergeError, match="already exists"):
-        run_learned_merge(MergeConfig.from_dict(dam_recipe(*untied_family, datasets_dir)), out)
+        dammerge.merge(dam_recipe(*untied_family, datasets_dir), out)
     assert (out / "keep.txt").read_text() == "mine"
 
 
@@ -193,14 +190,14 @@ def test_work_folder_is_reused_only_by_the_same_recipe(
     work = {"steps": 2, "keep_work": True, "teacher": "precomputed"}
     recipe = dam_recipe(*untied_family, datasets_dir, **work)
     out = tmp_path / "out"
-    run_learned_merge(MergeConfig.from_dict(recipe), out, progress=False)
+    dammerge.merge(recipe, out, progress=False)
     teachers = sorted((tmp_path / "out.dammerge-work" / "teachers").glob("*.safetensors"))
     assert len(teachers) == len(recipe["models"])
     stamps = [t.stat().st_mtime_ns for t in teachers]
     first = load_file(out / COEFFICIENTS_FILE)
     shutil.rmtree(out)
 
-    run_learned_merge(MergeConfig.from_dict(recipe), out, progress=False)  # same recipe
+    dammerge.merge(recipe, out, progress=False)  # same recipe
     assert [t.stat().st_mtime_ns for t in teachers] == stamps
     again = load_file(out / COEFFICIENTS_FILE)  # resumed at its last step: nothing retrained
     assert first.keys() == again.keys()
@@ -209,5 +206,5 @@ def test_work_folder_is_reused_only_by_the_same_recipe(
 
     changed = dam_recipe(*untied_family, datasets_dir, **work, lr=0.5)
     with pytest.raises(DammergeError, match="belongs to a different recipe"):
-        run_learned_merge(MergeConfig.from_dict(changed), out, progress=False)
+        dammerge.merge(changed, out, progress=False)
     assert not out.exists()

@@ -202,11 +202,12 @@ def test_cosine_term_is_logged_and_reduces(untied_family, datasets_dir, tmp_path
 )
 def test_objective_with_grad_equals_autograd_of_objective(objective, direction, top_k):
     """The fused step's per-source loss and logit gradient, whichever way they are formed."""
+    from dammerge.learned.presets import DAM
     from dammerge.learned.settings import parse_settings
     from dammerge.learned.teachers import TeacherOutput
 
     settings = parse_settings(
-        "dam", {"objective": objective, "kl_direction": direction, "temperature": 2.0}
+        {"objective": objective, "kl_direction": direction, "temperature": 2.0}, DAM
     )
     generator = torch.Generator().manual_seed(0)
     rows = torch.randn(6, 11, generator=generator, dtype=torch.float64) * 3

@@ -162,3 +162,39 @@ def gradient(values: Sequence[float], t: float) -> float:
     i1 = min(i0 + 1, len(values) - 1)
     frac = scaled - i0
     return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def sce(base: np.ndarray, xs: Sequence[np.ndarray], select_topk: float) -> np.ndarray:
+    """SCE (FuseChat 2.0, as mergekit 0.1.5 runs it), entry by entry.
+
+    Select: unless τ = select_topk >= 1, keep in every task vector only the k entries of largest
+    population variance across the models (ties to the lower index), k = ⌊m·τ⌋ in float32 with m
+    the number of entries of nonzero variance (τ <= 0 keeps none). Calculate: wᵢ = sᵢ / Σ s,
+    sᵢ = mean δᵢ² (1/N each if Σ s < 1e-6). Erase: per entry the elected sign is that of the plain
+    Σ δᵢ (+ on a tie); only nonzero δᵢ of that sign count. Result: base + Σ wᵢδᵢ / max(Σ wᵢ, 1e-6)
+    over the counted models.
+    """
+    deltas = [(x - base).astype(np.float64).ravel() for x in xs]
+    n, size = len(deltas), deltas[0].size
+    if select_topk < 1:
+        variance = []
+        for j in range(size):
+            values = [d[j] for d in deltas]
+            mean = sum(values) / n
+            variance.append(sum((v - mean) ** 2 for v in values) / n)
+        nonzero = sum(1 for v in variance if v != 0)
+        k = int(np.float32(nonzero) * np.float32(select_topk)) if select_topk > 0 else 0
+        keep = set(sorted(range(size), key=lambda j: (-variance[j], j))[:k])
+        deltas = [np.array([d[j] if j in keep else 0.0 for j in range(size)]) for d in deltas]
+    energy = [float(np.mean(d**2)) for d in deltas]
+    total = sum(energy)
+    weights = [1.0 / n] * n if abs(total) < 1e-6 else [e / total for e in energy]
+    out = base.astype(np.float64).ravel().copy()
+    for j in range(size):
+        elected = 1.0 if sum(d[j] for d in deltas) >= 0 else -1.0
+        counted = [
+            (w, d[j]) for w, d in zip(weights, deltas, strict=True) if np.sign(d[j]) == elected
+        ]
+        numerator = sum(w * v for w, v in counted)
+        out[j] += numerator / max(sum(w for w, _ in counted), 1e-6)
+    return out.reshape(base.shape)

@@ -76,10 +76,12 @@ def test_magnitude_ranked_drop_with_zero_epsilon_is_uniform_dare():
 
 def test_sign_election_by_hand():
     """The sign election the merges run (inside ``combine_task_vectors``)."""
-    from dammerge.methods.task_arithmetic import combine_task_vectors
+    from dammerge.methods.combine import TIES_CONSENSUS, combine_task_vectors
 
     deltas = [torch.tensor([2.0, 0.0, -1.0, 1.0]), torch.tensor([-2.0, 0.0, -1.0, -3.0])]
-    got = combine_task_vectors(torch.zeros(4), deltas, [1.0, 1.0], consensus=True, normalize=True)
+    got = combine_task_vectors(
+        torch.zeros(4), deltas, [1.0, 1.0], consensus=TIES_CONSENSUS, normalize=True
+    )
     # column 0: tie -> + (only +2 kept); 1: zeros never count; 2: both -; 3: - wins (-3 alone)
     np.testing.assert_array_equal(got.numpy(), [2.0, 0.0, -1.0, -3.0])
 

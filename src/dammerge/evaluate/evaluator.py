@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from dammerge.data.examples import pad_id
+from dammerge.devices import resolve_device
 from dammerge.errors import DammergeError
 from dammerge.evaluate.data import (
     COMPOSITIONAL,
@@ -37,7 +38,7 @@ from dammerge.evaluate.data import (
     encode_prompts,
     load_domains,
 )
-from dammerge.evaluate.loading import check_model_dir, load_model, resolve_device, resolve_dtype
+from dammerge.evaluate.loading import check_model_dir, load_model, resolve_dtype
 from dammerge.evaluate.teacher_forcing import TeacherCache
 from dammerge.family.manifest import Family, load_family
 from dammerge.memory import reuse_freed_memory

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from dammerge.data.tokenizer import load_tokenizer
+from dammerge.devices import resolve_device
 from dammerge.errors import DammergeError
 
 WEIGHT_FILES = (
@@ -33,22 +34,6 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise DammergeError(f"unknown dtype {name!r}", f"use one of {', '.join(DTYPES)}") from None
-
-
-def resolve_device(device: str) -> torch.device:
-    """A usable torch device, or a one-line error (CUDA asked for but absent, a typo)."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DammergeError("--device cuda was asked for but no CUDA GPU is visible", "use cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise DammergeError(f"unknown device {device!r}", "use cpu or cuda") from None
-    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
-        raise DammergeError(
-            f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible",
-            "use cuda or cuda:0",
-        )
-    return resolved
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -8,20 +8,11 @@ checkpoint. Entry points: :func:`run_evolve_merge` (CLI) and :func:`evolve_merge
 accepts a custom fitness).
 """
 
-from dammerge.evolve.fitness import (
-    CallableFitness,
-    Fitness,
-    FitnessContext,
-    FitnessValue,
-    KLFitness,
-    TaskFitness,
-)
-from dammerge.evolve.run import EvolveResult, evolve_merge, run_evolve_merge
-from dammerge.evolve.settings import EVOLVE, EvolveSettings
-from dammerge.evolve.space import SearchSpace
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
-    "EVOLVE",
     "CallableFitness",
     "EvolveResult",
     "EvolveSettings",
@@ -34,3 +25,36 @@ __all__ = [
     "evolve_merge",
     "run_evolve_merge",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The public names, imported on first use: reading an evolve recipe's settings (as the
+    registry does for every merge) must not pull in transformers and the search machinery."""
+    from dammerge.evolve.fitness import (
+        CallableFitness,
+        Fitness,
+        FitnessContext,
+        FitnessValue,
+        KLFitness,
+        TaskFitness,
+    )
+    from dammerge.evolve.run import EvolveResult, evolve_merge, run_evolve_merge
+    from dammerge.evolve.settings import EvolveSettings
+    from dammerge.evolve.space import SearchSpace
+
+    exports = {
+        "CallableFitness": CallableFitness,
+        "EvolveResult": EvolveResult,
+        "EvolveSettings": EvolveSettings,
+        "Fitness": Fitness,
+        "FitnessContext": FitnessContext,
+        "FitnessValue": FitnessValue,
+        "KLFitness": KLFitness,
+        "SearchSpace": SearchSpace,
+        "TaskFitness": TaskFitness,
+        "evolve_merge": evolve_merge,
+        "run_evolve_merge": run_evolve_merge,
+    }
+    if name not in exports:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return exports[name]

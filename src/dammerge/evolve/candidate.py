@@ -3,7 +3,7 @@
 An evolutionary search scores hundreds of merges. Writing each to disk and loading it back
 would cost more than scoring it, so the sources' tensors are read once into memory (N + 1 models:
 the search needs RAM for all of them), each candidate recipe is planned with the same
-:func:`dammerge.plan.build_plan` and merged with the same :func:`dammerge.merge.merge_tensor`
+:func:`dammerge.plan.build_plan` and merged with the same :func:`dammerge.executor.merge_tensor`
 as ``dammerge merge`` (so a candidate's tensors are exactly those its exported recipe gives),
 and the result is copied in place into one ``transformers`` model that is reused for every
 candidate.
@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.config import MergeConfig
 from dammerge.errors import CheckpointError
-from dammerge.merge import merge_tensor
+from dammerge.executor import merge_tensor
 from dammerge.plan import MergePlan, build_plan
 
 
@@ -56,7 +56,7 @@ class InMemoryMerger:
         self.device = device
         self.seed = seed
         self.sources = {
-            ck.path: InMemoryCheckpoint(ck, plan.compute_dtype, device) for ck in plan.inputs
+            ck.path: InMemoryCheckpoint(ck, plan.held_dtype, device) for ck in plan.inputs
         }
 
     def plan_for(self, cfg: MergeConfig) -> MergePlan:

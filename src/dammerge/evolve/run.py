@@ -36,8 +36,9 @@ from transformers import PreTrainedModel
 from dammerge import __version__
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.checkpoint.writer import CheckpointWriter, check_output_location
-from dammerge.config import MergeConfig
+from dammerge.config import DEFAULT_SHARD_SIZE, MergeConfig, RunOptions, load_config
 from dammerge.data.tokenizer import load_tokenizer
+from dammerge.devices import resolve_device
 from dammerge.errors import ConfigError, DammergeError, OutputError
 from dammerge.evolve.candidate import InMemoryMerger, ModelSlot
 from dammerge.evolve.fitness import (
@@ -58,14 +59,8 @@ from dammerge.evolve.settings import (
     searched_parameters,
 )
 from dammerge.evolve.space import SearchSpace
+from dammerge.executor import merge_tensor, write_side_files
 from dammerge.memory import reuse_freed_memory
-from dammerge.merge import (
-    DEFAULT_SHARD_SIZE,
-    load_config,
-    merge_tensor,
-    resolve_device,
-    write_side_files,
-)
 from dammerge.methods import MergeMethod
 from dammerge.plan import MergePlan, build_plan, describe
 
@@ -119,33 +114,29 @@ class EvolveResult:
 
 
 def run_evolve_merge(
-    cfg: MergeConfig,
-    output: Path,
-    *,
-    device: str = "cpu",
-    seed: int = 0,
-    overwrite: bool = False,
-    dry_run: bool = False,
-    shard_size: int = DEFAULT_SHARD_SIZE,
+    cfg: MergeConfig, settings: EvolveSettings, output: Path, options: RunOptions
 ) -> Path | None:
-    """The CLI's entry point for ``merge_method: evolve``; returns the output folder."""
+    """The registry's entry point for ``merge_method: evolve``; returns the output folder."""
     result = evolve_merge(
         cfg,
         output,
-        device=device,
-        seed=seed,
-        overwrite=overwrite,
-        dry_run=dry_run,
-        shard_size=shard_size,
+        settings=settings,
+        device=options.device,
+        seed=options.seed,
+        overwrite=options.overwrite,
+        dry_run=options.dry_run,
+        shard_size=options.shard_size,
+        progress=options.progress,
     )
     if result is None:
         return None
-    console.print(
-        f"evolved merge written to {result.output} (best fitness {result.best_fitness:.6g}; "
-        f"recipe {result.output / RECIPE_NAME})",
-        style="green",
-        highlight=False,
-    )
+    if options.progress:
+        console.print(
+            f"evolved merge written to {result.output} (best fitness "
+            f"{result.best_fitness:.6g}; recipe {result.output / RECIPE_NAME})",
+            style="green",
+            highlight=False,
+        )
     return result.output
 
 
@@ -154,6 +145,7 @@ def evolve_merge(
     output: str | Path,
     *,
     fitness: Fitness | Callable[[PreTrainedModel], Any] | None = None,
+    settings: EvolveSettings | None = None,
     device: str = "cpu",
     seed: int = 0,
     overwrite: bool = False,
@@ -164,16 +156,25 @@ def evolve_merge(
     """Search the recipe's space with CMA-ES and write the best merge to ``output``.
 
     ``fitness`` replaces the recipe's fitness (any ``model -> score`` callable or
-    :class:`~dammerge.evolve.fitness.Fitness`; higher is better). Returns None for a dry run.
+    :class:`~dammerge.evolve.fitness.Fitness`; higher is better); ``settings`` are the recipe's
+    search settings when already validated (else read from its ``training:`` block). Returns
+    None for a dry run.
     """
     started = time.perf_counter()
+    cfg = load_config(config)
     prepared = prepare(
-        load_config(config), Path(output), fitness=fitness, seed=seed, overwrite=overwrite
+        cfg,
+        Path(output),
+        settings=settings or read_settings(cfg),
+        fitness=fitness,
+        seed=seed,
+        overwrite=overwrite,
     )
     if dry_run:
-        for line in describe_search(prepared):
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
-        console.print("dry run: nothing written", style="green")
+        if progress:
+            for line in describe_search(prepared):
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
+            console.print("dry run: nothing written", style="green")
         return None
     torch_device = resolve_device(device)
     torch.manual_seed(seed)
@@ -233,12 +234,12 @@ def prepare(
     cfg: MergeConfig,
     output: Path,
     *,
+    settings: EvolveSettings,
     fitness: Fitness | Callable[[PreTrainedModel], Any] | None,
     seed: int,
     overwrite: bool,
 ) -> PreparedSearch:
     """Validate the whole recipe and its inputs; nothing heavy is loaded yet."""
-    settings = read_settings(cfg)
     method = base_method(cfg)
     params = searched_parameters(settings, method)
     if not cfg.models:
@@ -306,7 +307,7 @@ def _fingerprint(
 
 def describe_search(prepared: PreparedSearch) -> list[str]:
     space, settings = prepared.space, prepared.settings
-    source_bytes = prepared.plan.compute_dtype.itemsize * sum(
+    source_bytes = prepared.plan.held_dtype.itemsize * sum(
         int(np.prod(ck.shape(name))) for ck in prepared.plan.inputs for name in ck.names()
     )
     modules = ", ".join(m or "rest" for m in space.modules)
@@ -334,7 +335,7 @@ def load_and_setup(
     """Load the sources once, build the reusable model, let the fitness prepare."""
     plan = prepared.plan
     merger = InMemoryMerger(plan, device, prepared.seed)
-    slot = ModelSlot(plan.reference.path, plan.compute_dtype, device)
+    slot = ModelSlot(plan.reference.path, plan.held_dtype, device)
     names = plan.reference.names()
     slot.check_names(names)
     tokenizer = load_tokenizer(plan.tokenizer_folder())

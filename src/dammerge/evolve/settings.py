@@ -18,18 +18,17 @@ training:               # the search (pydantic, unknown keys are refused)
   sigma0: 0.2           # CMA-ES step size in the normalised [0, 1] space
   layer_groups: 2       # 1 = one value for all layers, num_layers = one per layer
   module_groups: [self_attn, mlp]   # optional: separate values per module filter (+ the rest)
-  search: [weight, density]         # default: weight and density (t for slerp)
+  search: [weight, density]         # default: those of weight, density, t, select_topk it has
   bounds: {weight: [0, 1], density: [0.1, 1]}
   fitness: kl           # or task (needs `family:`)
   samples: 16           # held-in examples per model (a dataset's own `samples` wins)
   workers: 1            # >1 or auto: forked scoring processes, one torch thread each
 ```
 
-Measured on the shared 2-core box (3M-parameter Llama, 3 sources x 16 held-in examples, 5k
-tokens per evaluation, load average ~7): one process with one thread 1.8 s per evaluation, two
-single-thread workers 2.1 s, one process with two threads 13.5 s (OpenMP threads spin against
-each other). Hence the default: one worker; use ``workers: auto`` on an idle multi-core machine,
-and keep ``OMP_NUM_THREADS`` at what the cores you own can run.
+Scoring runs in one process with the threads torch chooses by default. Forked workers
+(``workers: N`` or ``auto``, one torch thread each) pay off on an idle multi-core machine; where
+the cores are shared, OpenMP threads of several workers spin against each other, so keep
+``OMP_NUM_THREADS`` at what the cores you own can run.
 
 The search settings live in the recipe's ``training`` block, which :class:`MergeConfig` already
 keeps for data-informed methods, so an evolve recipe stays one ordinary recipe file.
@@ -46,8 +45,6 @@ from dammerge.config import MergeConfig
 from dammerge.errors import ConfigError
 from dammerge.methods import METHODS, MergeMethod, get_method
 
-EVOLVE = "evolve"
-
 # Parameters with a sensible search range; any other numeric parameter needs explicit bounds.
 DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
     "weight": (0.0, 1.0),
@@ -56,10 +53,11 @@ DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
     "lambda": (0.5, 1.5),
     "gamma": (0.0, 0.1),
     "epsilon": (0.0, 0.2),
+    "select_topk": (0.1, 1.0),
 }
 # Parameters that are switches or labels, never searched.
 NOT_SEARCHABLE = {"normalize", "rescale", "rescale_mode", "int8_mask", "filter_wise"}
-DEFAULT_SEARCH = ("weight", "density", "t")
+DEFAULT_SEARCH = ("weight", "density", "t", "select_topk")
 DEFAULT_LAYER_GROUPS = 4
 
 
@@ -114,8 +112,6 @@ class EvolveSettings(BaseModel):
 
 def read_settings(cfg: MergeConfig) -> EvolveSettings:
     """The validated search settings of an evolve recipe (one-line error otherwise)."""
-    if cfg.merge_method != EVOLVE:
-        raise ConfigError(f"not an evolve recipe (merge_method: {cfg.merge_method})")
     try:
         return EvolveSettings.model_validate(cfg.training or {})
     except ValidationError as exc:
@@ -123,7 +119,7 @@ def read_settings(cfg: MergeConfig) -> EvolveSettings:
         where = ".".join(str(p) for p in first["loc"]) or "training"
         raise ConfigError(
             f"training.{where}: {first['msg']}",
-            "see the evolve recipe reference in dammerge.evolve.settings / the README",
+            "see docs/evolve.md",
         ) from None
 
 
@@ -156,8 +152,7 @@ def searched_parameters(settings: EvolveSettings, method: MergeMethod) -> list[s
     if not chosen:
         raise ConfigError(
             f"{method.name} has no parameter that evolve can search",
-            "use linear, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, della "
-            "or slerp",
+            "choose a method with a weight, density, t or select_topk (see dammerge methods)",
         )
     for key in chosen:
         if key not in settings.bounds and key not in DEFAULT_BOUNDS:

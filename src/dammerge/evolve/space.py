@@ -227,6 +227,7 @@ class SearchSpace:
             parameters=parameters,
             dtype=self.cfg.dtype,
             out_dtype=self.cfg.out_dtype,
+            compute_dtype=self.cfg.compute_dtype,
             tokenizer_source=self.cfg.tokenizer_source,
             name=self.cfg.name,
         )

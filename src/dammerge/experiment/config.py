@@ -33,14 +33,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dammerge.config import read_yaml_file
 from dammerge.errors import ConfigError
-from dammerge.merge import DATA_INFORMED_RUNNERS
-from dammerge.methods import METHODS
+from dammerge.registry import REGISTRY
 
 
 def depends_on_seed(method: str) -> bool:
-    """Whether a merge method's result changes with the seed: the data-informed methods
-    (learned or searched) and the registry's stochastic kernels (DARE, DELLA)."""
-    return method in DATA_INFORMED_RUNNERS or (method in METHODS and METHODS[method].stochastic)
+    """Whether a merge method's result changes with the seed (see the registry); an unknown
+    method is reported when the cell's recipe is validated."""
+    return method in REGISTRY and REGISTRY[method].seeded
 
 
 class FamilyBuild(BaseModel):
@@ -133,7 +132,7 @@ class ExperimentConfig(BaseModel):
             where = ".".join(str(p) for p in first["loc"]) or "experiment"
             raise ConfigError(
                 f"{path}: {where}: {first['msg']}",
-                "see the experiment file format in the README (section Experiments) or the shipped "
+                "see docs/evaluation.md (experiments) or the shipped "
                 "src/dammerge/experiment/shipped/quick.yaml",
             ) from None
         family = Path(config.family)

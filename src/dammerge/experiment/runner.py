@@ -126,8 +126,7 @@ def plan_cells(config: ExperimentConfig, family: Family, out: Path) -> list[Cell
 
 def validate_cells(cells: list[Cell], device: str) -> None:
     """Check every recipe (inputs, shapes, datasets) before any compute; name the failing cell."""
-    from dammerge.merge import data_informed_runner, load_config
-    from dammerge.plan import build_plan
+    from dammerge.dispatch import merge
 
     for cell in cells:
         if cell.recipe is None:
@@ -138,20 +137,15 @@ def validate_cells(cells: list[Cell], device: str) -> None:
                 )
             continue
         try:
-            config = load_config(cell.recipe)
-            runner = data_informed_runner(config.merge_method)
-            if runner is None:
-                build_plan(config)
-            else:
-                runner(
-                    config,
-                    cell.model,
-                    device=device,
-                    seed=cell.seed or 0,
-                    overwrite=True,
-                    dry_run=True,
-                    shard_size=2**40,
-                )
+            merge(
+                cell.recipe,
+                cell.model,
+                device=device,
+                seed=cell.seed or 0,
+                overwrite=True,
+                dry_run=True,
+                progress=False,
+            )
         except DammergeError as exc:
             raise DammergeError(f"cell {cell.label!r}: {exc.message}", exc.hint) from None
 
@@ -159,7 +153,7 @@ def validate_cells(cells: list[Cell], device: str) -> None:
 def _merge_in_child(recipe: dict[str, Any], out: str, seed: int, device: str, queue: Any) -> None:
     """Body of the merge process: run the merge, report compute (or the user error)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from dammerge.merge import merge
+    from dammerge.dispatch import merge
 
     start = time.perf_counter()
     try:

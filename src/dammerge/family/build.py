@@ -76,10 +76,9 @@ SIZES: dict[str, FamilySpec] = {
         shape=ModelShape(hidden=192, layers=4, heads=4, intermediate=512),
         seq_len=128,
         pretrain=Schedule(steps=500, batch=16, lr=2e-3, weight_decay=0.1),
-        # Measured from this base (issue 3 tuning, 2026-11-23): 250 steps at lr 1e-3 left every
-        # specialist near the base (SQL execution 0.03); at lr 2e-3 SQL reaches 0.67 after 600
-        # steps and 0.98 after 800, maths exact match 0.10 after 600 and 0.15 after 1000 (still
-        # rising); lr 5e-3 was worse for both maths and lang.
+        # From this base, a short schedule at lr 1e-3 leaves every specialist near the base and
+        # lr 5e-3 hurts maths and lang; at lr 2e-3 SQL needs ~800 steps and maths still improves
+        # at 1,000, hence its longer schedule (tuning runs: docs/results/2026-11-30-history.md).
         finetune=Schedule(steps=800, batch=16, lr=2e-3),
         finetune_overrides={"math": Schedule(steps=1000, batch=16, lr=2e-3)},
         n_train=4000,
@@ -160,7 +159,7 @@ def build_threads() -> int:
     """Threads for the build: always 2 (``DAMMERGE_THREADS`` overrides), never load-dependent.
 
     The thread count changes the bits: matmul kernels split reductions differently over 1 and
-    2 threads, so the micro family's hash differs between them (measured here). A build is
+    2 threads, so the micro family's hash differs between them. A build is
     reproducible for the same seed *and* thread count, so the count is fixed rather than
     chosen from the machine's load, recorded in the manifest, and part of the cache key.
     Two threads is the target machine's core count; on a machine whose cores are busy with

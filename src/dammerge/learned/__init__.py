@@ -1,7 +1,8 @@
 """Data-informed merging: DAM and AdaMerging as presets of one learned-merge engine.
 
-``merge_method: dam`` (or ``adamerging``) in a recipe routes ``dammerge merge`` to
-:func:`dammerge.learned.run.run_learned_merge`. The pieces, one concern per module:
+The registry (:mod:`dammerge.registry`) routes ``merge_method: dam`` and ``adamerging`` to
+:func:`dammerge.learned.run.run_learned_merge`, each with its preset. The pieces, one concern
+per module:
 
 - :mod:`.functional` — the merged linear autograd function (no saved merged weight);
 - :mod:`.layers` — merge modules (frozen weight stores, float32 coefficients as parameters);
@@ -14,10 +15,4 @@
 - :mod:`.train` — the training loop, checkpoints and resume;
 - :mod:`.export` — the standard checkpoint plus ``dam_coefficients.safetensors``;
 - :mod:`.inspect` — coefficient plots; :mod:`.run` — the whole path, validated up front.
-
-This package file stays import-light: the CLI reads :data:`LEARNED_METHODS` on every merge.
 """
-
-LEARNED_METHODS = frozenset({"dam", "adamerging"})
-
-__all__ = ["LEARNED_METHODS"]

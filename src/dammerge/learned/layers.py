@@ -34,7 +34,7 @@ from dammerge.learned.functional import merged_linear
 Granularity = Literal["model", "layer", "column"]
 Parametrization = Literal["full", "task_vectors"]
 Activation = Literal["none", "tanh", "sigmoid"]
-InitSpec = str | float | list[float]
+InitSpec = Literal["uniform", "random"] | float | list[float]
 
 
 @dataclass(frozen=True)

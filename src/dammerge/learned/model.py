@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -48,6 +49,12 @@ class MergeOptions:
     merge_embeddings: bool = False
     merge_norms: bool = False
     include_base: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> MergeOptions:
+        """The options of a recipe's ``training:`` block (which holds these under the same
+        names, next to the objective and optimisation settings)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
 
 class MergedModel(nn.Module):

@@ -21,17 +21,16 @@ from rich.console import Console
 
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.checkpoint.writer import check_output_location
-from dammerge.config import MergeConfig, parse_dtype
+from dammerge.config import MergeConfig, RunOptions, parse_dtype
 from dammerge.data.examples import encode_dataset, pad_id
 from dammerge.data.records import opened_records, select_records
 from dammerge.data.spec import DatasetSpec, require_dataset
 from dammerge.data.tokenizer import load_tokenizer
-from dammerge.errors import CheckpointError, ConfigError, DammergeError
-from dammerge.learned import LEARNED_METHODS
+from dammerge.devices import resolve_device
+from dammerge.errors import CheckpointError, ConfigError
 from dammerge.learned.data import SourceData
-from dammerge.learned.settings import TrainingSettings, parse_settings
+from dammerge.learned.settings import TrainingSettings
 
-DEFAULT_SHARD_SIZE = 5 * 2**30
 BOOKKEEPING = {
     "resume",
     "keep_work",
@@ -66,10 +65,7 @@ class LearnedPlan:
 
 
 # -- validation -----------------------------------------------------------------------------
-def _check_recipe(cfg: MergeConfig) -> tuple[TrainingSettings, list[DatasetSpec]]:
-    if cfg.merge_method not in LEARNED_METHODS:
-        raise ConfigError(f"{cfg.merge_method} is not a learned merge method")
-    settings = parse_settings(cfg.merge_method, cfg.training)
+def _check_recipe(cfg: MergeConfig, settings: TrainingSettings) -> list[DatasetSpec]:
     if cfg.parameters or any(m.parameters for m in cfg.models):
         raise ConfigError(
             f"{cfg.merge_method} learns its coefficients; 'parameters' are for data-free methods",
@@ -85,7 +81,7 @@ def _check_recipe(cfg: MergeConfig) -> tuple[TrainingSettings, list[DatasetSpec]
         raise ConfigError(f"{cfg.merge_method} merges at least 2 models, got {len(cfg.models)}")
     datasets = [require_dataset(m.model, m.dataset, "learned merging") for m in cfg.models]
     _check_init(settings, len(cfg.models))
-    return settings, datasets
+    return datasets
 
 
 def check_architecture(base: Checkpoint, sources: list[Checkpoint]) -> None:
@@ -201,6 +197,7 @@ def _fingerprint(plan: LearnedPlan) -> str:
 
 def prepare(
     cfg: MergeConfig,
+    settings: TrainingSettings,
     output: Path,
     *,
     device: str = "cpu",
@@ -209,9 +206,8 @@ def prepare(
 ) -> LearnedPlan:
     """Validate the recipe and its inputs and load the data (no model weights yet)."""
     from dammerge.learned.train import total_steps
-    from dammerge.merge import resolve_device
 
-    settings, datasets = _check_recipe(cfg)
+    datasets = _check_recipe(cfg, settings)
     base = Checkpoint(cfg.base_model)  # type: ignore[arg-type]
     sources = [Checkpoint(m.model) for m in cfg.models]
     check_architecture(base, sources)
@@ -320,20 +316,10 @@ def train_plan(
             dtype=plan.dtype,
             progress=progress,
         )
-    options = MergeOptions(
-        granularity=s.granularity,
-        parametrization=s.parametrization,
-        activation=s.activation,
-        init=s.init,
-        clamp=s.clamp,
-        merge_embeddings=s.merge_embeddings,
-        merge_norms=s.merge_norms,
-        include_base=s.include_base,
-    )
     model = build_merged_model(
         plan.base,
         plan.sources,
-        options,
+        MergeOptions.from_settings(s),
         device=plan.device,
         dtype=plan.dtype,
         keep_teacher_weights=needs_teacher and s.teacher == "on_the_fly",
@@ -397,14 +383,10 @@ def compute_stats(plan: LearnedPlan, model: Any, result: Any) -> dict[str, Any]:
 
 def run_learned_merge(
     cfg: MergeConfig,
+    settings: TrainingSettings,
     output: Path,
+    options: RunOptions,
     *,
-    device: str = "cpu",
-    seed: int = 0,
-    overwrite: bool = False,
-    dry_run: bool = False,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    progress: bool = True,
     stop_after: int | None = None,
 ) -> Path | None:
     """Validate, train and export a learned merge; returns the output folder.
@@ -414,18 +396,26 @@ def run_learned_merge(
     """
     from dammerge.learned.export import export_merged
 
-    plan = prepare(cfg, Path(output), device=device, seed=seed, overwrite=overwrite)
-    if dry_run:
-        for line in describe(plan):
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
-        console.print("dry run: nothing trained or written", style="green")
+    plan = prepare(
+        cfg,
+        settings,
+        Path(output),
+        device=options.device,
+        seed=options.seed,
+        overwrite=options.overwrite,
+    )
+    if options.dry_run:
+        if options.progress:
+            for line in describe(plan):
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
+            console.print("dry run: nothing trained or written", style="green")
         return None
-    model, result = train_plan(plan, progress=progress, stop_after=stop_after)
+    model, result = train_plan(plan, progress=options.progress, stop_after=stop_after)
     if result.steps < plan.steps:
         return None
     summary = {
         "steps": result.steps,
-        "seed": seed,
+        "seed": options.seed,
         "examples per source": ", ".join(str(len(d)) for d in plan.data),
         **{k: f"{v:.6g}" for k, v in result.last.items()},
     }
@@ -436,8 +426,8 @@ def run_learned_merge(
         plan.output,
         cfg=cfg,
         settings=plan.settings,
-        shard_size=shard_size,
-        overwrite=overwrite,
+        shard_size=options.shard_size,
+        overwrite=options.overwrite,
         out_dtype=parse_dtype(cfg.out_dtype),
         tokenizer_folder=None
         if cfg.tokenizer_source in (None, "base")
@@ -445,26 +435,10 @@ def run_learned_merge(
         log_path=plan.work_dir / "train_log.jsonl",
         summary=summary,
         stats=compute_stats(plan, model, result),
-        progress=progress,
+        progress=options.progress,
     )
     if not plan.settings.keep_work:
         shutil.rmtree(plan.work_dir, ignore_errors=True)
-    if progress:
+    if options.progress:
         console.print(f"merged model written to {out}", style="green")
     return out
-
-
-def learned_merge(
-    config: MergeConfig | dict[str, Any] | str | Path,
-    out: str | Path,
-    **kwargs: Any,
-) -> Path | None:
-    """Python API: like :func:`dammerge.merge` for ``merge_method: dam`` / ``adamerging``."""
-    from dammerge.merge import load_config
-
-    cfg = load_config(config)
-    if cfg.merge_method not in LEARNED_METHODS:
-        raise DammergeError(
-            f"{cfg.merge_method} is not a learned method", "use dammerge.merge for data-free ones"
-        )
-    return run_learned_merge(cfg, Path(out), **kwargs)

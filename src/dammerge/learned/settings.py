@@ -8,12 +8,14 @@ silently ignored default. :func:`parse_settings` applies the presets (see
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dammerge.config import DTYPES
 from dammerge.errors import ConfigError
+from dammerge.learned.layers import Activation, Granularity, InitSpec, Parametrization
 from dammerge.learned.presets import ABLATION_PRESETS, resolve_training
 
 
@@ -24,10 +26,10 @@ class TrainingSettings(BaseModel):
 
     preset: str | None = None
     # what is learned
-    parametrization: Literal["full", "task_vectors"] = "full"
-    granularity: Literal["model", "layer", "column"] = "column"
-    activation: Literal["none", "tanh", "sigmoid"] = "none"
-    init: Literal["uniform", "random"] | float | list[float] = "uniform"
+    parametrization: Parametrization = "full"
+    granularity: Granularity = "column"
+    activation: Activation = "none"
+    init: InitSpec = "uniform"
     clamp: bool = False
     merge_embeddings: bool = False
     merge_norms: bool = False
@@ -84,14 +86,17 @@ def _first_error(exc: ValidationError, where: str) -> ConfigError:
     loc = ".".join(parts)
     message = first["msg"].removeprefix("Value error, ")
     place = f"{where}.{loc}" if loc else where
-    return ConfigError(f"{place}: {message}", "check the spelling against the DAM recipe reference")
+    return ConfigError(f"{place}: {message}", "check the spelling against docs/dam.md")
 
 
-def parse_settings(method: str, training: dict[str, Any] | None) -> TrainingSettings:
-    """The validated training settings of a recipe, presets applied."""
+def parse_settings(
+    training: dict[str, Any] | None, method_preset: Mapping[str, Any]
+) -> TrainingSettings:
+    """The validated ``training:`` block of a recipe, on top of its method's preset (see
+    :mod:`dammerge.learned.presets`)."""
     if training is not None and not isinstance(training, dict):
         raise ConfigError("training: must be a mapping of options")
     try:
-        return TrainingSettings.model_validate(resolve_training(method, training))
+        return TrainingSettings.model_validate(resolve_training(method_preset, training))
     except ValidationError as exc:
         raise _first_error(exc, "training") from None

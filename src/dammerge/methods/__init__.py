@@ -1,39 +1,18 @@
-"""Registry of data-free merge methods: one module per method, looked up by recipe name."""
+"""Data-free merge methods: pure kernels, composed by one catalogue, looked up by recipe name.
+
+``sparsify``, ``combine``, ``linear``, ``slerp`` and ``model_stock`` hold the kernels;
+:mod:`dammerge.methods.catalogue` binds them to recipe parameters and builds :data:`METHODS`.
+"""
 
 from __future__ import annotations
 
 from dammerge.errors import ConfigError
-from dammerge.methods import (
-    breadcrumbs,
-    dare,
-    della,
-    linear,
-    model_stock,
-    slerp,
-    task_arithmetic,
-    ties,
-)
 from dammerge.methods.base import REQUIRED, MergeInputs, MergeMethod
-
-METHODS: dict[str, MergeMethod] = {
-    m.name: m
-    for m in (
-        linear.METHOD,
-        task_arithmetic.METHOD,
-        ties.METHOD,
-        dare.DARE_LINEAR,
-        dare.DARE_TIES,
-        breadcrumbs.BREADCRUMBS,
-        breadcrumbs.BREADCRUMBS_TIES,
-        della.DELLA,
-        della.DELLA_LINEAR,
-        slerp.METHOD,
-        model_stock.METHOD,
-    )
-}
+from dammerge.methods.catalogue import METHODS
 
 
 def get_method(name: str) -> MergeMethod:
+    """The method named ``name`` in a recipe's ``merge_method``."""
     try:
         return METHODS[name]
     except KeyError:

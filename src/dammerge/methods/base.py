@@ -1,9 +1,10 @@
 """The contract between the executor and a merge method.
 
-A method is a small pure function over tensors (the *kernel*, easy to test against a
-reference) plus a :class:`MergeMethod` record that says which parameters it takes, whether it
-needs a base model, and how to call the kernel from resolved parameters. The executor never
-knows a method by name; it reads this record.
+A method is composed of small pure functions over tensors (the *kernels*, each easy to test
+against a reference) and described by a :class:`MergeMethod` record: which parameters it takes,
+whether it needs a base model, and how to call its kernels from resolved parameters. The
+executor never knows a method by name; it reads this record. The records themselves are built
+in :mod:`dammerge.methods.catalogue`.
 """
 
 from __future__ import annotations
@@ -37,9 +38,17 @@ class MergeInputs:
 
 @dataclass(frozen=True)
 class MergeMethod:
+    """One data-free merge method as the planner and the executor see it.
+
+    ``model_params`` / ``global_params`` map each recipe parameter to its default
+    (:data:`REQUIRED` when it has none), in the order they are listed to users; ``paper`` is
+    the address of the method's source (a paper, or the reference implementation).
+    """
+
     name: str
     summary: str
     run: Callable[[MergeInputs], torch.Tensor]
+    paper: str = ""  # where the method was published (a link)
     model_params: dict[str, Any] = field(default_factory=dict)
     global_params: dict[str, Any] = field(default_factory=dict)
     requires_base: bool = False
@@ -48,4 +57,5 @@ class MergeMethod:
     stochastic: bool = False
 
     def weights(self, inputs: MergeInputs) -> list[float]:
+        """The per-model recipe ``weight`` of each input tensor."""
         return [float(p["weight"]) for p in inputs.model_params]

@@ -1,4 +1,4 @@
-"""Linear merge / Model Soups (Wortsman et al. 2022): a weighted average of the weights."""
+"""The linear kernel: a weighted sum of whole tensors (Model Soups)."""
 
 from __future__ import annotations
 
@@ -6,34 +6,30 @@ from collections.abc import Sequence
 
 import torch
 
-from dammerge.methods.base import REQUIRED, MergeInputs, MergeMethod
-
 
 def linear(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True
 ) -> torch.Tensor:
-    """``sum_i w_i W_i``, divided by ``sum_i w_i`` when ``normalize`` (a true average)."""
+    """Weighted sum (or weighted average) of tensors.
+
+    Args:
+        tensors: ``W_1 .. W_N``, one shape and dtype.
+        weights: ``w_1 .. w_N``.
+        normalize: divide by ``Σ_i w_i`` (a true average).
+
+    Returns:
+        ``Σ_i w_i W_i`` (``/ Σ_i w_i`` when ``normalize``), in the tensors' dtype, summed into
+        one output buffer (never a stack of N copies).
+
+    Raises:
+        ValueError: ``normalize`` with weights summing to (nearly) zero.
+    """
     merged = torch.zeros_like(tensors[0])
     for tensor, weight in zip(tensors, weights, strict=True):
-        merged.add_(tensor, alpha=weight)  # one output buffer, never a stack of N copies
+        merged.add_(tensor, alpha=weight)
     if normalize:
         total = sum(weights)
         if abs(total) < 1e-8:
             raise ValueError("linear merge with normalize=true needs weights that do not sum to 0")
         merged.div_(total)
     return merged
-
-
-def _run(inputs: MergeInputs) -> torch.Tensor:
-    return linear(
-        inputs.tensors, METHOD.weights(inputs), normalize=bool(inputs.params["normalize"])
-    )
-
-
-METHOD = MergeMethod(
-    name="linear",
-    summary="weighted average of all models (Model Soups with equal weights)",
-    run=_run,
-    model_params={"weight": REQUIRED},
-    global_params={"normalize": True},
-)

@@ -1,9 +1,4 @@
-"""Model Stock (Jang et al. 2024): interpolate between the average of the fine-tuned models and
-the base, with a ratio set by the angle between their task vectors:
-``t = N cos / (1 + (N - 1) cos)``, ``W = t * mean(W_i) + (1 - t) * base``.
-
-``filter_wise: true`` measures the angle per row (output filter) instead of per tensor.
-"""
+"""The Model Stock kernel: the fine-tunes' average pulled toward the base by their angle."""
 
 from __future__ import annotations
 
@@ -12,12 +7,25 @@ from itertools import combinations
 
 import torch
 
-from dammerge.methods.base import MergeInputs, MergeMethod
-
 
 def model_stock(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_wise: bool = False
 ) -> torch.Tensor:
+    """Model Stock (Jang et al. 2024).
+
+    Args:
+        base: the base tensor ``B``.
+        tensors: the fine-tuned tensors ``W_1 .. W_N`` (``N >= 2``).
+        filter_wise: measure the angle per row (output filter) instead of per tensor.
+
+    Returns:
+        ``t · mean_i(W_i) + (1 − t) · B`` with ``t = N c / (1 + (N − 1) c)``, ``c`` the mean
+        cosine between the task vectors ``W_i − B`` over all pairs (norm products below
+        1e-6 count as 1e-6).
+
+    Raises:
+        ValueError: fewer than two fine-tuned tensors.
+    """
     if len(tensors) < 2:
         raise ValueError("model_stock needs at least two models besides the base")
     shape = base.shape
@@ -34,18 +42,3 @@ def model_stock(
     ratio = n * cos / (1 + (n - 1) * cos)
     average = torch.stack([flat(t) for t in tensors]).mean(dim=0)
     return (ratio * average + (1 - ratio) * w0).reshape(shape)
-
-
-def _run(inputs: MergeInputs) -> torch.Tensor:
-    assert inputs.base is not None
-    return model_stock(inputs.base, inputs.tensors, filter_wise=bool(inputs.params["filter_wise"]))
-
-
-METHOD = MergeMethod(
-    name="model_stock",
-    summary="average of fine-tuned models pulled toward the base by their task-vector angle",
-    run=_run,
-    global_params={"filter_wise": False},
-    requires_base=True,
-    min_models=2,
-)

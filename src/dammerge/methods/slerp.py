@@ -1,9 +1,4 @@
-"""SLERP: spherical interpolation between the base and one other model, per tensor.
-
-``t = 0`` gives the base, ``t = 1`` the other model. Directions are taken from the tensors
-normalised as flat vectors; when they are (anti-)parallel (``|cos| > 0.9995``) the sphere
-degenerates and plain linear interpolation is used instead, as mergekit does.
-"""
+"""The SLERP kernel: spherical interpolation between two tensors."""
 
 from __future__ import annotations
 
@@ -11,16 +6,28 @@ import math
 
 import torch
 
-from dammerge.methods.base import REQUIRED, MergeInputs, MergeMethod
-
 DOT_THRESHOLD = 0.9995
 
 
 def lerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation ``(1 − t) v0 + t v1``."""
     return (1 - t) * v0 + t * v1
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Spherical linear interpolation (Shoemake 1985) of two tensors read as flat vectors.
+
+    Args:
+        t: the position, ``0`` gives ``v0`` and ``1`` gives ``v1``.
+        v0: the start tensor (the base in a merge).
+        v1: the end tensor.
+        eps: norms below it make the directions undefined; :func:`lerp` is used.
+
+    Returns:
+        ``sin((1 − t) θ)/sin θ · v0 + sin(t θ)/sin θ · v1`` with ``cos θ`` the cosine of the
+        two tensors; :func:`lerp` when either norm is below ``eps`` or the tensors are
+        (anti-)parallel (``|cos θ| > 0.9995``), where the sphere degenerates (as mergekit does).
+    """
     n0, n1 = v0.norm(), v1.norm()
     if n0 < eps or n1 < eps:
         return lerp(t, v0, v1)
@@ -32,19 +39,3 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> to
     s0 = math.sin((1 - t) * theta) / sin_theta
     s1 = math.sin(t * theta) / sin_theta
     return s0 * v0 + s1 * v1
-
-
-def _run(inputs: MergeInputs) -> torch.Tensor:
-    assert inputs.base is not None
-    return slerp(float(inputs.params["t"]), inputs.base, inputs.tensors[0])
-
-
-METHOD = MergeMethod(
-    name="slerp",
-    summary="spherical interpolation between base (t=0) and one other model (t=1)",
-    run=_run,
-    global_params={"t": REQUIRED},
-    requires_base=True,
-    min_models=1,
-    max_models=1,
-)

@@ -1,11 +1,13 @@
-"""Shared kernels of the task-vector family: sparsification and sign consensus.
+"""Sparsifier and rescale kernels of the task-vector family.
 
-TIES, DARE, breadcrumbs and DELLA differ only in how each task vector is sparsified and whether
-signs are elected before summing; these functions are the pieces they are built from.
+TIES, DARE, breadcrumbs, DELLA and SCE differ mostly in how they thin the task vectors
+``δ_i = W_i − B`` before combining them; these functions are those thinning steps, each pure
+over tensors. :mod:`dammerge.methods.catalogue` binds them to recipe parameters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -13,15 +15,25 @@ import torch
 RescaleMode = Literal["l1", "density", "none"]
 DellaRescaleMode = Literal["l1", "probability"]
 
+SELECT_DIRECTLY_BELOW = 1 << 20
+VARIANCE_BLOCK = 1 << 16  # entries per block of the across-model variance (N rows each)
+
 
 def rescale_kept(
     original: torch.Tensor, kept: torch.Tensor, density: float, mode: RescaleMode
 ) -> torch.Tensor:
     """Rescale a sparsified tensor after dropping entries.
 
-    ``density`` divides by the keep probability (the DARE paper; unbiased in expectation);
-    ``l1`` restores the L1 norm of the original exactly (mergekit's current behaviour);
-    ``none`` leaves the kept entries as they were.
+    Args:
+        original: the tensor before dropping, ``δ``.
+        kept: ``δ`` with the dropped entries zeroed, ``δ'``.
+        density: the keep probability ``p`` used to drop.
+        mode: ``"density"`` returns ``δ' / p`` (the DARE paper; unbiased in expectation);
+            ``"l1"`` returns ``δ' · ‖δ‖₁ / ‖δ'‖₁``, restoring the L1 norm exactly (mergekit), and
+            ``δ'`` unchanged when either norm is below 1e-7; ``"none"`` returns ``δ'``.
+
+    Returns:
+        The rescaled ``δ'``.
     """
     if mode == "none":
         return kept
@@ -34,12 +46,18 @@ def rescale_kept(
 
 
 def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest entries of a flat tensor, equal values going to the
-    lower index first: exactly the first ``k`` of a stable descending sort.
+    """The ``k`` largest entries of a flat tensor, equal values going to the lower index first.
 
-    A sort is O(n log n) and was most of a TIES merge's time; ``kthvalue`` finds the k-th
-    largest value in O(n), everything above it is kept, and only the entries equal to it are
-    looked at one by one (bf16 checkpoints give many such exact ties).
+    Args:
+        magnitudes: a flat tensor.
+        k: how many entries to keep (clamped to ``0..n``).
+
+    Returns:
+        A boolean mask: exactly the first ``k`` positions of a stable descending sort.
+
+    A sort is O(n log n) and was most of a TIES merge's time; :func:`kth_largest` finds the
+    k-th largest value in O(n), everything above it is kept, and only the entries equal to it
+    are looked at one by one (bf16 checkpoints give many such exact ties).
     """
     n = magnitudes.numel()
     if k <= 0:
@@ -59,11 +77,8 @@ def top_k_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
-SELECT_DIRECTLY_BELOW = 1 << 20
-
-
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The exact k-th largest entry (1 <= k <= n) of a flat tensor without NaN.
+    """The exact k-th largest entry (``1 <= k <= n``) of a flat tensor without NaN.
 
     ``kthvalue`` on a large tensor copies it and allocates an int64 index per entry (3x the
     tensor's memory) and runs on one core. Instead, a strided sample brackets the answer
@@ -91,7 +106,16 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries with the largest magnitude (TIES' trim step)."""
+    """TIES' trim: keep the largest-magnitude entries.
+
+    Args:
+        delta: a task vector ``δ``.
+        density: the fraction ``d`` to keep; ``⌊d·n⌋`` entries of largest ``|δ|`` survive
+            (ties to the lower index), ``d >= 1`` keeps everything.
+
+    Returns:
+        ``δ`` with the other entries zeroed.
+    """
     if density >= 1.0:
         return delta
     k = int(density * delta.numel())
@@ -102,8 +126,17 @@ def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def magnitude_band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Model Breadcrumbs: drop the ``gamma`` fraction of largest-magnitude outliers, then keep
-    the next ``density`` fraction by magnitude and drop the small rest."""
+    """Model Breadcrumbs: keep a band of magnitudes, dropping outliers and small entries.
+
+    Args:
+        delta: a task vector ``δ`` of ``n`` entries.
+        density: ``d``; the band holds ``⌊d·n⌋`` entries, ``d >= 1`` keeps everything.
+        gamma: ``γ``; the ``⌊γ·n⌋`` largest magnitudes are dropped as outliers (fewer when the
+            band needs them: at most ``n − ⌊d·n⌋``).
+
+    Returns:
+        ``δ`` with only ranks ``⌊γ·n⌋ .. ⌊γ·n⌋ + ⌊d·n⌋`` of the descending ``|δ|`` order kept.
+    """
     if density >= 1.0:
         return delta
     n = delta.numel()
@@ -120,7 +153,8 @@ def magnitude_band(delta: torch.Tensor, density: float, gamma: float) -> torch.T
 def bernoulli_mask(
     like: torch.Tensor, keep_probability: torch.Tensor | float, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """A 0/1 mask with ``P(1) = keep_probability`` (scalar or per-entry), seeded."""
+    """A seeded 0/1 mask shaped like ``like``, with ``P(1) = keep_probability`` (a scalar or
+    one probability per entry), in ``like``'s dtype."""
     probs = torch.as_tensor(keep_probability, dtype=torch.float32, device=like.device)
     probs = probs.expand(like.shape).contiguous()
     return torch.bernoulli(probs, generator=generator).to(like.dtype)
@@ -132,7 +166,18 @@ def random_drop(
     generator: torch.Generator | None,
     rescale: RescaleMode = "l1",
 ) -> torch.Tensor:
-    """DARE: drop each entry with probability ``1 - density`` and rescale what is kept."""
+    """DARE: drop entries at random and rescale the rest.
+
+    Args:
+        delta: a task vector ``δ``.
+        density: the keep probability ``p`` of every entry; ``p >= 1`` returns ``δ`` and
+            ``p <= 0`` zeros, without drawing.
+        generator: the seeded source of the one Bernoulli draw per entry.
+        rescale: how the kept entries are rescaled (:func:`rescale_kept`).
+
+    Returns:
+        ``rescale(δ ⊙ m)`` with ``m_j ~ Bernoulli(p)``.
+    """
     if density >= 1.0:
         return delta
     if density <= 0.0:
@@ -149,12 +194,25 @@ def magnitude_ranked_drop(
     rescale: bool = True,
     rescale_mode: DellaRescaleMode = "l1",
 ) -> torch.Tensor:
-    """DELLA's MagPrune: per row, keep probabilities rise linearly with magnitude rank from
-    ``density - epsilon`` (smallest) to ``density + epsilon`` (largest).
+    """DELLA's MagPrune: drop at random, keeping large entries more often.
 
-    When ``rescale``: ``rescale_mode="probability"`` divides each kept entry by its own keep
-    probability (the DELLA paper; unbiased in expectation), ``"l1"`` restores the L1 norm of the
-    whole task vector (mergekit's behaviour, the default).
+    Args:
+        delta: a task vector ``δ``; each row (a 1-D tensor is one row) is ranked on its own.
+        density: ``d``; ``d >= 1`` returns ``δ`` and ``d <= 0`` zeros, without drawing.
+        epsilon: ``ε``; an entry of magnitude rank ``r`` among ``w`` in its row is kept with
+            ``p = d − ε + 2ε · r / (w − 1)`` (smallest ``d − ε``, largest ``d + ε``), which
+            must stay in ``(0, 1]``.
+        generator: the seeded source of the one Bernoulli draw per entry.
+        rescale: whether the kept entries are rescaled.
+        rescale_mode: ``"probability"`` divides each kept entry by its own ``p`` (the DELLA
+            paper; unbiased in expectation), ``"l1"`` restores the L1 norm of the whole task
+            vector (mergekit's behaviour, the default).
+
+    Returns:
+        The thinned (and rescaled) ``δ``.
+
+    Raises:
+        ValueError: probabilities outside ``(0, 1]`` or an unknown ``rescale_mode``.
     """
     if density >= 1.0:
         return delta
@@ -181,3 +239,36 @@ def magnitude_ranked_drop(
     elif rescale:
         kept = rescale_kept(rows, kept, density, "l1")
     return kept.view_as(delta)
+
+
+def top_variance_mask(deltas: Sequence[torch.Tensor], fraction: float) -> torch.Tensor:
+    """SCE's select: the entries on which the task vectors disagree most.
+
+    Args:
+        deltas: the task vectors ``δ_1 .. δ_N`` of one tensor, all of one shape and dtype.
+        fraction: ``τ``; of the ``m`` entries whose population variance across the models
+            ``σ²_j = (1/N) Σ_i (δ_i[j] − mean_i δ_i[j])²`` is nonzero, the ``k = ⌊m·τ⌋`` of
+            largest ``σ²`` are kept (ties to the lower index). ``τ >= 1`` keeps every entry.
+
+    Returns:
+        A boolean mask shaped like one task vector.
+
+    ``k`` is computed in float32, as mergekit computes it (``count_nonzero(σ²) · τ``): for
+    some ``m`` that float32 product falls just below an integer the exact product reaches.
+    The variance is taken block by block, over ``N`` block-sized rows instead of a stack of
+    ``N`` whole tensors; each entry's variance is the one a full stack gives, bit for bit.
+    """
+    shape, device = deltas[0].shape, deltas[0].device
+    if fraction >= 1.0:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if fraction <= 0.0:
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    flat = [d.reshape(-1) for d in deltas]
+    variance = torch.empty_like(flat[0])
+    block = VARIANCE_BLOCK if device.type == "cpu" else max(1, variance.numel())
+    for start in range(0, variance.numel(), block):
+        span = slice(start, start + block)
+        rows = torch.stack([d[span] for d in flat])
+        torch.var(rows, dim=0, unbiased=False, out=variance[span])
+    k = int(torch.count_nonzero(variance).to(torch.float32) * fraction)
+    return top_k_mask(variance, k).view(shape)

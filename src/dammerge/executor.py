@@ -13,113 +13,54 @@ are the critical path and reading ahead would only add memory, so it is off.
 
 from __future__ import annotations
 
-import importlib
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import torch
+from rich.console import Console
 from tqdm.auto import tqdm
 
 from dammerge import __version__
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.checkpoint.writer import CheckpointWriter, check_output_location
-from dammerge.config import MergeConfig
+from dammerge.config import DEFAULT_SHARD_SIZE, MergeConfig, RunOptions
+from dammerge.devices import resolve_device
 from dammerge.errors import ConfigError, DammergeError
 from dammerge.methods import MergeInputs
-from dammerge.plan import MergePlan, TensorPlan, build_plan
+from dammerge.plan import MergePlan, TensorPlan, build_plan, describe
 
-DEFAULT_SHARD_SIZE = 5 * 2**30
-
-
-def load_config(config: MergeConfig | dict[str, Any] | str | Path) -> MergeConfig:
-    if isinstance(config, MergeConfig):
-        return config
-    if isinstance(config, dict):
-        return MergeConfig.from_dict(config)
-    return MergeConfig.from_yaml(config)
+console = Console(stderr=True)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DammergeError("--device cuda was asked for but no CUDA GPU is visible", "use cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise DammergeError(f"unknown device {device!r}", "use cpu or cuda") from None
+def merge_data_free(config: MergeConfig, out: Path, options: RunOptions) -> Path | None:
+    """Plan and execute a data-free recipe; with ``dry_run``, print the plan and write nothing.
 
-
-def merge(
-    config: MergeConfig | dict[str, Any] | str | Path,
-    out: str | Path,
-    *,
-    device: str = "cpu",
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    seed: int = 0,
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Merge the models of a recipe into a new checkpoint folder ``out``; returns its path.
-
-    ``config`` is a :class:`MergeConfig`, a dict shaped like the YAML recipe, or a YAML path.
-    Raises :class:`dammerge.errors.DammergeError` for any problem with the inputs; on error
-    nothing is left at ``out``.
+    Returns the output folder (None for a dry run). Every problem with the inputs is found by
+    :func:`build_plan` before a byte is written; on error nothing is left at ``out``.
     """
-    cfg = load_config(config)
-    runner = data_informed_runner(cfg.merge_method)
-    if runner is not None:
-        runner(
-            cfg,
-            Path(out),
-            device=device,
-            seed=seed,
-            overwrite=overwrite,
-            dry_run=False,
-            shard_size=shard_size,
-        )
-        return Path(out)
-    plan = build_plan(cfg, allow_pickle=allow_pickle)
-    return execute(
+    plan = build_plan(config, allow_pickle=options.allow_pickle)
+    if options.dry_run:
+        if options.progress:
+            for line in describe(plan):
+                console.print(line, highlight=False, markup=False, soft_wrap=True)
+            console.print("dry run: nothing written", style="green")
+        return None
+    out = execute(
         plan,
         Path(out),
-        device=resolve_device(device),
-        shard_size=shard_size,
-        seed=seed,
-        overwrite=overwrite,
-        progress=progress,
+        device=resolve_device(options.device),
+        shard_size=options.shard_size,
+        seed=options.seed,
+        overwrite=options.overwrite,
+        progress=options.progress,
     )
-
-
-# Data-informed methods need training data and run their own loop, so they bypass the streaming
-# plan (reusing its validation and writer). Each runner has the signature
-# ``(cfg, output, *, device, seed, overwrite, dry_run, shard_size)``.
-DATA_INFORMED_RUNNERS = {
-    "dam": "dammerge.learned.run:run_learned_merge",
-    "adamerging": "dammerge.learned.run:run_learned_merge",
-    "evolve": "dammerge.evolve.run:run_evolve_merge",
-}
-DATA_INFORMED_SUMMARIES = {
-    "dam": "learn one coefficient per input column per model by gradient descent, so the merge "
-    "matches each specialist (KL) on its own data",
-    "adamerging": "learn one task-vector coefficient per layer per model by minimising the "
-    "merged model's entropy (no teachers needed)",
-    "evolve": "CMA-ES search over per-layer parameters of a data-free method, scored on held-in "
-    "data; exports the best recipe",
-}
-
-
-def data_informed_runner(method: str) -> Callable[..., Any] | None:
-    """The runner of a data-informed method (DAM, AdaMerging, evolve), or None if data-free."""
-    target = DATA_INFORMED_RUNNERS.get(method)
-    if target is None:
-        return None
-    module, _, function = target.partition(":")
-    return getattr(importlib.import_module(module), function)
+    if options.progress:
+        console.print(f"merged model written to {out}", style="green")
+    return out
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -152,7 +93,7 @@ def merge_tensor(
     if tensor.copy_from_reference:
         return loaded[0]
     for k, raw in enumerate(loaded):
-        loaded[k] = to_device(raw, device, plan.compute_dtype)
+        loaded[k] = to_device(raw, device, plan.compute_dtype, plan.input_dtype)
         del raw
     generator = None
     if plan.method.stochastic:
@@ -179,10 +120,22 @@ def merge_tensor(
     return merged
 
 
-def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Move first, convert on arrival: a GPU converts for free, while a conversion inside a
+def to_device(
+    tensor: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    rounded_to: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``tensor`` on ``device`` in ``dtype``, first rounded to ``rounded_to`` when given (the
+    recipe's ``dtype``: a float32 checkpoint merged with ``dtype: bfloat16`` is read as
+    mergekit reads it, then computed in float32).
+
+    Move first, convert on arrival: a GPU converts for free, while a conversion inside a
     host-to-GPU copy runs on the CPU and sends twice the bytes (bf16 inputs, float32 compute)."""
-    return tensor.to(device, non_blocking=tensor.is_pinned()).to(dtype)
+    moved = tensor.to(device, non_blocking=tensor.is_pinned())
+    if rounded_to is not None:
+        moved = moved.to(rounded_to)
+    return moved.to(dtype)
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,344 @@
+"""The catalogue of data-free merge methods: every method is a row composing the kernels.
+
+The task-vector family (mergekit's generalised task arithmetic) is one table,
+:data:`TASK_VECTOR_ROWS`: a row names how each task vector ``δ_i = W_i − B`` is sparsified,
+whether entries are selected across the models, how the models are weighted, and whether a sign
+consensus precedes the sum. The columns are :class:`Sparsifier`, :class:`Selection` and
+:class:`Weighting` records; each binds recipe parameters to its kernel's arguments, here and
+nowhere else, and one runner (:func:`merge_task_vectors`) executes every row. Linear, SLERP and
+Model Stock are not task-vector sums and are listed beside the table with their one-line
+bindings.
+
+Adding a method is a kernel (in ``sparsify.py``, ``combine.py`` or a module of its own) and a
+row; see ``docs/adding-a-method.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from dammerge.methods.base import REQUIRED, MergeInputs, MergeMethod
+from dammerge.methods.combine import (
+    SCE_CONSENSUS,
+    TIES_CONSENSUS,
+    SignConsensus,
+    combine_task_vectors,
+    energy_weights,
+)
+from dammerge.methods.linear import linear
+from dammerge.methods.model_stock import model_stock
+from dammerge.methods.slerp import slerp
+from dammerge.methods.sparsify import (
+    RescaleMode,
+    magnitude_band,
+    magnitude_prune,
+    magnitude_ranked_drop,
+    random_drop,
+    rescale_kept,
+    top_variance_mask,
+)
+
+Params = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    """Column *sparsify*: thins each task vector on its own, model by model.
+
+    ``apply(delta, own, params, generator)`` gets one task vector, that model's resolved
+    parameters (``own``) and the global ones; ``model_params`` / ``global_params`` are the recipe
+    parameters it reads, with their defaults.
+    """
+
+    apply: Callable[[torch.Tensor, Params, Params, torch.Generator | None], torch.Tensor]
+    model_params: dict[str, Any] = field(default_factory=dict)
+    global_params: dict[str, Any] = field(default_factory=dict)
+    stochastic: bool = False
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Column *select*: keeps entries chosen across all task vectors (one mask for all).
+
+    ``mask(deltas, params)`` returns a boolean mask shaped like one task vector.
+    """
+
+    mask: Callable[[Sequence[torch.Tensor], Params], torch.Tensor]
+    global_params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """Column *weights*: the weight ``w_i`` of each task vector in the sum.
+
+    ``weights(deltas, model_params)`` sees the task vectors after sparsify and select.
+    """
+
+    weights: Callable[[Sequence[torch.Tensor], Sequence[Params]], list[float]]
+    model_params: dict[str, Any] = field(default_factory=dict)
+
+
+def _l1_if_rescale(params: Params) -> RescaleMode:
+    """TIES and breadcrumbs: ``rescale: true`` restores each task vector's L1 norm."""
+    return "l1" if params["rescale"] else "none"
+
+
+def _recipe_weights(model_params: Sequence[Params]) -> list[float]:
+    """The recipe's per-model ``weight`` parameters."""
+    return [float(p["weight"]) for p in model_params]
+
+
+def _dare_rescale(params: Params) -> RescaleMode:
+    """DARE: ``rescale: false`` keeps the survivors, else ``rescale_mode`` (l1 or density)."""
+    if not params["rescale"]:
+        return "none"
+    mode = str(params["rescale_mode"])
+    if mode not in ("l1", "density"):
+        raise ValueError(f"rescale_mode must be 'l1' or 'density', got {mode!r}")
+    return mode  # type: ignore[return-value]
+
+
+# --- column values: recipe parameters bound to kernel arguments -------------------------------
+
+TRIM = Sparsifier(  # TIES
+    lambda delta, own, params, _: rescale_kept(
+        delta,
+        magnitude_prune(delta, float(own["density"])),
+        float(own["density"]),
+        _l1_if_rescale(params),
+    ),
+    model_params={"density": 1.0},
+)
+BAND = Sparsifier(  # Model Breadcrumbs
+    lambda delta, own, params, _: rescale_kept(
+        delta,
+        magnitude_band(delta, float(own["density"]), float(own["gamma"])),
+        float(own["density"]),
+        _l1_if_rescale(params),
+    ),
+    model_params={"density": 1.0, "gamma": 0.01},
+)
+DROP = Sparsifier(  # DARE
+    lambda delta, own, params, generator: random_drop(
+        delta, float(own["density"]), generator, _dare_rescale(params)
+    ),
+    model_params={"density": 1.0},
+    global_params={"rescale_mode": "l1"},
+    stochastic=True,
+)
+MAGPRUNE = Sparsifier(  # DELLA
+    lambda delta, own, params, generator: magnitude_ranked_drop(
+        delta,
+        float(own["density"]),
+        float(own["epsilon"]),
+        generator,
+        bool(params["rescale"]),
+        str(params["rescale_mode"]),  # type: ignore[arg-type]
+    ),
+    model_params={"density": 1.0, "epsilon": 0.15},
+    global_params={"rescale_mode": "l1"},
+    stochastic=True,
+)
+TOP_VARIANCE = Selection(  # SCE's select
+    lambda deltas, params: top_variance_mask(deltas, float(params["select_topk"])),
+    global_params={"select_topk": 1.0},
+)
+RECIPE_WEIGHTS = Weighting(
+    lambda _, model_params: _recipe_weights(model_params), model_params={"weight": REQUIRED}
+)
+ENERGY_WEIGHTS = Weighting(lambda deltas, _: energy_weights(deltas))  # SCE's calculate
+
+
+@dataclass(frozen=True)
+class TaskVectorRow:
+    """One task-vector method: ``B + λ · combine_i(w_i · select(sparsify(δ_i)))``.
+
+    ``normalize`` and ``rescale`` are the defaults of those recipe parameters (``rescale``
+    ``None``: the method does not take it). Every row also takes ``lambda`` (1.0) and
+    ``int8_mask`` (a memory option of mergekit's, accepted for its recipes, without effect).
+    """
+
+    name: str
+    summary: str
+    paper: str
+    sparsify: Sparsifier | None = None
+    select: Selection | None = None
+    weighting: Weighting = RECIPE_WEIGHTS
+    consensus: SignConsensus | None = None
+    normalize: bool = False
+    rescale: bool | None = False
+
+
+DARE_PAPER = "https://arxiv.org/abs/2311.03099"
+BREADCRUMBS_PAPER = "https://arxiv.org/abs/2312.06795"
+DELLA_PAPER = "https://arxiv.org/abs/2406.11617"
+
+TASK_VECTOR_ROWS: tuple[TaskVectorRow, ...] = (
+    TaskVectorRow(
+        "task_arithmetic",
+        "base + lambda * weighted sum of task vectors (W_i - base)",
+        "https://arxiv.org/abs/2212.04089",
+    ),
+    TaskVectorRow(
+        "ties",
+        "trim task vectors by magnitude, elect signs, disjoint mean",
+        "https://arxiv.org/abs/2306.01708",
+        sparsify=TRIM,
+        consensus=TIES_CONSENSUS,
+        normalize=True,
+    ),
+    TaskVectorRow(
+        "dare_linear",
+        "random drop + rescale of task vectors, then weighted sum",
+        DARE_PAPER,
+        sparsify=DROP,
+        rescale=True,
+    ),
+    TaskVectorRow(
+        "dare_ties",
+        "random drop + rescale of task vectors, then TIES sign election",
+        DARE_PAPER,
+        sparsify=DROP,
+        consensus=TIES_CONSENSUS,
+        rescale=True,
+    ),
+    TaskVectorRow(
+        "breadcrumbs",
+        "keep a magnitude band of each task vector (drop outliers and small entries)",
+        BREADCRUMBS_PAPER,
+        sparsify=BAND,
+    ),
+    TaskVectorRow(
+        "breadcrumbs_ties",
+        "breadcrumbs sparsification, then TIES sign election",
+        BREADCRUMBS_PAPER,
+        sparsify=BAND,
+        consensus=TIES_CONSENSUS,
+    ),
+    TaskVectorRow(
+        "della",
+        "magnitude-ranked random drop (MagPrune), then TIES sign election",
+        DELLA_PAPER,
+        sparsify=MAGPRUNE,
+        consensus=TIES_CONSENSUS,
+        normalize=True,
+        rescale=True,
+    ),
+    TaskVectorRow(
+        "della_linear",
+        "magnitude-ranked random drop (MagPrune), then weighted sum",
+        DELLA_PAPER,
+        sparsify=MAGPRUNE,
+        rescale=True,
+    ),
+    TaskVectorRow(
+        "sce",
+        "select high-variance entries, weight models by energy, erase minority signs, mean",
+        "https://arxiv.org/abs/2408.07990",
+        select=TOP_VARIANCE,
+        weighting=ENERGY_WEIGHTS,
+        consensus=SCE_CONSENSUS,
+        normalize=True,
+        rescale=None,
+    ),
+)
+
+
+def _base(inputs: MergeInputs) -> torch.Tensor:
+    assert inputs.base is not None, "the planner gives a base to methods that require one"
+    return inputs.base
+
+
+def merge_task_vectors(row: TaskVectorRow, inputs: MergeInputs) -> torch.Tensor:
+    """Run one task-vector row on one tensor.
+
+    Each task vector is formed and sparsified before the next is formed, so a sparsifier's
+    temporaries are never alive for all models at once.
+    """
+    base, params = _base(inputs), inputs.params
+    deltas = []
+    for tensor, own in zip(inputs.tensors, inputs.model_params, strict=True):
+        delta = tensor - base
+        if row.sparsify is not None:
+            delta = row.sparsify.apply(delta, own, params, inputs.generator)
+        deltas.append(delta)
+        del delta
+    if row.select is not None:
+        keep = row.select.mask(deltas, params)
+        for delta in deltas:
+            delta.mul_(keep)
+        del keep
+    return combine_task_vectors(
+        base,
+        deltas,
+        row.weighting.weights(deltas, inputs.model_params),
+        consensus=row.consensus,
+        normalize=bool(params["normalize"]),
+        lambda_=float(params["lambda"]),
+    )
+
+
+def task_vector_method(row: TaskVectorRow) -> MergeMethod:
+    """The :class:`MergeMethod` record of a row: its parameters gathered from its columns."""
+    columns = [c for c in (row.sparsify, row.select) if c is not None]
+    rescale = {} if row.rescale is None else {"rescale": row.rescale}
+    global_params = {"normalize": row.normalize, "lambda": 1.0, **rescale}
+    for column in columns:
+        global_params.update(column.global_params)
+    model_params = dict(row.weighting.model_params)
+    if row.sparsify is not None:
+        model_params.update(row.sparsify.model_params)
+    return MergeMethod(
+        name=row.name,
+        summary=row.summary,
+        paper=row.paper,
+        run=partial(merge_task_vectors, row),
+        model_params=model_params,
+        global_params={**global_params, "int8_mask": False},
+        requires_base=True,
+        stochastic=row.sparsify is not None and row.sparsify.stochastic,
+    )
+
+
+LINEAR = MergeMethod(
+    name="linear",
+    summary="weighted average of all models (Model Soups with equal weights)",
+    paper="https://arxiv.org/abs/2203.05482",
+    run=lambda inputs: linear(
+        inputs.tensors,
+        _recipe_weights(inputs.model_params),
+        normalize=bool(inputs.params["normalize"]),
+    ),
+    model_params={"weight": REQUIRED},
+    global_params={"normalize": True},
+)
+SLERP = MergeMethod(
+    name="slerp",
+    summary="spherical interpolation between base (t=0) and one other model (t=1)",
+    paper="https://doi.org/10.1145/325165.325242",
+    run=lambda inputs: slerp(float(inputs.params["t"]), _base(inputs), inputs.tensors[0]),
+    global_params={"t": REQUIRED},
+    requires_base=True,
+    max_models=1,
+)
+MODEL_STOCK = MergeMethod(
+    name="model_stock",
+    summary="average of fine-tuned models pulled toward the base by their task-vector angle",
+    paper="https://arxiv.org/abs/2403.19522",
+    run=lambda inputs: model_stock(
+        _base(inputs), inputs.tensors, filter_wise=bool(inputs.params["filter_wise"])
+    ),
+    global_params={"filter_wise": False},
+    requires_base=True,
+    min_models=2,
+)
+
+METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in (LINEAR, *(task_vector_method(row) for row in TASK_VECTOR_ROWS), SLERP, MODEL_STOCK)
+}
