@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dammerge.data.records import read_jsonl
+from dammerge.data.records import read_jsonl, write_jsonl
 from dammerge.data.spec import DatasetSpec
 from dammerge.errors import ConfigError, DammergeError
 from dammerge.evolve.fitness import (
@@ -164,3 +164,22 @@ def test_task_fitness_from_a_recipe(tmp_path):
         )
     with pytest.raises(ConfigError, match=r"needs training\.family"):
         task_fitness_from_recipe(EvolveSettings(fitness="task"))
+
+
+def test_raw_and_chat_datasets_are_scored_like_dam_reads_them(sources, tmp_path):
+    """The dataset block means what it means to DAM: raw text is all target, chat needs a
+    chat template (refused before any model is loaded when the tokenizer has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(sources.a)
+    data = tmp_path / "raw.jsonl"
+    write_jsonl(data, [{"body": f"w{i} w{i + 1} w{i + 2}"} for i in range(4)])
+    raw = DatasetSpec(path=str(data), template="raw", fields={"text": "body"})
+    examples = held_in_examples("m", raw, count=4, seed=0, tokenizer=tokenizer, max_length=64)
+    assert len(examples) == 4 and all(all(e.target_mask) for e in examples)
+    fitness = KLFitness([examples], batch_size=3)
+    model = _load(sources.a)
+    fitness.setup(FitnessContext(model, tokenizer, torch.device("cpu"), lambda i: None, []))
+    assert fitness(model).score == pytest.approx(0.0, abs=1e-6)  # a teacher against itself
+    assert fitness(_load(sources.b)).score < 0
+    chat = DatasetSpec(path=str(sources.data_a), template="chat")
+    with pytest.raises(DammergeError, match="template: chat, but the tokenizer has no chat"):
+        held_in_examples("m", chat, count=4, seed=0, tokenizer=tokenizer, max_length=64)
