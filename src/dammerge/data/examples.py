@@ -19,8 +19,9 @@ from dammerge.data.spec import FIELDS, DatasetSpec
 from dammerge.errors import DammergeError
 from dammerge.templates import record_prompt
 
-# Records whose fields are already named instruction / input / output (a family's eval sets).
-ALPACA_RECORDS = DatasetSpec(path="-")
+# How to read records already in memory whose fields are named instruction / input / output (a
+# family's splits): the Alpaca template, no field mapping. There is no file behind it.
+ALPACA_RECORDS = DatasetSpec(path="<records in memory>")
 
 
 @dataclass(frozen=True)
