@@ -144,7 +144,7 @@ def test_recipe_parses_and_paths_resolve_against_its_folder(tmp_path, monkeypatc
     assert again == cfg
 
 
-@pytest.mark.parametrize("key", ["slices", "modules", "tokenizer", "chat_template"])
+@pytest.mark.parametrize("key", ["modules", "tokenizer", "chat_template"])
 def test_unsupported_mergekit_keys_say_so(key):
     with pytest.raises(ConfigError, match=f"'{key}' is not supported \\(yet\\)") as caught:
         MergeConfig.from_dict({"merge_method": "linear", key: "chatml"})

@@ -28,6 +28,7 @@ builds); without it these tests fail rather than skip, so CI cannot pass them si
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -235,12 +236,122 @@ RECIPES: dict[str, dict[str, Any]] = {
             {"model": "FT1", "parameters": {"weight": [0.9, 0.1], "density": 0.6}},
         ],
     },
+    # LazyMergekit's SLERP form: whole layer ranges as slices, per-filter t gradients.
+    "slices_slerp_lazymergekit": {
+        "merge_method": "slerp",
+        "base_model": "BASE",
+        "slices": [
+            {
+                "sources": [
+                    {"model": "BASE", "layer_range": [0, 3]},
+                    {"model": "FT0", "layer_range": [0, 3]},
+                ]
+            }
+        ],
+        "parameters": {
+            "t": [
+                {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"value": 0.5},
+            ]
+        },
+    },
+    # Sub-ranges: the gradient restarts in each slice (a one-layer slice sits at t = 1).
+    "slices_slerp_subranges": {
+        "merge_method": "slerp",
+        "base_model": "BASE",
+        "slices": [
+            {
+                "sources": [
+                    {"model": "BASE", "layer_range": [0, 2]},
+                    {"model": "FT1", "layer_range": [0, 2]},
+                ]
+            },
+            {
+                "sources": [
+                    {"model": "BASE", "layer_range": [1, 2]},
+                    {"model": "FT1", "layer_range": [1, 2]},
+                ],
+                "parameters": {"t": [0.3, 0.6]},
+            },
+            {
+                "sources": [
+                    {"model": "BASE", "layer_range": [1, 3]},
+                    {"model": "FT1", "layer_range": [1, 3]},
+                ]
+            },
+        ],
+        "parameters": {"t": [0.1, 0.9]},
+    },
+    # Each slice from its own models: embeddings come from the first slice's, the final norm
+    # and lm_head from the last slice's; source, slice and global parameters in that order.
+    "slices_linear_multi": {
+        "merge_method": "linear",
+        "slices": [
+            {
+                "sources": [
+                    {"model": "FT0", "layer_range": [0, 1], "parameters": {"weight": 0.3}},
+                    {"model": "FT1", "layer_range": [0, 1]},
+                ],
+                "parameters": {"weight": 0.7},
+            },
+            {
+                "sources": [
+                    {"model": "FT1", "layer_range": [1, 3], "parameters": {"weight": [1, 3]}},
+                    {"model": "FT2", "layer_range": [0, 2]},
+                ]
+            },
+        ],
+        "parameters": {"weight": [{"filter": "mlp", "value": 2.0}, {"value": 1.0}]},
+    },
+    # A frankenmerge: overlapping ranges of two models stacked into five layers.
+    "passthrough_frankenmerge": {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "FT0", "layer_range": [0, 2]}]},
+            {"sources": [{"model": "FT1", "layer_range": [1, 3]}]},
+            {"sources": [{"model": "FT0", "layer_range": [2, 3]}]},
+        ],
+    },
+    # Layer duplication with the duplicate's output projections zeroed by `scale`.
+    "passthrough_scale": {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "FT2", "layer_range": [0, 2]}]},
+            {
+                "sources": [{"model": "FT2", "layer_range": [1, 2]}],
+                "parameters": {
+                    "scale": [
+                        {"filter": "o_proj", "value": 0.0},
+                        {"filter": "down_proj", "value": 0.0},
+                        {"value": 1.0},
+                    ]
+                },
+            },
+            {"sources": [{"model": "FT2", "layer_range": [2, 3]}]},
+        ],
+    },
+    "passthrough_copy": {
+        "merge_method": "passthrough",
+        "models": [{"model": "FT1", "parameters": {"scale": 0.5}}],
+    },
 }
 
 
 # mergekit computes these in float32 whatever `dtype` says: the same half-precision recipe is
 # compared directly. The others it computes in the half dtype (see the module docstring).
-UPCAST_RECIPES = ("linear_weighted", "linear_normalize", "slerp_scalar", "slerp_gradient")
+UPCAST_RECIPES = (
+    "linear_weighted",
+    "linear_normalize",
+    "slerp_scalar",
+    "slerp_gradient",
+    "slices_slerp_lazymergekit",
+    "slices_slerp_subranges",
+    "slices_linear_multi",
+    "passthrough_frankenmerge",
+    "passthrough_scale",
+    "passthrough_copy",
+)
 HALF_COMPUTED_RECIPES = tuple(name for name in RECIPES if name not in UPCAST_RECIPES)
 # Recipes that select by magnitude rank below density 1: ties at the cut may differ.
 CUT_RECIPES = {
@@ -293,7 +404,8 @@ def fill_paths(
     filled = copy.deepcopy(recipe)
     if "base_model" in filled:
         filled["base_model"] = paths[filled["base_model"]]
-    for entry in filled["models"]:
+    sources = [s for out_slice in filled.get("slices", []) for s in out_slice["sources"]]
+    for entry in [*filled.get("models", []), *sources]:
         entry["model"] = paths[entry["model"]]
     filled["dtype"] = dtype
     return filled
@@ -346,7 +458,15 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def assert_same_layer_count(ours: Path, theirs: Path) -> None:
+    counts = [
+        json.loads((f / "config.json").read_text())["num_hidden_layers"] for f in (ours, theirs)
+    ]
+    assert counts[0] == counts[1], f"num_hidden_layers {counts[0]} vs mergekit's {counts[1]}"
+
+
 def assert_same_tensors(ours: Path, theirs: Path) -> None:
+    assert_same_layer_count(ours, theirs)
     a, b = load_tensors(ours), load_tensors(theirs)
     assert sorted(a) == sorted(b), "the two tools wrote different tensor names"
     mismatched = []
@@ -399,6 +519,7 @@ def assert_within_one_ulp(
 ) -> None:
     """Every entry of ``ours`` within one ulp of ``theirs`` rounded to ``dtype``, except where
     ``allowed`` marks it (ties at the density cut)."""
+    assert_same_layer_count(ours, theirs)
     a, b = load_tensors(ours), load_tensors(theirs)
     assert sorted(a) == sorted(b), "the two tools wrote different tensor names"
     problems, excused, total = [], 0, 0

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dammerge.errors import DammergeError
+from dammerge.errors import DammergeError, Interrupted
 
 app = typer.Typer(
     add_completion=False,
@@ -24,6 +24,26 @@ app = typer.Typer(
     help="Merge language models fine-tuned from one base: data-free methods and DAM.",
 )
 console = Console(stderr=True)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from dammerge import __version__
+
+        print(f"dammerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Merge language models fine-tuned from one base: data-free methods and DAM."""
 
 
 def parse_size(text: str) -> int:
@@ -130,35 +150,74 @@ app.add_typer(family_app, name="family")
 # <<< registered commands
 
 
+# mergekit-yaml's flags, and what does their job here.
+MERGEKIT_FLAGS = {
+    "--cuda": "use --device cuda",
+    "--out-shard-size": "use --shard-size (e.g. --shard-size 5GB)",
+    "--lazy-unpickle": "not needed: safetensors are read lazily; .bin pickles need --allow-pickle",
+    "--copy-tokenizer": "not needed: the tokenizer is always written (tokenizer_source chooses it)",
+    "--allow-crimes": "not needed: dammerge checks architectures itself",
+    "--trust-remote-code": "not supported: dammerge loads no model code",
+    "--write-model-card": "not needed: a model card is always written",
+}
+
+
+def _print(kind: str, text: str, style: str) -> None:
+    console.print(f"{kind}: {text}", style=style, highlight=False, markup=False, soft_wrap=True)
+
+
+def _usage_hint(exc: typer.TyperException) -> str:
+    """A hint for a command-line usage error: mergekit's flags get their dammerge equivalent."""
+    option = getattr(exc, "option_name", None)
+    if option in MERGEKIT_FLAGS:
+        return f"{option} is a mergekit flag: {MERGEKIT_FLAGS[option]}"
+    possibilities = getattr(exc, "possibilities", None)
+    if possibilities:
+        return f"did you mean {' or '.join(sorted(possibilities))}? (see dammerge COMMAND --help)"
+    return "see dammerge --help, or dammerge COMMAND --help"
+
+
+def _interrupted() -> None:
+    """Ctrl-C: one line saying what was kept, exit 130."""
+    note = Interrupted.last
+    if note is None:
+        _print("interrupted", "nothing was written (outputs appear only when complete)", "yellow")
+    else:
+        _print("interrupted", note.message, "yellow")
+        if note.hint:
+            _print("hint", note.hint, "yellow")
+    sys.exit(130)
+
+
 def main() -> None:
-    """Console entry point: run the app, turning user errors into one-line messages."""
+    """Console entry point: run the app, turning user errors into one-line messages.
+
+    User errors (:class:`DammergeError`) and usage errors (a mistyped flag, a missing argument)
+    exit 2 with an ``error:`` and a ``hint:`` line; Ctrl-C exits 130 with one line.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except DammergeError as exc:
-        console.print(
-            f"error: {exc.message}", style="bold red", highlight=False, markup=False, soft_wrap=True
-        )
+        _print("error", exc.message, "bold red")
         if exc.hint:
-            console.print(
-                f"hint: {exc.hint}", style="yellow", highlight=False, markup=False, soft_wrap=True
-            )
+            _print("hint", exc.hint, "yellow")
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("interrupted: nothing was written", style="yellow")
-        sys.exit(130)
+        _interrupted()
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except typer.TyperException as exc:  # usage errors of typer's own click
+        _print("error", exc.format_message(), "bold red")
+        _print("hint", _usage_hint(exc), "yellow")
+        sys.exit(getattr(exc, "exit_code", 2))
+    if code == 130:  # typer turns Ctrl-C inside a command into this exit code
+        _interrupted()
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

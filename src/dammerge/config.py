@@ -38,6 +38,7 @@ from pydantic import (
     ValidationError,
     field_serializer,
     field_validator,
+    model_validator,
 )
 
 from dammerge.data.spec import DatasetSpec
@@ -86,7 +87,6 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 # mergekit 0.1.5 recipe keys dammerge does not implement yet, with what to do instead.
 NOT_SUPPORTED_KEYS = {
-    "slices": "list whole models under 'models:' (layer ranges are not supported yet)",
     "modules": "list whole models under 'models:' (per-module recipes are not supported yet)",
     "tokenizer": "use tokenizer_source: base or a model path (the tokenizer block and vocabulary "
     "union are not supported yet)",
@@ -120,6 +120,57 @@ class InputModel(BaseModel):
         return None if dataset is None else dataset.model_dump(exclude_defaults=True)
 
 
+class InputSlice(BaseModel):
+    """One source of an output slice: layers ``[start, end)`` of one model (mergekit's
+    ``InputSliceDefinition``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered_range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, end = value
+        if start < 0 or end <= start:
+            raise ValueError(
+                f"layer_range {list(value)} must be [start, end) with 0 <= start < end"
+            )
+        return value
+
+    @property
+    def length(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+class OutputSlice(BaseModel):
+    """A run of consecutive output layers, each merged from the same offset into every source's
+    layer range (mergekit's ``OutputSliceDefinition``). ``base_model`` overrides the recipe's
+    for this slice; ``parameters`` sit between the sources' own and the recipe's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[InputSlice] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _equal_lengths(self) -> OutputSlice:
+        lengths = [source.length for source in self.sources]
+        if len(set(lengths)) > 1:
+            ranges = ", ".join(f"{list(s.layer_range)}" for s in self.sources)
+            raise ValueError(
+                f"the sources of a slice must cover the same number of layers, got {ranges}"
+            )
+        return self
+
+    @property
+    def length(self) -> int:
+        return self.sources[0].length
+
+
 def read_yaml_file(path: Path, what: str) -> Any:
     """The parsed YAML of a user's file (recipe, experiment), with one-line errors."""
     try:
@@ -142,6 +193,7 @@ class MergeConfig(BaseModel):
     merge_method: str
     base_model: str | None = None
     models: list[InputModel] = Field(default_factory=list)
+    slices: list[OutputSlice] | None = None  # layer ranges instead of whole models
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     dtype: str | None = None  # inputs rounded to it when read; None keeps each stored dtype
     out_dtype: str | None = None  # written dtype; None: dtype, else each stored dtype
@@ -156,6 +208,14 @@ class MergeConfig(BaseModel):
         if value is not None and value.lower() not in DTYPES:
             raise ValueError(f"unknown dtype {value!r} (use {', '.join(sorted(DTYPES))})")
         return value
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> MergeConfig:
+        if self.slices is not None and not self.slices:
+            raise ValueError("'slices' is empty: list at least one slice, or use 'models:'")
+        if self.slices and self.models:
+            raise ValueError("give either 'models' or 'slices', not both")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> MergeConfig:
@@ -176,8 +236,10 @@ class MergeConfig(BaseModel):
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "recipe"
-            message = first["msg"].removeprefix("Value error, ")
+            message = str(first["msg"]).removeprefix("Value error, ")
             hint = "check the spelling against docs/recipes.md"
+            if first["type"] == "value_error":
+                hint = "see docs/recipes.md for the recipe's keys"
             raise ConfigError(f"{source}: {where}: {message}", hint) from None
 
     def relative_to(self, folder: Path) -> MergeConfig:
@@ -201,6 +263,12 @@ class MergeConfig(BaseModel):
                 return training
             return {**training, "family": fix(training["family"])}  # evolve's task fitness
 
+        def fix_slice(out_slice: OutputSlice) -> OutputSlice:
+            sources = [s.model_copy(update={"model": fix(s.model)}) for s in out_slice.sources]
+            return out_slice.model_copy(
+                update={"sources": sources, "base_model": fix(out_slice.base_model)}
+            )
+
         # 'base' and 'union' are keywords only for tokenizer_source; a model folder may well be
         # called 'base'
         tokenizer = self.tokenizer_source
@@ -211,13 +279,17 @@ class MergeConfig(BaseModel):
                     m.model_copy(update={"model": fix(m.model), "dataset": fix_dataset(m.dataset)})
                     for m in self.models
                 ],
+                "slices": None if self.slices is None else [fix_slice(s) for s in self.slices],
                 "tokenizer_source": tokenizer if tokenizer in ("base", "union") else fix(tokenizer),
                 "training": fix_training(self.training),
             }
         )
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False)
+        data = self.model_dump(mode="json", exclude_none=True)  # tuples as lists
+        if self.slices:
+            del data["models"]  # mergekit reads exactly one of the two
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def load_config(config: MergeConfig | dict[str, Any] | str | Path) -> MergeConfig:

@@ -7,6 +7,8 @@ would overwrite an input) raises :class:`DammergeError`. The CLI prints ``error:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class DammergeError(Exception):
     """An error caused by the user's input, reported without a traceback."""
@@ -30,3 +32,21 @@ class CheckpointError(DammergeError):
 
 class OutputError(DammergeError):
     """The output location cannot be written safely."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, raised by code that kept its state, saying what was kept and how to resume.
+
+    It is a ``KeyboardInterrupt``, so Python callers see the interruption they expect; the CLI
+    prints its message as one line and exits 130. The command-line framework turns every
+    ``KeyboardInterrupt`` into a bare exit code, so the latest one is also kept in
+    :attr:`last` for the CLI to read.
+    """
+
+    last: ClassVar[Interrupted | None] = None
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        Interrupted.last = self

@@ -68,12 +68,14 @@ def tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def tensor_sources(plan: MergePlan, tensor: TensorPlan) -> list[Checkpoint]:
-    """The checkpoints one output tensor is read from: the participants, then the base (or
-    only the reference, for a tensor copied unchanged)."""
-    if tensor.copy_from_reference:
-        return [plan.reference]
-    return [*plan.participants, *([plan.base] if plan.base is not None else [])]
+def tensor_sources(plan: MergePlan, tensor: TensorPlan) -> list[tuple[Checkpoint, str]]:
+    """The (checkpoint, tensor name) pairs one output tensor is read from: the participants',
+    then the base's (one source only, for a tensor copied unchanged). The checkpoints are
+    looked up in the plan's inputs, so a caller that swaps those (the search's in-memory
+    copies) is read from."""
+    by_path = {ck.path: ck for ck in plan.inputs}
+    wanted = [*tensor.sources, *([tensor.base_source] if tensor.base_source else [])]
+    return [(by_path[source.model], source.tensor) for source in wanted]
 
 
 def merge_tensor(
@@ -89,7 +91,7 @@ def merge_tensor(
     converted (raw bf16 inputs and their float32 copies are never all alive at once), and it is
     emptied on return, so the inputs are freed before the result is written."""
     if loaded is None:
-        loaded = [ck.get(tensor.name) for ck in tensor_sources(plan, tensor)]
+        loaded = [ck.get(name) for ck, name in tensor_sources(plan, tensor)]
     if tensor.copy_from_reference:
         return loaded[0]
     for k, raw in enumerate(loaded):
@@ -98,11 +100,11 @@ def merge_tensor(
     generator = None
     if plan.method.stochastic:
         generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, tensor.name))
-    n = len(plan.participants)
+    n = len(tensor.sources)
     inputs = MergeInputs(
         name=tensor.name,
         tensors=loaded[:n],
-        base=loaded[n] if plan.base is not None else None,
+        base=loaded[n] if tensor.base_source is not None else None,
         model_params=tensor.model_params,
         params=tensor.params,
         generator=generator,
@@ -113,7 +115,7 @@ def merge_tensor(
         raise ConfigError(f"{plan.method.name} failed on {tensor.name}: {exc}") from None
     if not torch.isfinite(merged).all():
         raise DammergeError(
-            f"the merge produced NaN/Inf in {tensor.name}{_nonfinite_source(plan, inputs)}",
+            f"the merge produced NaN/Inf in {tensor.name}{_nonfinite_source(plan, tensor, inputs)}",
             "check the input checkpoints and the recipe's weights",
         )
     loaded.clear()
@@ -146,13 +148,11 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host.copy_(tensor)
 
 
-def _nonfinite_source(plan: MergePlan, inputs: MergeInputs) -> str:
-    candidates = list(zip(plan.participants, inputs.tensors, strict=True))
-    if plan.base is not None and inputs.base is not None:
-        candidates.append((plan.base, inputs.base))
-    for ck, t in candidates:
-        if not torch.isfinite(t).all():
-            return f" (input {ck.path} already holds NaN/Inf there)"
+def _nonfinite_source(plan: MergePlan, tensor: TensorPlan, inputs: MergeInputs) -> str:
+    values = [*inputs.tensors, *([inputs.base] if inputs.base is not None else [])]
+    for (ck, name), value in zip(tensor_sources(plan, tensor), values, strict=True):
+        if not torch.isfinite(value).all():
+            return f" (input {ck.path} already holds NaN/Inf in {name})"
     return ""
 
 
@@ -169,8 +169,8 @@ def read_inputs(
         tensor = next(remaining, None)
         if tensor is not None:
             reads = [
-                pool.submit(ck.get, tensor.name, pinned=pinned)
-                for ck in tensor_sources(plan, tensor)
+                pool.submit(ck.get, name, pinned=pinned)
+                for ck, name in tensor_sources(plan, tensor)
             ]
             queued.append((tensor, reads))
 
@@ -223,7 +223,7 @@ def write_side_files(writer: CheckpointWriter, plan: MergePlan, seed: int) -> No
     """config.json (dtype updated), generation config, tokenizer, recipe and model card."""
     dtypes = {plan.output_dtype(t) for t in plan.tensors if t.dtype.is_floating_point}
     out_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    writer.write_config(plan.reference.config, out_dtype)
+    writer.write_config(plan.output_config(), out_dtype)
     generation = plan.reference.path / "generation_config.json"
     if generation.is_file():
         writer.copy_file(generation)

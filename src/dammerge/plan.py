@@ -7,7 +7,9 @@ tensor names and shapes (all mismatches are listed at once).
 
 from __future__ import annotations
 
+import copy
 import difflib
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +32,19 @@ from dammerge.methods import METHODS, REQUIRED, MergeMethod, get_method
 MAX_LISTED_MISMATCHES = 8
 
 
+@dataclass(frozen=True)
+class TensorSource:
+    """Where one input of an output tensor is read: a model folder and a tensor name in it
+    (another layer's name when slices move layers)."""
+
+    model: Path
+    tensor: str
+
+
 @dataclass
 class TensorPlan:
-    """How one output tensor is made."""
+    """How one output tensor is made: from which tensors of which models, with which resolved
+    parameters."""
 
     name: str
     info: TensorInfo
@@ -41,7 +53,9 @@ class TensorPlan:
     depth: float
     model_params: list[dict[str, Any]]
     params: dict[str, Any]
-    copy_from_reference: bool = False  # non-float tensors (buffers) are copied, not merged
+    sources: list[TensorSource]  # the participating models' tensors, in recipe order
+    base_source: TensorSource | None = None
+    copy_from_reference: bool = False  # non-float tensors (buffers): sources[0], unchanged
 
 
 @dataclass
@@ -50,11 +64,13 @@ class MergePlan:
     method: MergeMethod
     reference: Checkpoint  # base if given, else the first model: names, config, tokenizer
     base: Checkpoint | None
-    participants: list[Checkpoint]
+    participants: list[Checkpoint]  # with slices: every other model any slice reads
     tensors: list[TensorPlan] = field(default_factory=list)
     input_dtype: torch.dtype | None = None  # inputs rounded to it when read (recipe's dtype)
     compute_dtype: torch.dtype = torch.float32
     out_dtype: torch.dtype | None = None
+    # with slices: per output layer, the config.json of the model it comes from and its index
+    layer_origins: list[tuple[dict[str, Any], int]] | None = None
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -62,6 +78,13 @@ class MergePlan:
         for ck in [self.reference, *([self.base] if self.base else []), *self.participants]:
             seen.setdefault(ck.path, ck)
         return list(seen.values())
+
+    @property
+    def num_layers(self) -> int | None:
+        """The output's number of blocks: the reference's, or the slices' total."""
+        if self.layer_origins is not None:
+            return len(self.layer_origins)
+        return self.reference.architecture.num_layers
 
     @property
     def held_dtype(self) -> torch.dtype:
@@ -85,6 +108,14 @@ class MergePlan:
             total += count * self.output_dtype(t).itemsize
         return total
 
+    def output_config(self) -> dict[str, Any]:
+        """The output's ``config.json`` (before its dtype is set): the reference's, with the
+        layer count and per-layer lists rewritten when slices restack the layers."""
+        if self.layer_origins is None:
+            return dict(self.reference.config)
+        keys = self.reference.architecture.spec.num_layers_keys
+        return restacked_config(self.reference.config, keys, self.layer_origins)
+
     def tokenizer_folder(self) -> Path:
         source = self.config.tokenizer_source
         if source in (None, "base"):
@@ -92,47 +123,113 @@ class MergePlan:
         return Path(source)
 
 
+# config.json entries holding one value per layer, rebuilt from each output layer's origin
+PER_LAYER_CONFIG_KEYS = ("layer_types",)
+
+
+def _layer_section(config: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The part of a config that counts layers: itself, or its ``text_config``."""
+    text = config.get("text_config")
+    if not any(key in config for key in keys) and isinstance(text, dict):
+        return text
+    return config
+
+
+def restacked_config(
+    config: dict[str, Any], keys: tuple[str, ...], origins: list[tuple[dict[str, Any], int]]
+) -> dict[str, Any]:
+    """``config`` for a model whose layer ``j`` is layer ``origins[j][1]`` of the model whose
+    config is ``origins[j][0]``: the layer count (``num_hidden_layers`` or the architecture's
+    key) is ``len(origins)``, and per-layer lists such as ``layer_types`` are rebuilt from each
+    layer's origin (dropped, for transformers to rebuild, when an origin lacks one)."""
+    config = copy.deepcopy(config)
+    section = _layer_section(config, keys)
+    for key in keys:
+        if key in section:
+            section[key] = len(origins)
+    for key in PER_LAYER_CONFIG_KEYS:
+        if not isinstance(section.get(key), list):
+            continue
+        values = []
+        for source, layer in origins:
+            listed = _layer_section(source, keys).get(key)
+            if not isinstance(listed, list) or layer >= len(listed):
+                del section[key]
+                break
+            values.append(listed[layer])
+        else:
+            section[key] = values
+    return config
+
+
+@dataclass(frozen=True)
+class SliceInput:
+    """One model of a planned slice and the first of its layers the slice reads."""
+
+    checkpoint: Checkpoint
+    start: int
+    parameters: dict[str, Any]
+
+    def source(self, name: str, arch_pattern: str, offset: int | None) -> TensorSource:
+        """This input's tensor for ``name`` (a tensor of the slice's template layer), or
+        ``name`` itself outside the blocks (``offset`` None)."""
+        tensor = name if offset is None else renumber_layer(name, arch_pattern, self.start + offset)
+        return TensorSource(self.checkpoint.path, tensor)
+
+
+@dataclass(frozen=True)
+class PlannedSlice:
+    """An output slice resolved against its checkpoints (a whole-model recipe is one slice)."""
+
+    participants: list[SliceInput]
+    base: SliceInput | None
+    copy_from: SliceInput  # the model non-float buffers and the layers' tensor names come from
+    length: int
+    parameters: dict[str, Any]
+
+
+def renumber_layer(name: str, layer_pattern: str, index: int) -> str:
+    """``name`` with its block index (the first group of ``layer_pattern``) set to ``index``."""
+    match = re.search(layer_pattern, name)
+    if match is None:
+        return name
+    start, end = match.span(1)
+    return f"{name[:start]}{index}{name[end:]}"
+
+
+class _Loader:
+    """Opens each model folder once."""
+
+    def __init__(self, allow_pickle: bool) -> None:
+        self.allow_pickle = allow_pickle
+        self.cache: dict[Path, Checkpoint] = {}
+
+    def __call__(self, path: str) -> Checkpoint:
+        check_model_reference(path)
+        key = Path(path).resolve()
+        if key not in self.cache:
+            self.cache[key] = Checkpoint(path, allow_pickle=self.allow_pickle)
+        return self.cache[key]
+
+
 def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
     method = get_method(config.merge_method)
     check_parameters(config, method)
-    if not config.models:
-        raise ConfigError("the recipe lists no models", "add a 'models:' list")
-    if method.requires_base and not config.base_model:
+    if not config.models and not config.slices:
+        raise ConfigError("the recipe lists no models", "add a 'models:' list (or 'slices:')")
+    slice_bases = bool(config.slices) and all(s.base_model for s in config.slices or [])
+    if method.requires_base and not config.base_model and not slice_bases:
         raise ConfigError(f"{method.name} needs a base_model", "set base_model: PATH")
     if config.tokenizer_source == "union":
         raise ConfigError(
             "tokenizer_source: union is not supported",
             "merge models that share one tokenizer; use 'base' or a model path",
         )
-
-    cache: dict[Path, Checkpoint] = {}
-
-    def load(path: str) -> Checkpoint:
-        check_model_reference(path)
-        key = Path(path).resolve()
-        if key not in cache:
-            cache[key] = Checkpoint(path, allow_pickle=allow_pickle)
-        return cache[key]
-
-    base = load(config.base_model) if config.base_model else None
-    entries = [(m, load(m.model)) for m in config.models]
-    if method.requires_base and base is not None:
-        entries = [(m, ck) for m, ck in entries if ck.path != base.path]
-    _check_model_count(method, len(entries))
-    participants = [ck for _, ck in entries]
-    reference = base or participants[0]
-    check_compatible(reference, [ck for ck in cache.values() if ck is not reference])
-
-    plan = MergePlan(
-        config=config,
-        method=method,
-        reference=reference,
-        base=base if method.requires_base else None,
-        participants=participants,
-        input_dtype=parse_dtype(config.dtype),
-        compute_dtype=compute_dtype_of(config.dtype, config.compute_dtype),
-        out_dtype=parse_dtype(config.out_dtype) or parse_dtype(config.dtype),
-    )
+    load = _Loader(allow_pickle)
+    if config.slices:
+        plan = _sliced_plan(config, method, load)
+    else:
+        plan = _whole_model_plan(config, method, load)
     if config.tokenizer_source not in (None, "base"):
         folder = plan.tokenizer_folder()
         if (
@@ -140,30 +237,228 @@ def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
             and not (folder / "tokenizer_config.json").is_file()
         ):
             raise ConfigError(f"tokenizer_source {folder} holds no tokenizer files")
+    for tensor in plan.tensors:
+        check_values(method, tensor)
+    return plan
+
+
+def _new_plan(
+    config: MergeConfig,
+    method: MergeMethod,
+    reference: Checkpoint,
+    base: Checkpoint | None,
+    participants: list[Checkpoint],
+) -> MergePlan:
+    return MergePlan(
+        config=config,
+        method=method,
+        reference=reference,
+        base=base,
+        participants=participants,
+        input_dtype=parse_dtype(config.dtype),
+        compute_dtype=compute_dtype_of(config.dtype, config.compute_dtype),
+        out_dtype=parse_dtype(config.out_dtype) or parse_dtype(config.dtype),
+    )
+
+
+def _whole_model_plan(config: MergeConfig, method: MergeMethod, load: _Loader) -> MergePlan:
+    """Every tensor of the reference, merged from the same tensor of every model."""
+    base = load(config.base_model) if config.base_model else None
+    entries = [(m, load(m.model)) for m in config.models]
+    if method.requires_base and base is not None:
+        entries = [(m, ck) for m, ck in entries if ck.path != base.path]
+    _check_model_count(method, len(entries))
+    participants = [ck for _, ck in entries]
+    reference = base or participants[0]
+    check_compatible(reference, [ck for ck in load.cache.values() if ck is not reference])
+    plan = _new_plan(
+        config, method, reference, base if method.requires_base else None, participants
+    )
+    whole = PlannedSlice(
+        participants=[SliceInput(ck, 0, m.parameters) for m, ck in entries],
+        base=SliceInput(base, 0, {}) if plan.base is not None and base is not None else None,
+        copy_from=SliceInput(reference, 0, {}),
+        length=reference.architecture.num_layers or 0,
+        parameters={},
+    )
     architecture = reference.architecture
     for name in reference.names():
         info = reference.info(name)
         # mergekit resolves every tensor outside the blocks (embeddings, final norm, lm_head)
         # at t = 0, the gradient's first value; same recipe, same tensors.
         depth = architecture.depth_fraction(info) if info.layer is not None else 0.0
-        dtype = reference.dtype(name)
-        plan.tensors.append(
-            TensorPlan(
-                name=name,
-                info=info,
-                shape=reference.shape(name),
-                dtype=dtype,
-                depth=depth,
-                model_params=[
-                    _resolve_model_params(method, config, m.parameters, name, depth)
-                    for m, _ in entries
-                ],
-                params=_resolve_global_params(method, config, name, depth),
-                copy_from_reference=not dtype.is_floating_point,
-            )
-        )
-        check_values(method, plan.tensors[-1])
+        plan.tensors.append(_tensor_plan(plan, whole, name, info, None, depth))
     return plan
+
+
+def _sliced_plan(config: MergeConfig, method: MergeMethod, load: _Loader) -> MergePlan:
+    """mergekit's ``slices``: the tensors outside the blocks from the first slice (embeddings)
+    and the last (final norm, ``lm_head``), then each slice's layers in turn, renumbered; a
+    gradient restarts in every slice (``t = i / (length - 1)``, 1 for a one-layer slice)."""
+    assert config.slices
+    planned = [_plan_slice(config, method, load, i) for i, s in enumerate(config.slices)]
+    first = planned[0]
+    global_base = load(config.base_model) if config.base_model else None
+    reference = global_base or first.copy_from.checkpoint
+    base = global_base if method.requires_base else None
+    others: dict[Path, Checkpoint] = {}
+    for out_slice in planned:
+        for item in [*out_slice.participants, *([out_slice.base] if out_slice.base else [])]:
+            if base is None or item.checkpoint.path != base.path:
+                others.setdefault(item.checkpoint.path, item.checkpoint)
+    plan = _new_plan(config, method, reference, base, list(others.values()))
+    architecture = reference.architecture
+    outside = [n for n in reference.names() if architecture.layer_index(n) is None]
+    pre = [n for n in outside if reference.info(n).kind == TensorKind.EMBEDDING]
+    post = [n for n in outside if n not in pre]
+    plan.tensors.extend(_tensor_plan(plan, first, n, reference.info(n), None, 0.0) for n in pre)
+    plan.layer_origins = []
+    for out_slice in planned:
+        template = out_slice.copy_from
+        names = _names_by_layer(template.checkpoint)
+        for offset in range(out_slice.length):
+            depth = offset / (out_slice.length - 1) if out_slice.length > 1 else 1.0
+            index = len(plan.layer_origins)
+            for source_name in names.get(template.start + offset, []):
+                name = renumber_layer(source_name, architecture.spec.layer_pattern, index)
+                info = architecture.classify(name, len(template.checkpoint.shape(source_name)))
+                plan.tensors.append(_tensor_plan(plan, out_slice, name, info, offset, depth))
+            plan.layer_origins.append((template.checkpoint.config, template.start + offset))
+    last = planned[-1]
+    plan.tensors.extend(_tensor_plan(plan, last, n, reference.info(n), None, 0.0) for n in post)
+    _check_sources(plan)
+    return plan
+
+
+def _plan_slice(
+    config: MergeConfig, method: MergeMethod, load: _Loader, index: int
+) -> PlannedSlice:
+    """Slice ``index`` of the recipe against its checkpoints: ranges inside each model, the
+    base among the sources when the method needs one, and the method's model count."""
+    assert config.slices
+    out_slice = config.slices[index]
+    where = f"slice {index}"
+    inputs = []
+    for source in out_slice.sources:
+        ck = load(source.model)
+        depth = _layer_count(ck)
+        if source.layer_range[1] > depth:
+            raise ConfigError(
+                f"{where}: layer_range {list(source.layer_range)} goes past {ck.name}'s "
+                f"{depth} layers",
+                f"use a range within [0, {depth}]",
+            )
+        inputs.append(SliceInput(ck, source.layer_range[0], source.parameters))
+    paths = [item.checkpoint.path for item in inputs]
+    if len(set(paths)) != len(paths):
+        raise ConfigError(f"{where} lists the same model twice", "give each model once per slice")
+    base = None
+    if method.requires_base:
+        base_path = out_slice.base_model or config.base_model
+        assert base_path is not None  # build_plan checked it
+        base_ck = load(base_path)
+        base = next((i for i in inputs if i.checkpoint.path == base_ck.path), None)
+        if base is None:
+            raise ConfigError(
+                f"{where}: its base model {base_ck.name} is not among its sources",
+                "list the base model as a source with the same layer_range",
+            )
+    participants = [item for item in inputs if item is not base]
+    _check_model_count(method, len(participants), where)
+    return PlannedSlice(
+        participants=participants,
+        base=base,
+        copy_from=base or participants[0],
+        length=out_slice.length,
+        parameters=out_slice.parameters,
+    )
+
+
+def _layer_count(ck: Checkpoint) -> int:
+    """A model's number of blocks: its config's, else counted from its tensor names."""
+    if ck.architecture.num_layers is not None:
+        return ck.architecture.num_layers
+    indices = [ck.architecture.layer_index(name) for name in ck.names()]
+    return max((i for i in indices if i is not None), default=-1) + 1
+
+
+def _names_by_layer(ck: Checkpoint) -> dict[int, list[str]]:
+    layers: dict[int, list[str]] = {}
+    for name in ck.names():
+        index = ck.architecture.layer_index(name)
+        if index is not None:
+            layers.setdefault(index, []).append(name)
+    return layers
+
+
+def _tensor_plan(
+    plan: MergePlan,
+    out_slice: PlannedSlice,
+    name: str,
+    info: TensorInfo,
+    offset: int | None,
+    depth: float,
+) -> TensorPlan:
+    """Output tensor ``name`` of ``out_slice`` (``offset`` into its layers; None outside the
+    blocks), its parameters resolved at ``depth``: a model's from its own, the slice's, then
+    the recipe's (matched against the model's tensor name, as mergekit does); the global ones
+    from the slice's, then the recipe's."""
+    pattern = plan.reference.architecture.spec.layer_pattern
+    template = out_slice.copy_from.source(name, pattern, offset)
+    template_ck = out_slice.copy_from.checkpoint
+    if template.tensor not in template_ck:
+        raise CheckpointError(
+            f"{template_ck.name} lacks {template.tensor}",
+            "merge only models of the same architecture (same tensor names)",
+        )
+    dtype = template_ck.dtype(template.tensor)
+    scopes = (out_slice.parameters, plan.config.parameters)
+    if not dtype.is_floating_point:
+        sources, base_source, model_params = [template], None, []
+    else:
+        sources = [item.source(name, pattern, offset) for item in out_slice.participants]
+        base = out_slice.base
+        base_source = base.source(name, pattern, offset) if base is not None else None
+        model_params = [
+            _resolve_model_params(plan.method, (item.parameters, *scopes), src.tensor, depth)
+            for item, src in zip(out_slice.participants, sources, strict=True)
+        ]
+    return TensorPlan(
+        name=name,
+        info=info,
+        shape=template_ck.shape(template.tensor),
+        dtype=dtype,
+        depth=depth,
+        model_params=model_params,
+        params=_resolve_global_params(plan.method, scopes, name, depth),
+        sources=sources,
+        base_source=base_source,
+        copy_from_reference=not dtype.is_floating_point,
+    )
+
+
+def _check_sources(plan: MergePlan) -> None:
+    """Every source tensor of a sliced plan exists with its output's shape (slices may mix
+    models of different depths, so names are checked tensor by tensor)."""
+    by_path = {ck.path: ck for ck in plan.inputs}
+    problems: list[str] = []
+    for tensor in plan.tensors:
+        wanted = [*tensor.sources, *([tensor.base_source] if tensor.base_source else [])]
+        for source in wanted:
+            ck = by_path[source.model]
+            if source.tensor not in ck:
+                problems.append(f"{ck.name} lacks {source.tensor}")
+            elif ck.shape(source.tensor) != tensor.shape:
+                problems.append(
+                    f"{source.tensor}: {ck.name} {list(ck.shape(source.tensor))} vs "
+                    f"{list(tensor.shape)} for {tensor.name}"
+                )
+    if problems:
+        raise mismatch_error(
+            "the slices' models do not share tensor names and shapes",
+            problems,
+            "slice only models of the same architecture and width",
+        )
 
 
 class UnusedParameterWarning(UserWarning):
@@ -184,13 +479,24 @@ def check_parameters(config: MergeConfig, method: MergeMethod) -> None:
     """
     known_model = set(method.model_params)
     known_global = set(method.global_params) | known_model
-    named = [(key, "global") for key in config.parameters if key not in known_global] + [
-        (key, f"model {m.model}")
-        for m in config.models
-        for key in m.parameters
+    models = [(m.model, m.parameters) for m in config.models] + [
+        (source.model, source.parameters)
+        for out_slice in config.slices or []
+        for source in out_slice.sources
+    ]
+    shared = [("global", config.parameters)] + [
+        (f"slice {i}", out_slice.parameters) for i, out_slice in enumerate(config.slices or [])
+    ]
+    named = [
+        (key, where) for where, params in shared for key in params if key not in known_global
+    ] + [
+        (key, f"model {model}")
+        for model, params in models
+        for key in params
         if key not in known_model
     ]
-    misplaced = [key for key, where in named if where != "global" and key in known_global]
+    per_model = [where for _, where in named if where.startswith("model ")]
+    misplaced = [key for key, where in named if where in per_model and key in known_global]
     if misplaced:
         raise ConfigError(
             f"'{misplaced[0]}' is a global parameter of {method.name}, set per model",
@@ -218,7 +524,16 @@ def check_parameters(config: MergeConfig, method: MergeMethod) -> None:
         )
 
 
-NUMERIC_PARAMETERS = {"weight", "density", "gamma", "epsilon", "lambda", "t", "select_topk"}
+NUMERIC_PARAMETERS = {
+    "weight",
+    "density",
+    "gamma",
+    "epsilon",
+    "lambda",
+    "t",
+    "select_topk",
+    "scale",
+}
 FRACTIONS = {"density", "gamma", "select_topk"}  # shares of a tensor's entries
 RESCALE_MODES = {"l1", "density", "probability"}
 
@@ -261,16 +576,23 @@ def _bad_value(method: MergeMethod, tensor: TensorPlan, key: str, value: Any, wa
     )
 
 
-def _check_model_count(method: MergeMethod, count: int) -> None:
+MODEL_COUNT_HINTS = {
+    "slerp": "slerp interpolates between base_model and exactly one other model",
+    "passthrough": "passthrough copies one model per slice; stack models with several slices",
+}
+
+
+def _check_model_count(method: MergeMethod, count: int, where: str = "") -> None:
     extra = " besides the base" if method.requires_base else ""
+    prefix = f"{where}: " if where else ""
     if count < method.min_models:
         raise ConfigError(
-            f"{method.name} needs at least {method.min_models} model(s){extra}, got {count}"
+            f"{prefix}{method.name} needs at least {method.min_models} model(s){extra}, got {count}"
         )
     if method.max_models is not None and count > method.max_models:
         raise ConfigError(
-            f"{method.name} takes at most {method.max_models} model(s){extra}, got {count}",
-            "slerp interpolates between base_model and exactly one other model",
+            f"{prefix}{method.name} takes at most {method.max_models} model(s){extra}, got {count}",
+            MODEL_COUNT_HINTS.get(method.name),
         )
 
 
@@ -290,26 +612,30 @@ def check_compatible(reference: Checkpoint, others: list[Checkpoint]) -> None:
                     f"{other.name} {list(other.shape(name))}"
                 )
     if problems:
-        listed = "; ".join(problems[:MAX_LISTED_MISMATCHES])
-        more = len(problems) - MAX_LISTED_MISMATCHES
-        suffix = f"; and {more} more" if more > 0 else ""
-        raise CheckpointError(
-            f"models do not share tensor names and shapes: {listed}{suffix}",
+        raise mismatch_error(
+            "models do not share tensor names and shapes",
+            problems,
             "merge only models fine-tuned from the same base (same architecture and vocab)",
         )
 
 
+def mismatch_error(what: str, problems: list[str], hint: str) -> CheckpointError:
+    """One error line listing the first few of many mismatches (all of them are found first)."""
+    listed = "; ".join(problems[:MAX_LISTED_MISMATCHES])
+    more = len(problems) - MAX_LISTED_MISMATCHES
+    suffix = f"; and {more} more" if more > 0 else ""
+    return CheckpointError(f"{what}: {listed}{suffix}", hint)
+
+
 def _resolve_model_params(
-    method: MergeMethod,
-    config: MergeConfig,
-    own: dict[str, Any],
-    name: str,
-    depth: float,
+    method: MergeMethod, scopes: tuple[dict[str, Any], ...], name: str, depth: float
 ) -> dict[str, Any]:
+    """One model's parameters for tensor ``name``: the first of ``scopes`` (highest precedence
+    first) that resolves each, else its default."""
     resolved = {}
     for key, default in method.model_params.items():
         value = None
-        for source in (own, config.parameters):
+        for source in scopes:
             if key in source:
                 value = resolve_value(source[key], name, depth, key)
                 if value is not None:
@@ -326,13 +652,16 @@ def _resolve_model_params(
 
 
 def _resolve_global_params(
-    method: MergeMethod, config: MergeConfig, name: str, depth: float
+    method: MergeMethod, scopes: tuple[dict[str, Any], ...], name: str, depth: float
 ) -> dict[str, Any]:
     resolved = {}
     for key, default in method.global_params.items():
         value = None
-        if key in config.parameters:
-            value = resolve_value(config.parameters[key], name, depth, key)
+        for source in scopes:
+            if key in source:
+                value = resolve_value(source[key], name, depth, key)
+                if value is not None:
+                    break
         if value is None:
             if default is REQUIRED:
                 raise ConfigError(
@@ -354,6 +683,20 @@ def _dtype_line(plan: MergePlan) -> str:
     )
 
 
+def _slice_lines(plan: MergePlan) -> list[str]:
+    """One line per recipe slice: which output layers come from which source layers."""
+    lines, first = [], 0
+    for out_slice in plan.config.slices or []:
+        last = first + out_slice.length - 1
+        sources = ", ".join(
+            f"{Path(s.model).name}[{s.layer_range[0]}:{s.layer_range[1]}]"
+            for s in out_slice.sources
+        )
+        lines.append(f"slice       layers {first}-{last} from {sources}")
+        first = last + 1
+    return lines
+
+
 def describe(plan: MergePlan) -> list[str]:
     """Human-readable lines summarising a plan (for --dry-run)."""
     kinds: dict[TensorKind, int] = {}
@@ -366,7 +709,8 @@ def describe(plan: MergePlan) -> list[str]:
         f"tensors     {len(plan.tensors)} ("
         + ", ".join(f"{n} {k.value}" for k, n in sorted(kinds.items(), key=lambda kv: kv[0]))
         + ")",
-        f"layers      {plan.reference.architecture.num_layers}",
+        f"layers      {plan.num_layers}",
+        *_slice_lines(plan),
         f"dtypes      {_dtype_line(plan)}",
         f"output size {plan.output_bytes() / 2**20:.1f} MiB",
     ]

@@ -171,4 +171,9 @@ def load_recipe(source: MergeConfig | dict[str, Any] | str | Path) -> Recipe:
     """Read and validate a whole recipe (``training:`` included) before any compute."""
     config = load_config(source)
     method = get_entry(config.merge_method)
+    if config.slices and method.kind != "data-free":
+        raise ConfigError(
+            f"{method.name} merges whole models; 'slices' are for data-free methods",
+            "list the models under 'models:'",
+        )
     return Recipe(config, method, method.parse(config))

@@ -226,3 +226,18 @@ def test_objective_with_grad_equals_autograd_of_objective(objective, direction, 
     value = train_module.objective_with_grad(settings, rows, teacher, grad_out)
     torch.testing.assert_close(value, expected.detach())
     torch.testing.assert_close(grad_out, leaf.grad)
+
+
+def test_ctrl_c_during_the_update_is_held_until_the_step_is_whole():
+    """A SIGINT inside the deferred block is raised only when the block ends."""
+    import os
+    import signal
+
+    from dammerge.learned.train import ctrl_c_deferred
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt), ctrl_c_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        finished.append(True)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

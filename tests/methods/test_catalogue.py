@@ -31,7 +31,9 @@ EXPECTED = {  # name: (per-model parameters, global parameters), defaults in lis
     "sce": ({}, {"normalize": True, "lambda": 1.0, "select_topk": 1.0, "int8_mask": False}),
     "slerp": ({}, {"t": R}),
     "model_stock": ({}, {"filter_wise": False}),
+    "passthrough": ({"scale": 1.0}, {}),
 }
+WITHOUT_BASE = ("linear", "passthrough")
 
 
 def test_every_method_has_its_parameters_defaults_and_paper():
@@ -42,10 +44,23 @@ def test_every_method_has_its_parameters_defaults_and_paper():
         assert record.paper.startswith("https://"), name
         assert record.model_params == model_params, name
         assert list(record.global_params.items()) == list(global_params.items()), name
-        assert record.requires_base == (name != "linear"), name
+        assert record.requires_base == (name not in WITHOUT_BASE), name
         assert record.stochastic == name.startswith(("dare", "della")), name
     assert (METHODS["slerp"].min_models, METHODS["slerp"].max_models) == (1, 1)
     assert (METHODS["model_stock"].min_models, METHODS["model_stock"].max_models) == (2, None)
+    assert (METHODS["passthrough"].min_models, METHODS["passthrough"].max_models) == (1, 1)
+
+
+def test_passthrough_copies_or_scales_its_one_model():
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(3))
+
+    def run(scale: float) -> torch.Tensor:
+        inputs = MergeInputs("w", [x], None, [{"scale": scale}], {})
+        return METHODS["passthrough"].run(inputs)
+
+    assert run(1.0) is x
+    assert torch.equal(run(0.0), torch.zeros_like(x))
+    assert torch.equal(run(-0.5), x * -0.5)
 
 
 def test_a_new_row_composes_existing_columns():

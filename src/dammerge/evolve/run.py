@@ -39,7 +39,7 @@ from dammerge.checkpoint.writer import CheckpointWriter, check_output_location
 from dammerge.config import DEFAULT_SHARD_SIZE, MergeConfig, RunOptions, load_config
 from dammerge.data.tokenizer import load_tokenizer
 from dammerge.devices import resolve_device
-from dammerge.errors import ConfigError, DammergeError, OutputError
+from dammerge.errors import ConfigError, DammergeError, Interrupted, OutputError
 from dammerge.evolve.candidate import InMemoryMerger, ModelSlot
 from dammerge.evolve.fitness import (
     Fitness,
@@ -199,12 +199,10 @@ def evolve_merge(
                 progress=progress,
             )
         except KeyboardInterrupt:
-            console.print(
-                f"search interrupted: {len(log.records)} evaluations are saved in {log.path}; "
+            raise Interrupted(
+                f"search stopped; its {len(log.records)} evaluations are saved in {log.path}",
                 "run the same command again to resume",
-                style="yellow",
-            )
-            raise
+            ) from None
         finally:
             scorer.close()
     search_seconds = time.perf_counter() - started - setup_seconds

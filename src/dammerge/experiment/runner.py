@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 
 from rich.console import Console
 
-from dammerge.errors import DammergeError
+from dammerge.errors import DammergeError, Interrupted
 from dammerge.evolve.report import peak_rss_mib
 from dammerge.experiment.config import ExperimentConfig, MethodSpec
 from dammerge.family.manifest import Family, load_family
@@ -161,6 +162,8 @@ def _merge_in_child(recipe: dict[str, Any], out: str, seed: int, device: str, qu
     except DammergeError as exc:
         queue.put({"error": exc.message, "hint": exc.hint})
         return
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the runner reports it
+        sys.exit(130)
     queue.put(
         {
             "wall_seconds": time.perf_counter() - start,
@@ -224,18 +227,27 @@ def run_experiment(
     if rerun:
         shutil.rmtree(out / "cells", ignore_errors=True)
     evaluation = config.evaluation.model_dump(mode="json")
-    for number, cell in enumerate(cells, 1):
-        prefix = f"[{number}/{len(cells)}] {cell.label}"
-        _forget_if_changed(cell, cell.key(evaluation), prefix)
-        if cell.recipe is not None and not cell.merge_record.exists():
-            console.print(f"{prefix}: merging ({cell.recipe['merge_method']})")
-            write_json(cell.merge_record, run_merge(cell, config.device))
-        if not cell.scores_record.exists():
-            console.print(f"{prefix}: evaluating")
-            scores = evaluate_cell(cell.model, family, config.evaluation, config.device, progress)
-            write_json(cell.scores_record, scores)
-        else:
-            console.print(f"{prefix}: done earlier", style="dim")
+    try:
+        for number, cell in enumerate(cells, 1):
+            prefix = f"[{number}/{len(cells)}] {cell.label}"
+            _forget_if_changed(cell, cell.key(evaluation), prefix)
+            if cell.recipe is not None and not cell.merge_record.exists():
+                console.print(f"{prefix}: merging ({cell.recipe['merge_method']})")
+                write_json(cell.merge_record, run_merge(cell, config.device))
+            if not cell.scores_record.exists():
+                console.print(f"{prefix}: evaluating")
+                scores = evaluate_cell(
+                    cell.model, family, config.evaluation, config.device, progress
+                )
+                write_json(cell.scores_record, scores)
+            else:
+                console.print(f"{prefix}: done earlier", style="dim")
+    except KeyboardInterrupt:
+        finished = sum(cell.scores_record.is_file() for cell in cells)
+        raise Interrupted(
+            f"experiment stopped; {finished} of {len(cells)} cells are finished and kept in {out}",
+            "run the same command again to compute only the missing cells",
+        ) from None
     return write_report(config, cells, out)
 
 

@@ -18,11 +18,14 @@ update, leaving the last good checkpoint in place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dammerge.data.examples import Batch
-from dammerge.errors import DammergeError
+from dammerge.errors import DammergeError, Interrupted
 from dammerge.learned import losses
 from dammerge.learned.data import SourceData
 from dammerge.learned.functional import MergedLinearFunction
@@ -201,6 +204,30 @@ def _select_target(target: TeacherOutput | None, mask: torch.Tensor) -> TeacherO
     return TeacherOutput(values=pick(target.values), indices=pick(target.indices))
 
 
+@contextlib.contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C that arrives during the block until it ends.
+
+    The optimizer update and the step counter must move together: an interruption between
+    them leaves no state that a checkpoint may keep. The block takes milliseconds, so the user
+    does not notice the wait. Only the main thread can install signal handlers; elsewhere the
+    block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, _frame: received.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and callable(previous):  # Python's own handler raises KeyboardInterrupt
+        previous(received[0], None)
+    elif received and previous == signal.SIG_DFL:
+        raise KeyboardInterrupt
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     partial = path.with_name(path.name + ".partial")
     torch.save(obj, partial)
@@ -278,6 +305,16 @@ class Trainer:
         }
         _atomic_save(state, self.checkpoint_path)
 
+    def _interrupted(self) -> Interrupted:
+        """What a Ctrl-C kept: the state after the last whole step, or nothing yet."""
+        if not self.checkpoint_path.is_file():
+            return Interrupted("training stopped before its first checkpoint: nothing was kept")
+        saved = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)["step"]
+        return Interrupted(
+            f"training stopped; its state after step {saved} is kept in {self.work_dir}",
+            "run the same command again to resume from there",
+        )
+
     def load_checkpoint(self) -> int:
         """Restore the saved state; returns the step it resumes at."""
         try:
@@ -346,11 +383,12 @@ class Trainer:
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         if not math.isfinite(norm):
             raise self._diverged("the gradient norm", norm)
-        self._updating = True  # from here until the step counter moves, state is mid-update
-        self.optimizer.step()
-        self.model.project_()
-        self.step += 1
-        self._updating = False
+        with ctrl_c_deferred():
+            self._updating = True  # from here until the step counter moves, state is mid-update
+            self.optimizer.step()
+            self.model.project_()
+            self.step += 1
+            self._updating = False
         terms["loss"] = total
         terms["grad_norm"] = norm
         return terms
@@ -458,7 +496,7 @@ class Trainer:
         except KeyboardInterrupt:
             if not self._updating:  # a consistent state: save it so a rerun resumes here
                 self.save_checkpoint()
-            raise
+            raise self._interrupted() from None
         finally:
             bar.close()
         result.seconds = time.perf_counter() - began

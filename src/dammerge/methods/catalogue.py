@@ -7,7 +7,8 @@ consensus precedes the sum. The columns are :class:`Sparsifier`, :class:`Selecti
 :class:`Weighting` records; each binds recipe parameters to its kernel's arguments, here and
 nowhere else, and one runner (:func:`merge_task_vectors`) executes every row. Linear, SLERP and
 Model Stock are not task-vector sums and are listed beside the table with their one-line
-bindings.
+bindings, as is passthrough (one model's tensors, optionally scaled: layer stacking with
+``slices``).
 
 Adding a method is a kernel (in ``sparsify.py``, ``combine.py`` or a module of its own) and a
 row; see ``docs/adding-a-method.md``.
@@ -338,7 +339,29 @@ MODEL_STOCK = MergeMethod(
     min_models=2,
 )
 
+
+def passthrough(tensor: torch.Tensor, scale: float) -> torch.Tensor:
+    """One model's tensor unchanged, or multiplied by ``scale`` (mergekit's passthrough; a
+    scale of 0 silences a module, e.g. ``o_proj`` of a duplicated layer)."""
+    return tensor if scale == 1.0 else tensor * scale
+
+
+PASSTHROUGH = MergeMethod(
+    name="passthrough",
+    summary="copy one model's tensors (per slice: layer stacking), optionally scaled",
+    paper="https://github.com/arcee-ai/mergekit",
+    run=lambda inputs: passthrough(inputs.tensors[0], float(inputs.model_params[0]["scale"])),
+    model_params={"scale": 1.0},
+    max_models=1,
+)
+
 METHODS: dict[str, MergeMethod] = {
     m.name: m
-    for m in (LINEAR, *(task_vector_method(row) for row in TASK_VECTOR_ROWS), SLERP, MODEL_STOCK)
+    for m in (
+        LINEAR,
+        *(task_vector_method(row) for row in TASK_VECTOR_ROWS),
+        SLERP,
+        MODEL_STOCK,
+        PASSTHROUGH,
+    )
 }
