@@ -224,7 +224,8 @@ def ensure_family(
 
 def make_data(n: int, seq_len: int, vocab: int, seed: int, examples: int = 4) -> list[Any]:
     """Per source, ``examples`` random sequences of exactly ``seq_len`` tokens (all targets)."""
-    from dammerge.learned.data import Example, SourceData
+    from dammerge.data.examples import Example
+    from dammerge.learned.data import SourceData
 
     generator = torch.Generator().manual_seed(seed)
     data = []

@@ -33,8 +33,9 @@ def soup_scores(root: Path, n_records: int) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dammerge.data.records import read_jsonl
     from dammerge.family.build import deterministic_torch, measure_quality
-    from dammerge.family.manifest import load_family, read_jsonl
+    from dammerge.family.manifest import load_family
 
     family = load_family(root)
     tokenizer = AutoTokenizer.from_pretrained(family.model_dir("base"))

@@ -36,10 +36,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
 
+from dammerge.data.spec import DatasetSpec
 from dammerge.errors import ConfigError
 
 DEFAULT_SHARD_SIZE = 5 * 2**30
@@ -110,7 +112,12 @@ class InputModel(BaseModel):
 
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
-    dataset: dict[str, Any] | None = None  # representative data, used by learned methods
+    dataset: DatasetSpec | None = None  # representative data (learned and searched methods)
+
+    @field_serializer("dataset")
+    def _dataset_as_written(self, dataset: DatasetSpec | None) -> dict[str, Any] | None:
+        """The dataset block without its defaults, as a recipe states it."""
+        return None if dataset is None else dataset.model_dump(exclude_defaults=True)
 
 
 class InputSlice(BaseModel):
@@ -246,10 +253,10 @@ class MergeConfig(BaseModel):
                 candidate = folder / candidate
             return str(candidate)
 
-        def fix_dataset(dataset: dict[str, Any] | None) -> dict[str, Any] | None:
-            if not dataset or not isinstance(dataset.get("path"), str):
-                return dataset
-            return {**dataset, "path": fix(dataset["path"])}
+        def fix_dataset(dataset: DatasetSpec | None) -> DatasetSpec | None:
+            if dataset is None:
+                return None
+            return dataset.model_copy(update={"path": fix(dataset.path)})
 
         def fix_training(training: dict[str, Any] | None) -> dict[str, Any] | None:
             if not training or not isinstance(training.get("family"), str):

@@ -6,6 +6,9 @@ definition guarantees that specialists are fine-tuned, merged and scored on iden
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n"
@@ -22,3 +25,8 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     if input:
         return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
     return ALPACA_NO_INPUT.format(instruction=instruction)
+
+
+def record_prompt(record: Mapping[str, Any]) -> str:
+    """The Alpaca prompt of a record with an ``instruction`` and an optional ``input``."""
+    return alpaca_prompt(record["instruction"], record.get("input") or "")

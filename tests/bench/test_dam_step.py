@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from dammerge.checkpoint.reader import Checkpoint
+from dammerge.data.examples import Example
 from dammerge.learned import losses
-from dammerge.learned.data import Example, SourceData
+from dammerge.learned.data import SourceData
 from dammerge.learned.functional import merged_linear, naive_merged_linear
 from dammerge.learned.model import build_merged_model
 from dammerge.learned.presets import DAM

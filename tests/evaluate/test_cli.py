@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from dammerge.cli import main
-from dammerge.evaluate import metrics
-from dammerge.evaluate.metrics import score_record
-from dammerge.family.manifest import read_jsonl
+from dammerge.data.records import read_jsonl
+from dammerge.scoring import metrics
+from dammerge.scoring.metrics import score_record
 from dammerge.templates import alpaca_prompt
 
 DOMAINS = ["lang", "math", "sql", "compositional"]

@@ -13,15 +13,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dammerge.errors import DammergeError
 from dammerge.evaluate import evaluator as evaluator_module
-from dammerge.evaluate.data import load_domains, record_prompt
+from dammerge.evaluate.data import load_domains
 from dammerge.evaluate.evaluator import (
     average_score,
     evaluate_model,
     evaluate_models,
 )
-from dammerge.evaluate.generation import generate_responses
 from dammerge.evaluate.teacher_forcing import TeacherCache
 from dammerge.family.manifest import load_family
+from dammerge.scoring.generation import generate_responses
+from dammerge.templates import record_prompt
 
 
 def _load(path: Path):
@@ -190,31 +191,3 @@ def test_a_model_without_pad_token_uses_eos(fake_family, tmp_path):
     for domain in ("lang", "math", "sql", "compositional"):
         assert ours[domain]["nll"] == pytest.approx(theirs[domain]["nll"], rel=1e-6)
         assert math.isfinite(ours[domain]["nll"])
-
-
-def test_stop_on_text_decides_like_decoding_the_whole_response():
-    """The windowed check marks a row at the very step a full decode first shows a stop."""
-    from dammerge.evaluate.generation import StopOnText
-    from dammerge.family.tokenizer import train_tokenizer
-
-    # byte-level BPE that has merged the stop string and multi-byte characters into tokens
-    corpus = ["answer\n### Instruction", "wörds ünïcode", "Below is a prompt."] * 50
-    tokenizer = train_tokenizer(corpus, vocab_size=400)
-    stops = ["\n### ", "ünï"]
-    prompt = tokenizer("Below is a prompt.")["input_ids"]
-    texts = ["The answer is 12.\n### Instruction: more", "wörds ünïcode here", "no stop at all"]
-    rows = [prompt + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    criterion = StopOnText(tokenizer, stops, prompt_width=len(prompt))
-    stopped_at = []
-    for row in rows:
-        seen_full = seen_window = None
-        for end in range(len(prompt) + 1, len(row) + 1):
-            ids = torch.tensor([row[:end]])
-            full = tokenizer.decode(row[len(prompt) : end])
-            if seen_full is None and any(stop in full for stop in stops):
-                seen_full = end
-            if seen_window is None and bool(criterion(ids, None)[0]):
-                seen_window = end
-        assert seen_window == seen_full
-        stopped_at.append(seen_full)
-    assert stopped_at[0] is not None and stopped_at[1] is not None and stopped_at[2] is None

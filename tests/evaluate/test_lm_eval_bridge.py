@@ -12,7 +12,7 @@ import pytest
 
 from dammerge.evaluate.evaluator import evaluate_models
 from dammerge.evaluate.lm_eval_bridge import export_lm_eval
-from dammerge.evaluate.metrics import truncate_response
+from dammerge.scoring.metrics import truncate_response
 
 LM_EVAL = Path(sys.executable).with_name("lm_eval")
 MAX_NEW_TOKENS = 12

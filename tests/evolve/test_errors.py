@@ -35,8 +35,8 @@ CASES = {
         "dataset of .* not found",
     ),
     "unknown dataset key": (
-        _set("models.0.dataset", lambda s: {"path": str(s.data_a), "split": "x"}),
-        "split: Extra inputs",
+        _set("models.0.dataset", lambda s: {"path": str(s.data_a), "format": "x"}),
+        "format: Extra inputs",
     ),
     "budget below popsize": (_set("training.budget", 5), r"budget \(5\) is smaller"),
     "unknown training key": (_set("training.generations", 3), "generations: Extra inputs"),

@@ -10,29 +10,32 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dammerge.errors import ConfigError
+from dammerge.data.records import read_jsonl, write_jsonl
+from dammerge.data.spec import DatasetSpec
+from dammerge.errors import ConfigError, DammergeError
 from dammerge.evolve.fitness import (
     FitnessContext,
     KLFitness,
     TaskFitness,
     default_scorer,
     held_in,
-    load_examples,
+    held_in_examples,
     task_fitness_from_recipe,
 )
-from dammerge.evolve.settings import DatasetSpec, EvolveSettings
+from dammerge.evolve.settings import EvolveSettings
+from dammerge.templates import record_prompt
 
 
 def _load(path):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-def _direct_kl(teacher, student, tokenizer, examples) -> float:
+def _direct_kl(teacher, student, tokenizer, records) -> float:
     """Mean over response tokens of sum_v p log(p/q), one unpadded example at a time."""
     total, count = 0.0, 0
-    for example in examples:
-        prompt = tokenizer(example.prompt)["input_ids"]
-        response = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    for record in records:
+        prompt = tokenizer(record_prompt(record))["input_ids"]
+        response = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
         ids = torch.tensor([prompt + response + [tokenizer.eos_token_id]])
         with torch.no_grad():
             p = teacher(ids).logits[0].double().softmax(-1)
@@ -46,10 +49,14 @@ def _direct_kl(teacher, student, tokenizer, examples) -> float:
 def test_kl_fitness_matches_a_direct_computation(sources):
     tokenizer = AutoTokenizer.from_pretrained(sources.a)
     models = [_load(sources.a), _load(sources.b)]
+    paths = [sources.data_a, sources.data_b]
     examples = [
-        held_in(load_examples(DatasetSpec(path=str(sources.data_a)), "a"), 5, seed=0),
-        held_in(load_examples(DatasetSpec(path=str(sources.data_b)), "b"), 5, seed=0),
+        held_in_examples(
+            "m", DatasetSpec(path=str(p)), count=5, seed=0, tokenizer=tokenizer, max_length=512
+        )
+        for p in paths
     ]
+    records = [held_in(read_jsonl(p), 5, seed=0) for p in paths]
     slot = _load(sources.base)
 
     def load_source(index: int) -> None:
@@ -62,32 +69,39 @@ def test_kl_fitness_matches_a_direct_computation(sources):
     candidate = _load(sources.target)
     expected = -0.5 * sum(
         _direct_kl(teacher, candidate, tokenizer, ex)
-        for teacher, ex in zip(models, examples, strict=True)
+        for teacher, ex in zip(models, records, strict=True)
     )
     value = fitness(candidate)
     assert value.score == pytest.approx(expected, rel=1e-4)
     assert value.sequences == 10
     # A source scores zero KL against itself, so its fitness is half the other's divergence.
     own = fitness(models[0]).score
-    assert own == pytest.approx(-0.5 * _direct_kl(models[1], models[0], tokenizer, examples[1]))
+    assert own == pytest.approx(-0.5 * _direct_kl(models[1], models[0], tokenizer, records[1]))
 
 
 def test_held_in_subset_is_seeded_and_sized(sources):
-    examples = load_examples(DatasetSpec(path=str(sources.data_a)), "a")
+    examples = read_jsonl(sources.data_a)
     first, again = held_in(examples, 7, seed=3), held_in(examples, 7, seed=3)
-    assert [e.prompt for e in first] == [e.prompt for e in again] and len(first) == 7
-    assert [e.prompt for e in held_in(examples, 7, seed=4)] != [e.prompt for e in first]
+    assert [e["instruction"] for e in first] == [e["instruction"] for e in again]
+    assert len(first) == 7
+    assert [e["instruction"] for e in held_in(examples, 7, seed=4)] != [
+        e["instruction"] for e in first
+    ]
 
 
-def test_field_mapping_and_missing_fields(tmp_path):
+def test_field_mapping_and_missing_fields(tmp_path, sources):
+    tokenizer = AutoTokenizer.from_pretrained(sources.a)
     data = tmp_path / "d.jsonl"
     data.write_text('{"q": "add w1", "a": "w2"}\n')
-    mapped = load_examples(
-        DatasetSpec(path=str(data), fields={"instruction": "q", "output": "a"}), "m"
-    )
-    assert mapped[0].response == "w2" and "add w1" in mapped[0].prompt
-    with pytest.raises(ConfigError, match="record 1 has no text field 'instruction'"):
-        load_examples(DatasetSpec(path=str(data)), "m")
+    spec = DatasetSpec(path=str(data), fields={"instruction": "q", "output": "a"})
+    (mapped,) = held_in_examples("m", spec, count=4, seed=0, tokenizer=tokenizer, max_length=64)
+    response = tokenizer("w2", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert mapped.response_ids == response
+    assert mapped.prompt_ids == tokenizer(record_prompt({"instruction": "add w1"}))["input_ids"]
+    with pytest.raises(DammergeError, match="no column 'instruction'"):
+        held_in_examples(
+            "m", DatasetSpec(path=str(data)), count=4, seed=0, tokenizer=tokenizer, max_length=64
+        )
 
 
 class _Score:
@@ -150,3 +164,22 @@ def test_task_fitness_from_a_recipe(tmp_path):
         )
     with pytest.raises(ConfigError, match=r"needs training\.family"):
         task_fitness_from_recipe(EvolveSettings(fitness="task"))
+
+
+def test_raw_and_chat_datasets_are_scored_like_dam_reads_them(sources, tmp_path):
+    """The dataset block means what it means to DAM: raw text is all target, chat needs a
+    chat template (refused before any model is loaded when the tokenizer has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(sources.a)
+    data = tmp_path / "raw.jsonl"
+    write_jsonl(data, [{"body": f"w{i} w{i + 1} w{i + 2}"} for i in range(4)])
+    raw = DatasetSpec(path=str(data), template="raw", fields={"text": "body"})
+    examples = held_in_examples("m", raw, count=4, seed=0, tokenizer=tokenizer, max_length=64)
+    assert len(examples) == 4 and all(all(e.target_mask) for e in examples)
+    fitness = KLFitness([examples], batch_size=3)
+    model = _load(sources.a)
+    fitness.setup(FitnessContext(model, tokenizer, torch.device("cpu"), lambda i: None, []))
+    assert fitness(model).score == pytest.approx(0.0, abs=1e-6)  # a teacher against itself
+    assert fitness(_load(sources.b)).score < 0
+    chat = DatasetSpec(path=str(sources.data_a), template="chat")
+    with pytest.raises(DammergeError, match="template: chat, but the tokenizer has no chat"):
+        held_in_examples("m", chat, count=4, seed=0, tokenizer=tokenizer, max_length=64)

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dammerge.evaluate.metrics import METRICS
+from dammerge.data.records import read_jsonl
 from dammerge.family.build import SIZES, build_family, with_steps
-from dammerge.family.manifest import load_family, read_jsonl
+from dammerge.family.manifest import load_family
+from dammerge.scoring.metrics import METRICS
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,10 @@ import sqlite3
 
 import pytest
 
-from dammerge.evaluate.metrics import build_database, run_query, score_record
 from dammerge.family.corpus import stdlib_corpus
 from dammerge.family.lang import ENGLISH, NAMES, PAST_SUFFIX, PLURAL_SUFFIX, Veltic, english_forms
 from dammerge.family.tasks import generate_splits
+from dammerge.scoring.metrics import build_database, run_query, score_record
 from dammerge.templates import alpaca_prompt
 
 N_TRAIN, N_EVAL = 400, 60

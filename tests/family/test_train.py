@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from dammerge.data.examples import Example
 from dammerge.family.train import (
     IGNORE_INDEX,
-    Example,
     collate,
     response_loss,
     shared_prefix_length,
@@ -34,7 +34,8 @@ def _model() -> LlamaForCausalLM:
 
 
 def _batch(prompts: list[list[int]], responses: list[list[int]]) -> dict[str, torch.Tensor]:
-    return collate([Example(p, r) for p, r in zip(prompts, responses, strict=True)], PAD)
+    examples = [Example.from_parts(p, r) for p, r in zip(prompts, responses, strict=True)]
+    return collate(examples, PAD)
 
 
 def _loss_and_grads(model, loss_fn, batch) -> tuple[float, list[torch.Tensor]]:

@@ -22,9 +22,9 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from dammerge.checkpoint.reader import Checkpoint
+from dammerge.data.examples import Example, collate
 from dammerge.errors import ConfigError
 from dammerge.learned import distributed
-from dammerge.learned.data import Example, collate
 from dammerge.learned.distributed import Distributed, launched_by_torchrun, resolve_strategy
 from dammerge.learned.layers import CoefficientScheme, MergedLinear
 from dammerge.learned.model import MergedModel, MergeOptions, build_merged_model

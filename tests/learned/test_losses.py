@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dammerge.learned import losses
+from dammerge.scoring.divergence import kl_to_teacher
 
 from .helpers import naive_forward_kl
 
@@ -190,3 +191,57 @@ def test_forward_kl_with_grad_holds_for_flat_and_peaked_distributions(scale):
     value = losses.forward_kl_with_grad(merged, teacher, grad_out, temperature=2.0)
     torch.testing.assert_close(value.double(), expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_out.double(), leaf.grad, rtol=1e-4, atol=1e-9)
+
+
+# The DAM objective is T² times the shared KL definition; its fused kernels must agree with it.
+def _shared_loss(merged, teacher, mask, *, temperature, direction, indices=None):
+    return temperature**2 * kl_to_teacher(
+        merged,
+        teacher,
+        mask,
+        temperature=temperature,
+        direction=direction,
+        teacher_indices=indices,
+    )
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("top_k", [None, 3])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_kl_objectives_are_t_squared_times_the_shared_definition(direction, top_k, chunk):
+    merged, teacher, temperature = _logits(0) * 3, _logits(1) * 3, 2.0
+    ours = merged.clone().requires_grad_(True)
+    shared = merged.clone().requires_grad_(True)
+    options = {"temperature": temperature, "direction": direction}
+    if top_k is None:
+        value = losses.kl_divergence(ours, teacher, MASK, chunk=chunk, **options)
+        expected = _shared_loss(shared, teacher, MASK, **options)
+    else:
+        values, indices = teacher.topk(top_k, dim=-1)
+        value = losses.topk_kl_divergence(ours, values, indices, MASK, chunk=chunk, **options)
+        expected = _shared_loss(shared, values, MASK, indices=indices, **options)
+    value.backward()
+    expected.backward()
+    torch.testing.assert_close(value, expected.detach())
+    torch.testing.assert_close(ours.grad, shared.grad)
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_fused_forward_kl_gradient_is_that_of_the_shared_definition(top_k):
+    merged, teacher = _logits(0, (7, 13)) * 3, _logits(1, (7, 13)) * 3
+    leaf = merged.clone().requires_grad_(True)
+    if top_k is None:
+        signal, values = teacher, None
+        expected = _shared_loss(leaf, teacher, None, temperature=2.0, direction="forward")
+    else:
+        values, signal = teacher.topk(top_k, dim=-1)
+        expected = _shared_loss(
+            leaf, values, None, temperature=2.0, direction="forward", indices=signal
+        )
+    expected.backward()
+    grad_out = torch.empty_like(merged)
+    value = losses.forward_kl_with_grad(
+        merged.clone(), signal, grad_out, temperature=2.0, values=values, chunk=3
+    )
+    torch.testing.assert_close(value, expected.detach())
+    torch.testing.assert_close(grad_out, leaf.grad)

@@ -1,4 +1,4 @@
-"""The evaluation's inputs: a family's eval records per domain, checked, and tokenized examples.
+"""The evaluation's inputs: a family's eval records per domain, checked, and tokenized.
 
 Everything here runs before any model is loaded, so a bad family (missing file, a record
 without its ``answer``) fails in a second with one line, not after an hour of generation.
@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dammerge.data.examples import ALPACA_RECORDS, Example, encode_prompt, encode_record
+from dammerge.data.records import read_jsonl
+from dammerge.data.tokenizer import eos_token_id
 from dammerge.errors import DammergeError
-from dammerge.evaluate.metrics import METRICS
-from dammerge.family.manifest import Family, read_jsonl
-from dammerge.templates import alpaca_prompt
+from dammerge.family.manifest import Family
+from dammerge.scoring.metrics import METRICS
 
 COMPOSITIONAL = "compositional"
 SPLITS = ("eval", "train")
@@ -31,23 +33,6 @@ class DomainData:
     metric: str
     records: list[dict[str, Any]]
     specialist_dir: Path | None  # None: no specialist (compositional), so no KL
-
-
-@dataclass(frozen=True)
-class Example:
-    """One record tokenized as the model sees it: prompt ids, then response ids ending in EOS."""
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-
-    @property
-    def ids(self) -> list[int]:
-        return self.prompt_ids + self.response_ids
-
-
-def record_prompt(record: dict[str, Any]) -> str:
-    """The Alpaca prompt of an eval record (the text the model continues)."""
-    return alpaca_prompt(record["instruction"], record.get("input", "") or "")
 
 
 def _check_records(records: list[dict[str, Any]], metric: str, path: Path) -> None:
@@ -118,26 +103,16 @@ def load_domains(
     return result
 
 
-def eos_token_id(tokenizer: Any) -> int:
-    """The tokenizer's end-of-sequence id; a tokenizer without one cannot mark a response end."""
-    if tokenizer.eos_token_id is None:
-        raise DammergeError(
-            f"tokenizer of {getattr(tokenizer, 'name_or_path', '?')} has no EOS token",
-            "set eos_token in its tokenizer_config.json",
-        )
-    return int(tokenizer.eos_token_id)
+def encode_prompts(tokenizer: Any, records: list[dict[str, Any]]) -> list[list[int]]:
+    """Each record's Alpaca prompt ids (with a BOS if the tokenizer adds one), as in training."""
+    return [encode_prompt(record, ALPACA_RECORDS, tokenizer) for record in records]
 
 
-def encode_prompt(tokenizer: Any, record: dict[str, Any]) -> list[int]:
-    """Prompt ids with the tokenizer's own special tokens (a BOS if it adds one), as in training."""
-    return list(tokenizer(record_prompt(record))["input_ids"])
-
-
-def encode_example(tokenizer: Any, record: dict[str, Any]) -> Example:
-    """Prompt ids, then the reference response's ids and EOS (the training target).
+def encode_examples(tokenizer: Any, records: list[dict[str, Any]]) -> list[Example]:
+    """Each record's prompt, then its reference response and EOS (the training target).
 
     Prompt and response are tokenized separately, so the response tokens are exactly the
     ones a model generating after this prompt would have to produce.
     """
-    response = list(tokenizer(record["output"], add_special_tokens=False)["input_ids"])
-    return Example(encode_prompt(tokenizer, record), [*response, eos_token_id(tokenizer)])
+    eos_token_id(tokenizer)  # a reference response must end
+    return [encode_record(record, ALPACA_RECORDS, tokenizer) for record in records]

@@ -9,7 +9,7 @@ Two entry points:
   computed once per call, however many models are compared.
 
 Per domain: ``score`` is the domain's primary metric in [0, 1] (maths exact match, SQL execution
-accuracy, translation chrF; :func:`dammerge.evaluate.metrics.score_record`) of greedy
+accuracy, translation chrF; :func:`dammerge.scoring.metrics.score_record`) of greedy
 generations; ``nll`` the token-weighted mean negative log-likelihood of the reference responses
 (response tokens and the closing EOS, teacher-forced, prompt excluded); ``kl`` the
 token-weighted mean KL(specialist ‖ model) over the same tokens. The compositional set has a
@@ -28,31 +28,27 @@ from typing import Any
 
 import torch
 
+from dammerge.data.examples import pad_id
 from dammerge.devices import resolve_device
 from dammerge.errors import DammergeError
 from dammerge.evaluate.data import (
     COMPOSITIONAL,
     DomainData,
-    encode_example,
-    encode_prompt,
+    encode_examples,
+    encode_prompts,
     load_domains,
 )
-from dammerge.evaluate.generation import (
-    DEFAULT_MAX_NEW_TOKENS,
-    context_limit,
-    generate_responses,
-    pad_id,
-)
 from dammerge.evaluate.loading import check_model_dir, load_model, resolve_dtype
-from dammerge.evaluate.metrics import score_record
-from dammerge.evaluate.teacher_forcing import (
+from dammerge.evaluate.teacher_forcing import TeacherCache
+from dammerge.family.manifest import Family, load_family
+from dammerge.memory import reuse_freed_memory
+from dammerge.scoring.generation import DEFAULT_MAX_NEW_TOKENS, context_limit, generate_responses
+from dammerge.scoring.metrics import score_record
+from dammerge.scoring.teacher_forcing import (
     LikelihoodTotals,
-    TeacherCache,
     iter_response_logprobs,
     response_targets,
 )
-from dammerge.family.manifest import Family, load_family
-from dammerge.memory import reuse_freed_memory
 
 
 @dataclass(frozen=True)
@@ -132,7 +128,7 @@ def _generate_and_score(
     max_new_tokens: int,
     on_batch: Callable[[int], None],
 ) -> tuple[list[str], list[float]]:
-    prompts = [encode_prompt(tokenizer, record) for record in domain.records]
+    prompts = encode_prompts(tokenizer, domain.records)
     responses = generate_responses(
         model,
         tokenizer,
@@ -158,7 +154,7 @@ def _likelihoods(
     on_batch: Callable[[int], None],
 ) -> tuple[float | None, float | None]:
     """(NLL, KL) of the domain's reference responses; KL None without a comparable teacher."""
-    examples = [encode_example(tokenizer, record) for record in domain.records]
+    examples = encode_examples(tokenizer, domain.records)
     limit = context_limit(model)
     totals = LikelihoodTotals()
     comparable = teacher_rows is not None

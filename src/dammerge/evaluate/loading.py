@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from dammerge.data.tokenizer import load_tokenizer
 from dammerge.devices import resolve_device
 from dammerge.errors import DammergeError
 
@@ -21,7 +22,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HINT = "pass a Hugging Face model folder (config.json, weights, tokenizer files)"
 
@@ -59,25 +59,6 @@ def _check_causal_lm(path: Path, config: dict[str, Any]) -> None:
         )
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    """The folder's tokenizer, checked to have an EOS token (responses must be able to end)."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise DammergeError(f"{path} has no tokenizer files", "copy the base model's tokenizer in")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DammergeError(f"cannot load the tokenizer of {path}: {first_line}", HINT) from None
-    if tokenizer.eos_token_id is None:
-        raise DammergeError(
-            f"the tokenizer of {path} has no EOS token", "set eos_token in tokenizer_config.json"
-        )
-    return tokenizer
-
-
 def check_model_dir(path: str | Path) -> Path:
     """Fail with one line unless ``path`` is a loadable causal-LM folder with a tokenizer."""
     path = Path(path)
@@ -89,7 +70,7 @@ def check_model_dir(path: str | Path) -> Path:
     _check_causal_lm(path, config)
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise DammergeError(f"{path} holds no weights ({' or '.join(WEIGHT_FILES[:2])})", HINT)
-    load_tokenizer(path)
+    load_tokenizer(path, require_eos=True)
     return path
 
 
@@ -99,7 +80,7 @@ def load_model(
     """``(model, tokenizer)`` ready for evaluation: eval mode, on ``device``, in ``dtype``."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, require_eos=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
     except (OSError, ValueError) as exc:

@@ -16,7 +16,7 @@ from typing import Any
 from dammerge.errors import DammergeError
 from dammerge.evaluate.data import COMPOSITIONAL
 from dammerge.evaluate.evaluator import EvaluationResult
-from dammerge.evaluate.metrics import truncate_response
+from dammerge.scoring.metrics import truncate_response
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

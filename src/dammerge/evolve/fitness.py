@@ -4,7 +4,8 @@ The search only needs ``fitness(model) -> FitnessValue``; anything with that sha
 plain ``model -> float`` callable is wrapped). Two are built in:
 
 - ``kl`` (default): minus the mean, over source models, of KL(teacher_i ‖ candidate) on the
-  response tokens of a held-in subset of model i's representative data (Alpaca prompts). The
+  response tokens of a held-in subset of model i's representative data (its ``dataset:``
+  block, read and encoded by :mod:`dammerge.data` as DAM reads it: alpaca, chat or raw). The
   teachers never change, so their log-probabilities are computed once at the start and kept in
   memory (response positions only: about ``tokens × vocab × 4`` bytes per source).
 - ``task``: the mean per-domain score of ``dammerge.evaluate.evaluate_model`` (imported lazily,
@@ -17,18 +18,19 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dammerge.data.examples import Batch, Example, collate, encode_dataset, pad_id
+from dammerge.data.records import opened_records
+from dammerge.data.spec import DatasetSpec, require_dataset
 from dammerge.errors import ConfigError, DammergeError
-from dammerge.evolve.settings import DatasetSpec, EvolveSettings
-from dammerge.family.manifest import read_jsonl
-from dammerge.templates import alpaca_prompt
+from dammerge.evolve.settings import EvolveSettings
+from dammerge.scoring.divergence import kl_per_position, log_probs
 
 EXCLUDED_TASK_KEYS = ("average", "compositional")
 
@@ -93,139 +95,70 @@ def as_fitness(fitness: Fitness | Callable[[PreTrainedModel], Any]) -> Fitness:
 # --------------------------------------------------------------------------- data
 
 
-@dataclass
-class Example:
-    prompt: str
-    response: str
-
-
-def load_examples(spec: DatasetSpec, model: str) -> list[Example]:
-    """All Alpaca-style records of a JSONL dataset, with the recipe's field mapping applied."""
-    path = Path(spec.path).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"dataset of {model} not found: {path}",
-            "dataset.path is a JSONL file of {instruction, input, output} records",
-        )
-    if path.suffix not in (".jsonl", ".json"):
-        raise ConfigError(
-            f"dataset of {model}: evolve reads JSONL files, not {path.suffix or 'folders'}",
-            "convert the data to JSON lines with instruction/input/output fields",
-        )
-    names = {key: spec.fields.get(key, key) for key in ("instruction", "input", "output")}
-    examples = []
-    for number, record in enumerate(read_jsonl(path), 1):
-        for key in ("instruction", "output"):
-            if not isinstance(record.get(names[key]), str):
-                raise ConfigError(
-                    f"{path}: record {number} has no text field {names[key]!r}",
-                    "map your field names with dataset.fields: {instruction: ..., output: ...}",
-                )
-        extra = record.get(names["input"], "") or ""
-        prompt = alpaca_prompt(record[names["instruction"]], str(extra))
-        examples.append(Example(prompt, record[names["output"]]))
-    if not examples:
-        raise ConfigError(f"dataset of {model} is empty: {path}")
-    return examples
-
-
-def held_in(examples: Sequence[Example], count: int, seed: int) -> list[Example]:
+def held_in(records: Sequence[Any], count: int, seed: int) -> list[Any]:
     """A seeded random subset (the search's held-in data), in a fixed order."""
-    order = list(range(len(examples)))
+    order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    return [examples[i] for i in order[:count]]
+    return [records[i] for i in order[:count]]
 
 
-@dataclass
-class Batch:
-    """Padded token ids and the positions whose logits predict a response token."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    target_mask: torch.Tensor
-    teacher: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-
-def encode(
-    tokenizer: PreTrainedTokenizerBase, example: Example, max_length: int
-) -> tuple[list[int], int] | None:
-    """Token ids of prompt + response + EOS and where the response starts (None if cut off)."""
-    prompt_ids = list(tokenizer(example.prompt)["input_ids"])
-    response_ids = list(tokenizer(example.response, add_special_tokens=False)["input_ids"])
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = (prompt_ids + response_ids + eos)[:max_length]
-    start = len(prompt_ids)
-    return (ids, start) if len(ids) > start else None
-
-
-def make_batches(
+def held_in_examples(
+    model: str,
+    spec: DatasetSpec,
+    *,
+    count: int,
+    seed: int,
     tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[Example],
-    batch_size: int,
     max_length: int,
-    device: torch.device,
-) -> list[Batch]:
-    encoded = [e for e in (encode(tokenizer, x, max_length) for x in examples) if e is not None]
-    pad = tokenizer.pad_token_id
-    pad = pad if pad is not None else (tokenizer.eos_token_id or 0)
-    batches = []
-    for offset in range(0, len(encoded), batch_size):
-        chunk = encoded[offset : offset + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        targets = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for row, (ids, start) in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention[row, : len(ids)] = 1
-            targets[row, start - 1 : len(ids) - 1] = True  # logits at p predict token p + 1
-        batches.append(Batch(input_ids.to(device), attention.to(device), targets.to(device)))
-    return batches
+) -> list[Example]:
+    """A source's held-in records, read, checked and encoded (response tokens are the targets).
+
+    ``count`` records are drawn unless the dataset block sets its own ``samples``. Every
+    mistake in the data (missing file or field, nothing left after truncation) is reported
+    here, before any model is loaded.
+    """
+    where = f"model {model}"
+    with opened_records(spec, where=where) as records:
+        chosen = held_in(records, spec.samples or count, seed)
+    return encode_dataset(
+        chosen, spec, tokenizer, loss_on="response", max_length=max_length, where=where
+    )
 
 
 # --------------------------------------------------------------------------- KL fitness
 
 
 class KLFitness:
-    """Minus the mean KL(teacher_i ‖ candidate) over sources, on held-in response tokens."""
+    """Minus the mean KL(teacher_i ‖ candidate) over sources, on held-in response tokens.
+
+    The KL is :func:`dammerge.scoring.divergence.kl_per_position` of log-probs at temperature
+    ``T`` (no ``T²`` factor), averaged over each source's response tokens.
+    """
 
     name = "kl"
 
     def __init__(
-        self,
-        examples: list[list[Example]],
-        *,
-        batch_size: int = 8,
-        max_length: int = 512,
-        temperature: float = 1.0,
+        self, examples: list[list[Example]], *, batch_size: int = 8, temperature: float = 1.0
     ) -> None:
         self.examples = examples
         self.batch_size = batch_size
-        self.max_length = max_length
         self.temperature = temperature
         self.batches: list[list[Batch]] = []
+        self.teachers: list[list[torch.Tensor]] = []
 
     @torch.inference_mode()
     def setup(self, context: FitnessContext) -> FitnessValue:
         work = FitnessValue(0.0)
-        self.batches = []
+        pad = pad_id(context.tokenizer)
+        self.batches, self.teachers = [], []
         for index, examples in enumerate(self.examples):
-            batches = make_batches(
-                context.tokenizer, examples, self.batch_size, self.max_length, context.device
-            )
-            if not batches:
-                raise ConfigError(
-                    f"no held-in example of {context.source_names[index]} has a response "
-                    f"within max_length={self.max_length} tokens",
-                    "raise training.max_length",
-                )
+            batches = [
+                collate(examples[start : start + self.batch_size], [], pad).to(context.device)
+                for start in range(0, len(examples), self.batch_size)
+            ]
             context.load_source(index)
+            self.teachers.append([self._log_probs(context.model, batch) for batch in batches])
             for batch in batches:
-                batch.teacher = self._log_probs(context.model, batch)
                 work.sequences += batch.input_ids.shape[0]
                 work.tokens += batch.tokens
             self.batches.append(batches)
@@ -233,19 +166,17 @@ class KLFitness:
 
     def _log_probs(self, model: PreTrainedModel, batch: Batch) -> torch.Tensor:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        selected = logits[batch.target_mask].float() / self.temperature
-        return F.log_softmax(selected, dim=-1)
+        return log_probs(logits[batch.loss_mask], self.temperature)
 
     @torch.inference_mode()
     def __call__(self, model: PreTrainedModel) -> FitnessValue:
+        assert self.teachers, "setup() must run before scoring"
         value = FitnessValue(0.0)
         divergences = []
-        for batches in self.batches:
+        for batches, teachers in zip(self.batches, self.teachers, strict=True):
             total, count = 0.0, 0
-            for batch in batches:
-                assert batch.teacher is not None, "setup() must run before scoring"
-                student = self._log_probs(model, batch)
-                kl = F.kl_div(student, batch.teacher, log_target=True, reduction="none").sum(-1)
+            for batch, teacher in zip(batches, teachers, strict=True):
+                kl = kl_per_position(teacher, self._log_probs(model, batch))
                 total += float(kl.sum())
                 count += kl.numel()
                 value.sequences += batch.input_ids.shape[0]
@@ -259,23 +190,21 @@ def kl_fitness_from_recipe(
     settings: EvolveSettings,
     datasets: Sequence[tuple[str, DatasetSpec | None]],
     seed: int,
+    tokenizer: PreTrainedTokenizerBase,
 ) -> KLFitness:
-    """Read and subsample every source's dataset (errors here come before any compute)."""
-    examples = []
-    for model, spec in datasets:
-        if spec is None:
-            raise ConfigError(
-                f"model {model} has no dataset, which fitness: kl needs",
-                "add dataset: {path: FILE.jsonl} to every model in the recipe",
-            )
-        count = spec.samples or settings.samples
-        examples.append(held_in(load_examples(spec, model), count, seed))
-    return KLFitness(
-        examples,
-        batch_size=settings.batch_size,
-        max_length=settings.max_length,
-        temperature=settings.temperature,
-    )
+    """Read, subsample and encode every source's dataset (errors here come before any compute)."""
+    examples = [
+        held_in_examples(
+            model,
+            require_dataset(model, spec, "fitness: kl"),
+            count=settings.samples,
+            seed=seed,
+            tokenizer=tokenizer,
+            max_length=settings.max_length,
+        )
+        for model, spec in datasets
+    ]
+    return KLFitness(examples, batch_size=settings.batch_size, temperature=settings.temperature)
 
 
 # --------------------------------------------------------------------------- task fitness

@@ -31,12 +31,13 @@ import numpy as np
 import torch
 from rich.console import Console
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from dammerge import __version__
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.checkpoint.writer import CheckpointWriter, check_output_location
 from dammerge.config import DEFAULT_SHARD_SIZE, MergeConfig, RunOptions, load_config
+from dammerge.data.tokenizer import load_tokenizer
 from dammerge.devices import resolve_device
 from dammerge.errors import ConfigError, DammergeError, Interrupted, OutputError
 from dammerge.evolve.candidate import InMemoryMerger, ModelSlot
@@ -54,7 +55,6 @@ from dammerge.evolve.search import Outcome, Scorer, SearchResult, run_cma
 from dammerge.evolve.settings import (
     EvolveSettings,
     base_method,
-    read_dataset,
     read_settings,
     searched_parameters,
 )
@@ -242,7 +242,7 @@ def prepare(
     params = searched_parameters(settings, method)
     if not cfg.models:
         raise ConfigError("the recipe lists no models", "add a 'models:' list")
-    datasets = {m.model: read_dataset(m.dataset, m.model) for m in cfg.models}
+    datasets = {m.model: m.dataset for m in cfg.models}
     reference = Checkpoint(cfg.base_model or cfg.models[0].model)
     space = SearchSpace(cfg, method, params, settings, reference.architecture.num_layers)
     plan = build_plan(space.to_config(space.x0()))
@@ -257,7 +257,10 @@ def prepare(
         chosen = as_fitness(fitness)
     elif settings.fitness == "kl":
         chosen = kl_fitness_from_recipe(
-            settings, [(m.model, datasets[m.model]) for m in space.participants], seed
+            settings,
+            [(m.model, datasets[m.model]) for m in space.participants],
+            seed,
+            load_tokenizer(plan.tokenizer_folder()),
         )
     else:
         chosen = task_fitness_from_recipe(settings)
@@ -333,7 +336,7 @@ def load_and_setup(
     slot = ModelSlot(plan.reference.path, plan.held_dtype, device)
     names = plan.reference.names()
     slot.check_names(names)
-    tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer_folder())
+    tokenizer = load_tokenizer(plan.tokenizer_folder())
     participants = prepared.space.participants
 
     def load_source(index: int) -> None:

@@ -8,6 +8,7 @@ models:
     dataset: {path: data/math/train.jsonl, samples: 16}
   - model: ./sql
     dataset: {path: data/sql/train.jsonl, fields: {instruction: question, output: query}}
+    # dataset: the block DAM reads too (dammerge.data.spec): alpaca, chat or raw records
 parameters:
   method: ties          # the data-free method whose parameters are searched
   normalize: true       # fixed parameters of that method, passed through unchanged
@@ -58,25 +59,6 @@ DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
 NOT_SEARCHABLE = {"normalize", "rescale", "rescale_mode", "int8_mask", "filter_wise"}
 DEFAULT_SEARCH = ("weight", "density", "t", "select_topk")
 DEFAULT_LAYER_GROUPS = 4
-
-
-class DatasetSpec(BaseModel):
-    """A source model's representative data (Alpaca-style JSONL records)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str
-    fields: dict[str, str] = Field(default_factory=dict)
-    samples: int | None = Field(default=None, ge=1)
-    template: Literal["alpaca"] = "alpaca"
-
-    @field_validator("fields")
-    @classmethod
-    def _known_fields(cls, value: dict[str, str]) -> dict[str, str]:
-        unknown = set(value) - {"instruction", "input", "output"}
-        if unknown:
-            raise ValueError(f"fields maps only instruction/input/output, not {sorted(unknown)}")
-        return value
 
 
 class EvolveSettings(BaseModel):
@@ -138,20 +120,6 @@ def read_settings(cfg: MergeConfig) -> EvolveSettings:
         raise ConfigError(
             f"training.{where}: {first['msg']}",
             "see docs/evolve.md",
-        ) from None
-
-
-def read_dataset(raw: dict[str, Any] | None, model: str) -> DatasetSpec | None:
-    if raw is None:
-        return None
-    try:
-        return DatasetSpec.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "dataset"
-        raise ConfigError(
-            f"dataset of {model}: {where}: {first['msg']}",
-            "write dataset: {path: FILE.jsonl, fields: {...}, samples: N}",
         ) from None
 
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from dammerge.data.records import write_jsonl
 from dammerge.errors import DammergeError
 from dammerge.family.manifest import DOMAINS, FORMAT, MANIFEST_NAME
 from dammerge.family.train import ModelShape, Schedule
@@ -214,13 +215,6 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------- phases
-
-
-def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _tokenizer_texts(corpus: list[str], splits: dict[str, Any]) -> list[str]:

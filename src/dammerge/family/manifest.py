@@ -102,19 +102,3 @@ def load_family(root: str | Path) -> Family:
     return Family(
         root=root, manifest=manifest, domains=domains, compositional=compositional, models=models
     )
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a JSONL file (blank lines skipped), with a clear error on bad JSON."""
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DammergeError(
-                    f"{path}:{number} is not valid JSON ({exc.msg})", "fix or regenerate the file"
-                ) from None
-    return records

@@ -13,9 +13,9 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from dammerge.evaluate.data import encode_prompt
-from dammerge.evaluate.generation import generate_responses
-from dammerge.evaluate.metrics import score_record
+from dammerge.data.examples import ALPACA_RECORDS, encode_prompt
+from dammerge.scoring.generation import generate_responses
+from dammerge.scoring.metrics import score_record
 
 
 def max_new_tokens_for(
@@ -38,7 +38,7 @@ def score_domain(
     responses = generate_responses(
         model,
         tokenizer,
-        [encode_prompt(tokenizer, r) for r in records],
+        [encode_prompt(r, ALPACA_RECORDS, tokenizer) for r in records],
         max_new_tokens=max_new_tokens_for(records, tokenizer),
     )
     scores = [score_record(metric, text, r) for text, r in zip(responses, records, strict=True)]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from dammerge.data.examples import Example
 from dammerge.templates import alpaca_prompt
 
 IGNORE_INDEX = -100
@@ -163,21 +164,11 @@ def pretraining_batches(rows: torch.Tensor, batch: int, seed: int) -> Iterator[B
 # --------------------------------------------------------------------------- fine-tuning
 
 
-@dataclass(frozen=True)
-class Example:
-    """One tokenised instruction example: prompt ids (masked) and response ids (+ EOS)."""
-
-    prompt: list[int]
-    response: list[int]
-
-    def __len__(self) -> int:
-        return len(self.prompt) + len(self.response)
-
-
 def tokenize_examples(
     records: Sequence[dict[str, Any]], tokenizer: PreTrainedTokenizerFast, max_len: int
 ) -> list[Example]:
-    """Alpaca prompt and response + EOS of each record, tokenised separately.
+    """Alpaca prompt and response + EOS of each record, tokenised separately (the response is
+    the target).
 
     Separate tokenisation guarantees that the prompt tokens are exactly those the evaluator
     feeds at generation time (``tokenizer(prompt)``). Over-long examples are cut from the end.
@@ -190,7 +181,7 @@ def tokenize_examples(
     examples = []
     for p, r in zip(prompt_ids, response_ids, strict=True):
         response = [*r.ids, eos][: max(1, max_len - len(p.ids))]
-        examples.append(Example(p.ids[: max_len - len(response)], response))
+        examples.append(Example.from_parts(p.ids[: max_len - len(response)], response))
     return examples
 
 
@@ -201,9 +192,9 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
     for row, example in enumerate(examples):
-        ids = example.prompt + example.response
+        ids = example.input_ids
         input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, len(example.prompt) : len(ids)] = torch.tensor(example.response)
+        labels[row, example.response_start : len(ids)] = torch.tensor(example.response_ids)
         attention[row, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 

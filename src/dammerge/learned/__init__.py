@@ -8,7 +8,8 @@ per module:
 - :mod:`.layers` — merge modules (frozen weight stores, float32 coefficients as parameters);
 - :mod:`.model` — building the merge module from checkpoints, teacher mode, folding;
 - :mod:`.losses` — KL / MSE / entropy objectives and cosine / L1 / L2 regularisers;
-- :mod:`.data` — representative datasets, templates, masks, dynamic padding;
+- :mod:`.data` — each source's deterministic visiting order (reading, templating and
+  tokenising the datasets is :mod:`dammerge.data`'s);
 - :mod:`.teachers` — teacher logits on the fly or precomputed top-K on disk;
 - :mod:`.settings` — the validated ``training:`` block; :mod:`.presets` — named presets;
 - :mod:`.train` — the training loop, checkpoints and resume;

@@ -40,8 +40,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from dammerge.data.examples import Batch
 from dammerge.errors import ConfigError, DammergeError
-from dammerge.learned.data import Batch
 
 TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 RENDEZVOUS_TIMEOUT_VARIABLE = "DAMMERGE_RENDEZVOUS_TIMEOUT"

@@ -10,8 +10,11 @@ and save only their inputs; the other objectives run chunks under activation che
 
 Definitions (``p`` = softmax(teacher / T), ``q`` = softmax(merged / T)):
 
-- ``kl`` forward: ``T² · Σ_v p log(p / q)`` (the reference code's KL(teacher‖merged), T = 2);
-  reverse: ``T² · Σ_v q log(q / p)``;
+- ``kl``: ``T²`` times :func:`dammerge.scoring.divergence.kl_to_teacher`, the KL definition shared
+  with evolution and the evaluator. Forward: ``T² · Σ_v p log(p / q)`` (the reference code's
+  KL(teacher‖merged), T = 2); reverse: ``T² · Σ_v q log(q / p)``. Forward KL runs through the
+  hand-written chunked kernels below (tested against the shared definition); reverse KL calls
+  the shared definition chunk by chunk;
 - ``mse``: mean over the vocabulary of (merged − teacher)² logits;
 - ``entropy``: ``−Σ_v q log q`` of the merged distribution at T = 1 (AdaMerging; no teacher);
 - top-K teachers (values and vocabulary indices of the teacher's K largest logits): ``p`` is the
@@ -35,6 +38,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from dammerge.scoring.divergence import kl_to_teacher
 
 CHUNK_ELEMENTS = 2**25  # float32 elements per chunk of positions × vocabulary (128 MiB)
 
@@ -70,11 +75,6 @@ def _chunked_mean(
             values = fn(*parts)
         total = total + values.sum()
     return total / rows
-
-
-def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Σ_v p (log p − log q) per row, for log-probabilities of equal shape."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 FUSED_CHUNK_ELEMENTS = 2**20  # float32 elements per chunk inside the fused KL functions (4 MiB)
@@ -299,9 +299,9 @@ def kl_divergence(
         return _ForwardKLSum.apply(s, t, temperature, chunk) / s.shape[0] * temperature**2
 
     def rows(s_part: torch.Tensor, t_part: torch.Tensor) -> torch.Tensor:
-        log_q = F.log_softmax(_wide(s_part) / temperature, dim=-1)
-        log_p = F.log_softmax(_wide(t_part) / temperature, dim=-1)
-        return _kl_rows(log_q, log_p)
+        return kl_to_teacher(
+            s_part, t_part, temperature=temperature, direction="reverse", reduction="none"
+        )
 
     return _chunked_mean(rows, [s, t], chunk) * temperature**2
 
@@ -329,9 +329,14 @@ def topk_kl_divergence(
         return total / s.shape[0] * temperature**2
 
     def rows(s_part: torch.Tensor, v_part: torch.Tensor, i_part: torch.Tensor) -> torch.Tensor:
-        log_p = F.log_softmax(_wide(v_part) / temperature, dim=-1)
-        log_q = F.log_softmax(_wide(s_part.gather(-1, i_part)) / temperature, dim=-1)
-        return _kl_rows(log_q, log_p)
+        return kl_to_teacher(
+            s_part,
+            v_part,
+            temperature=temperature,
+            direction="reverse",
+            teacher_indices=i_part,
+            reduction="none",
+        )
 
     return _chunked_mean(rows, [s, v, idx], chunk) * temperature**2
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,23 +22,17 @@ from rich.console import Console
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.checkpoint.writer import check_output_location
 from dammerge.config import MergeConfig, RunOptions, parse_dtype
+from dammerge.data.examples import encode_dataset, pad_id
+from dammerge.data.records import opened_records, select_records
+from dammerge.data.spec import DatasetSpec, require_dataset
+from dammerge.data.tokenizer import load_tokenizer
 from dammerge.devices import resolve_device
 from dammerge.errors import CheckpointError, ConfigError
 from dammerge.learned import distributed
-from dammerge.learned.data import (
-    SourceData,
-    check_columns,
-    encode_dataset,
-    load_records,
-    select_records,
-)
+from dammerge.learned.data import SourceData
 from dammerge.learned.distributed import Distributed
 from dammerge.learned.offload import check_offloadable
-from dammerge.learned.settings import (
-    DatasetSettings,
-    TrainingSettings,
-    parse_dataset,
-)
+from dammerge.learned.settings import TrainingSettings
 
 BOOKKEEPING = {
     "resume",
@@ -66,7 +59,7 @@ class LearnedPlan:
     settings: TrainingSettings
     base: Checkpoint
     sources: list[Checkpoint]
-    datasets: list[DatasetSettings]
+    datasets: list[DatasetSpec]
     data: list[SourceData]
     tokenizer: Any
     output: Path
@@ -80,7 +73,7 @@ class LearnedPlan:
 
 
 # -- validation -----------------------------------------------------------------------------
-def _check_recipe(cfg: MergeConfig, settings: TrainingSettings) -> list[DatasetSettings]:
+def _check_recipe(cfg: MergeConfig, settings: TrainingSettings) -> list[DatasetSpec]:
     if cfg.parameters or any(m.parameters for m in cfg.models):
         raise ConfigError(
             f"{cfg.merge_method} learns its coefficients; 'parameters' are for data-free methods",
@@ -94,7 +87,7 @@ def _check_recipe(cfg: MergeConfig, settings: TrainingSettings) -> list[DatasetS
         )
     if len(cfg.models) < 2:
         raise ConfigError(f"{cfg.merge_method} merges at least 2 models, got {len(cfg.models)}")
-    datasets = [parse_dataset(m.model, m.dataset) for m in cfg.models]
+    datasets = [require_dataset(m.model, m.dataset, "learned merging") for m in cfg.models]
     _check_init(settings, len(cfg.models))
     return datasets
 
@@ -112,19 +105,6 @@ def check_architecture(base: Checkpoint, sources: list[Checkpoint]) -> None:
                 "learned merging needs models fine-tuned from the base (same architecture)",
             )
     check_compatible(base, sources)
-
-
-def load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(
-            f"cannot load the tokenizer of {folder}: {reason}",
-            "learned merging tokenizes the datasets: the base (or tokenizer_source) needs one",
-        ) from None
 
 
 def check_tokenizers(tokenizer: Any, reference: Path, sources: list[Checkpoint]) -> None:
@@ -182,34 +162,31 @@ def _weights_dtype(
 
 def prepare_data(
     plan_sources: list[Checkpoint],
-    datasets: list[DatasetSettings],
+    datasets: list[DatasetSpec],
     settings: TrainingSettings,
     tokenizer: Any,
     seed: int,
 ) -> list[SourceData]:
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     out = []
-    with tempfile.TemporaryDirectory(prefix="dammerge-datasets-") as cache:
-        for i, (ck, spec) in enumerate(zip(plan_sources, datasets, strict=True)):
-            where = f"model {ck.name}"
-            records = load_records(spec, Path(cache))
-            check_columns(spec, list(records.column_names), where)
-            records = select_records(records, spec, seed, where)
+    for i, (ck, spec) in enumerate(zip(plan_sources, datasets, strict=True)):
+        where = f"model {ck.name}"
+        with opened_records(spec, where=where) as records:
             examples = encode_dataset(
-                records,
+                select_records(records, spec, seed, where),
                 spec,
                 tokenizer,
                 loss_on=settings.loss_on,
                 max_length=settings.max_length,
                 where=where,
             )
-            out.append(
-                SourceData(
-                    examples, seed=seed, source=i, batch_size=settings.batch_size, pad_id=pad_id
-                )
-            )
+        data = SourceData(
+            examples,
+            seed=seed,
+            source=i,
+            batch_size=settings.batch_size,
+            pad_id=pad_id(tokenizer),
+        )
+        out.append(data)
     return out
 
 

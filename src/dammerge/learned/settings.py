@@ -1,6 +1,7 @@
-"""The ``training:`` block and per-model ``dataset:`` blocks of a learned-merge recipe.
+"""The ``training:`` block of a learned-merge recipe (each model's ``dataset:`` block is
+:class:`dammerge.data.spec.DatasetSpec`).
 
-Both are pydantic models with ``extra="forbid"``: a misspelt option is an error naming it, not a
+It is a pydantic model with ``extra="forbid"``: a misspelt option is an error naming it, not a
 silently ignored default. :func:`parse_settings` applies the presets (see
 :mod:`dammerge.learned.presets`) and turns validation errors into one-line ``ConfigError``\\ s.
 """
@@ -16,36 +17,6 @@ from dammerge.config import DTYPES
 from dammerge.errors import ConfigError
 from dammerge.learned.layers import Activation, Granularity, InitSpec, Parametrization
 from dammerge.learned.presets import ABLATION_PRESETS, resolve_training
-
-TEMPLATES = ("alpaca", "chat", "raw")
-FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("instruction", "input", "output")}
-FIELDS["raw"] = ("text",)
-OPTIONAL_FIELDS = {"input"}
-
-
-class DatasetSettings(BaseModel):
-    """One model's representative data."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    path: str
-    fields: dict[str, str] = Field(default_factory=dict)  # our name -> the dataset's column
-    template: Literal["alpaca", "chat", "raw"] = "alpaca"
-    samples: int | None = Field(default=None, gt=0)
-    split: str = "train"  # for a saved DatasetDict
-
-    @model_validator(mode="after")
-    def _known_fields(self) -> DatasetSettings:
-        allowed = FIELDS[self.template]
-        for key in self.fields:
-            if key not in allowed:
-                raise ValueError(
-                    f"unknown field {key!r} for template {self.template} (map {', '.join(allowed)})"
-                )
-        return self
-
-    def column(self, field: str) -> str:
-        return self.fields.get(field, field)
 
 
 class TrainingSettings(BaseModel):
@@ -132,17 +103,3 @@ def parse_settings(
         return TrainingSettings.model_validate(resolve_training(method_preset, training))
     except ValidationError as exc:
         raise _first_error(exc, "training") from None
-
-
-def parse_dataset(model: str, dataset: dict[str, Any] | None) -> DatasetSettings:
-    """The validated dataset block of one model."""
-    if dataset is None:
-        raise ConfigError(
-            f"model {model} has no dataset",
-            "learned merging needs representative data per model: add "
-            "dataset: {path: data.jsonl} under that model",
-        )
-    try:
-        return DatasetSettings.model_validate(dataset)
-    except ValidationError as exc:
-        raise _first_error(exc, f"models[{model}].dataset") from None

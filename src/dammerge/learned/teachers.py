@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from dammerge.checkpoint.reader import Checkpoint
-from dammerge.learned.data import Batch, SourceData, collate
+from dammerge.data.examples import Batch, collate
+from dammerge.learned.data import SourceData
 from dammerge.learned.model import MergedModel
 
 PRECOMPUTE_BATCH = 8

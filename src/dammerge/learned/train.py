@@ -39,9 +39,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dammerge.data.examples import Batch
 from dammerge.errors import DammergeError, Interrupted
 from dammerge.learned import losses
-from dammerge.learned.data import Batch, SourceData
+from dammerge.learned.data import SourceData
 from dammerge.learned.distributed import Distributed, Portion
 from dammerge.learned.functional import MergedLinearFunction
 from dammerge.learned.model import MergedModel

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sacrebleu.metrics import CHRF
 
-from dammerge.evaluate.metrics import (
+from dammerge.scoring.metrics import (
     build_database,
     chrf,
     last_number,

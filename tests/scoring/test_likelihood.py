@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from dammerge.evaluate.likelihood import (
-    kl_per_position,
-    log_probs,
+from dammerge.scoring.divergence import kl_per_position, log_probs
+from dammerge.scoring.likelihood import (
     masked_kl,
     masked_mean,
     masked_mean_nll,

@@ -1,20 +1,18 @@
-"""Token-level likelihood metrics of the evaluation: response NLL and KL to a specialist.
+"""Token-level likelihood metrics: response NLL and KL to a specialist.
 
 Small pure functions over tensors, so each one can be checked against a direct computation.
 Conventions: ``logits`` are ``[..., vocab]``; a *log-prob row* is ``log_softmax`` of one position's
-logits, in float32 (bf16 log-probs lose the differences the KL is made of). Means are
-token-weighted: a domain's NLL is the sum over all its response tokens divided by their number,
-as perplexity is defined, so long responses are not under-weighted.
+logits, in float32 (bf16 log-probs lose the differences the KL is made of; see
+:func:`dammerge.scoring.divergence.log_probs`). Means are token-weighted: a domain's NLL is the
+sum over all its response tokens divided by their number, as perplexity is defined, so long
+responses are not under-weighted. The KL is :mod:`dammerge.scoring.divergence`'s.
 """
 
 from __future__ import annotations
 
 import torch
 
-
-def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Float32 log-softmax over the vocabulary (last) dimension."""
-    return torch.log_softmax(logits.float(), dim=-1)
+from dammerge.scoring.divergence import kl_per_position, log_probs
 
 
 def next_token_positions(prompt_length: int, response_length: int) -> torch.Tensor:
@@ -53,19 +51,6 @@ def masked_mean_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
     """
     nll = -token_log_likelihoods(log_probs(logits), targets)
     return masked_mean(nll, mask)
-
-
-def kl_per_position(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
-    """KL(teacher ‖ student) at each position: ``Σ_v p_t(v) (log p_t(v) − log p_s(v))``.
-
-    Forward KL with the specialist as the teacher: it asks how much of what the specialist
-    predicts the evaluated model has lost. Terms with ``p_t = 0`` contribute 0 (``xlogy``
-    convention), so ``-inf`` teacher log-probs are safe.
-    """
-    teacher_p = teacher_logprobs.exp()
-    diff = teacher_logprobs - student_logprobs
-    terms = torch.where(teacher_p > 0, teacher_p * diff, torch.zeros_like(diff))
-    return terms.sum(dim=-1)
 
 
 def masked_kl(

@@ -1,4 +1,4 @@
-"""Greedy, batched generation for the evaluation, with the stops that lm-eval uses.
+"""Greedy, batched generation for scoring, with the stops that lm-eval uses.
 
 Batches are left-padded (so every row's next token comes from the same last column), sorted
 by prompt length (little padding; longest first, so an out-of-memory error happens at once),
@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from dammerge.evaluate.metrics import SECTION_BREAK
+from dammerge.data.examples import pad_id
+from dammerge.scoring.metrics import SECTION_BREAK
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -56,13 +57,6 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     elif configured:
         ids.update(int(i) for i in configured)
     return sorted(ids)
-
-
-def pad_id(tokenizer: Any) -> int:
-    """The pad id, falling back to EOS (many causal LMs ship without a pad token)."""
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    return int(tokenizer.eos_token_id)
 
 
 def context_limit(model: Any) -> int | None:
