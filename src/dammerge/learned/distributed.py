@@ -27,7 +27,6 @@ rank exits non-zero.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import socket
@@ -401,10 +400,18 @@ def _describe_error(exc: DammergeError | None) -> tuple[str, str, str, str | Non
 
 def _rebuild_error(described: tuple[str, str, str, str | None]) -> DammergeError:
     module, qualname, message, hint = described
-    try:
-        kind = getattr(importlib.import_module(module), qualname)
-        if isinstance(kind, type) and issubclass(kind, DammergeError):
-            return kind(message, hint)
-    except Exception:  # a subclass with another signature: the base class says the same
-        pass
+    for kind in _error_classes(DammergeError):  # the ranks run one program: it is loaded here too
+        if (kind.__module__, kind.__qualname__) == (module, qualname):
+            try:
+                return kind(message, hint)
+            except TypeError:  # a subclass with another signature: the base class says the same
+                break
     return DammergeError(message, hint)
+
+
+def _error_classes(root: type[DammergeError]) -> list[type[DammergeError]]:
+    """``root`` and every subclass of it loaded in this process."""
+    found = [root]
+    for kind in root.__subclasses__():
+        found += _error_classes(kind)
+    return found
