@@ -78,7 +78,7 @@ SIZES: dict[str, FamilySpec] = {
         pretrain=Schedule(steps=500, batch=16, lr=2e-3, weight_decay=0.1),
         # From this base, a short schedule at lr 1e-3 leaves every specialist near the base and
         # lr 5e-3 hurts maths and lang; at lr 2e-3 SQL needs ~800 steps and maths still improves
-        # at 1,000, hence its longer schedule (tuning runs: docs/results/2026-11-30-history.md).
+        # at 1,000, hence its longer schedule (the tuning runs are listed in docs/results/).
         finetune=Schedule(steps=800, batch=16, lr=2e-3),
         finetune_overrides={"math": Schedule(steps=1000, batch=16, lr=2e-3)},
         n_train=4000,
