@@ -27,7 +27,6 @@ rank exits non-zero.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import socket
@@ -399,12 +398,24 @@ def _describe_error(exc: DammergeError | None) -> tuple[str, str, str, str | Non
     return (kind.__module__, kind.__qualname__, exc.message, exc.hint)
 
 
+def _error_class(module: str, qualname: str) -> type[DammergeError]:
+    """The DammergeError subclass of that name among the classes already defined.
+
+    Every rank runs the same code, so the class another rank raised is defined here too; by
+    name, not by importing a module, so the import graph shows every dependency.
+    """
+    pending: list[type[DammergeError]] = [DammergeError]
+    while pending:
+        kind = pending.pop()
+        if kind.__module__ == module and kind.__qualname__ == qualname:
+            return kind
+        pending.extend(kind.__subclasses__())
+    return DammergeError
+
+
 def _rebuild_error(described: tuple[str, str, str, str | None]) -> DammergeError:
     module, qualname, message, hint = described
     try:
-        kind = getattr(importlib.import_module(module), qualname)
-        if isinstance(kind, type) and issubclass(kind, DammergeError):
-            return kind(message, hint)
+        return _error_class(module, qualname)(message, hint)
     except Exception:  # a subclass with another signature: the base class says the same
-        pass
-    return DammergeError(message, hint)
+        return DammergeError(message, hint)
