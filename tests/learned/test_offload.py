@@ -18,6 +18,7 @@ from dammerge.learned.layers import MergedLinear
 from dammerge.learned.presets import DAM
 from dammerge.learned.run import train_plan
 from dammerge.learned.settings import parse_settings
+from dammerge.learned.train import enable_gradient_checkpointing
 from dammerge.testing import make_family
 
 from .helpers import IDS, build_merged, prepare_recipe, training_plan
@@ -111,16 +112,6 @@ def test_tied_model_streams_its_layers_and_keeps_the_head(
     assert residency.most <= 2
 
 
-def _checkpoint_layers(inner: torch.nn.Module) -> None:
-    kwargs = {"use_reentrant": False}
-    enable = getattr(inner, "activation_checkpointing_enable", None)
-    if enable is not None:  # transformers >= 5.x name
-        enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    inner.train()
-
-
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_backward_fetches_the_layers_again(deep_family, checkpointing):
     """One forward and backward: the same gradients as resident stores, two layers at most on
@@ -134,7 +125,7 @@ def test_backward_fetches_the_layers_again(deep_family, checkpointing):
     grads = []
     for model in (resident, streamed):
         if checkpointing:
-            _checkpoint_layers(model.model)
+            enable_gradient_checkpointing(model.model)
         loss = model(IDS).float().logsumexp(-1).mean()
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.coefficient_groups()})

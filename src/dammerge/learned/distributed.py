@@ -398,24 +398,20 @@ def _describe_error(exc: DammergeError | None) -> tuple[str, str, str, str | Non
     return (kind.__module__, kind.__qualname__, exc.message, exc.hint)
 
 
-def _error_class(module: str, qualname: str) -> type[DammergeError]:
-    """The DammergeError subclass of that name among the classes already defined.
-
-    Every rank runs the same code, so the class another rank raised is defined here too; by
-    name, not by importing a module, so the import graph shows every dependency.
-    """
-    pending: list[type[DammergeError]] = [DammergeError]
-    while pending:
-        kind = pending.pop()
-        if kind.__module__ == module and kind.__qualname__ == qualname:
-            return kind
-        pending.extend(kind.__subclasses__())
-    return DammergeError
-
-
 def _rebuild_error(described: tuple[str, str, str, str | None]) -> DammergeError:
     module, qualname, message, hint = described
-    try:
-        return _error_class(module, qualname)(message, hint)
-    except Exception:  # a subclass with another signature: the base class says the same
-        return DammergeError(message, hint)
+    for kind in _error_classes(DammergeError):  # the ranks run one program: it is loaded here too
+        if (kind.__module__, kind.__qualname__) == (module, qualname):
+            try:
+                return kind(message, hint)
+            except TypeError:  # a subclass with another signature: the base class says the same
+                break
+    return DammergeError(message, hint)
+
+
+def _error_classes(root: type[DammergeError]) -> list[type[DammergeError]]:
+    """``root`` and every subclass of it loaded in this process."""
+    found = [root]
+    for kind in root.__subclasses__():
+        found += _error_classes(kind)
+    return found

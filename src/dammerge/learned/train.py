@@ -241,6 +241,24 @@ def _select_target(target: TeacherOutput | None, mask: torch.Tensor) -> TeacherO
     return TeacherOutput(values=pick(target.values), indices=pick(target.indices))
 
 
+def enable_gradient_checkpointing(inner: torch.nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant), in training mode with every
+    dropout off, so the recomputed activations equal the saved ones."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(inner, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers >= 5.x name
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for module in inner.modules():  # training mode is needed for checkpointing; no dropout
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout"):
+        if hasattr(inner.config, key):
+            setattr(inner.config, key, 0.0)
+    inner.train()
+
+
 @contextlib.contextmanager
 def ctrl_c_deferred() -> Iterator[None]:
     """Hold a Ctrl-C that arrives during the block until it ends.
@@ -311,20 +329,7 @@ class Trainer:
             self._enable_gradient_checkpointing()
 
     def _enable_gradient_checkpointing(self) -> None:
-        inner = self.model.model
-        kwargs = {"use_reentrant": False}
-        enable = getattr(inner, "activation_checkpointing_enable", None)
-        if enable is not None:  # transformers >= 5.x name
-            enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        for module in inner.modules():  # training mode is needed for checkpointing; no dropout
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        for key in ("attention_dropout", "hidden_dropout", "dropout"):
-            if hasattr(inner.config, key):
-                setattr(inner.config, key, 0.0)
-        inner.train()
+        enable_gradient_checkpointing(self.model.model)
 
     # -- state ----------------------------------------------------------------------------
     @property
