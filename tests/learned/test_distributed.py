@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.data.examples import Example, collate
-from dammerge.errors import ConfigError
+from dammerge.errors import ConfigError, DammergeError
 from dammerge.learned import distributed
 from dammerge.learned.distributed import Distributed, launched_by_torchrun, resolve_strategy
 from dammerge.learned.layers import CoefficientScheme, MergedLinear
@@ -118,6 +118,17 @@ def test_torchrun_is_recognised_by_its_variables():
     assert not launched_by_torchrun({})
     assert not launched_by_torchrun({"RANK": "0", "WORLD_SIZE": "2"})
     assert launched_by_torchrun({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+
+
+def test_an_error_crosses_ranks_as_its_own_class():
+    """A rank re-raises another rank's error as the same DammergeError subclass, message and
+    hint, found among the defined classes (no module imported by name)."""
+    error = ConfigError("training.steps: must be positive", "set steps: N")
+    rebuilt = distributed._rebuild_error(distributed._describe_error(error))
+    assert type(rebuilt) is ConfigError
+    assert (rebuilt.message, rebuilt.hint) == (error.message, error.hint)
+    unknown = distributed._rebuild_error(("elsewhere", "GoneError", "it failed", None))
+    assert type(unknown) is DammergeError and unknown.message == "it failed"
 
 
 def test_one_process_context_is_the_identity():
