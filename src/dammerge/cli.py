@@ -17,13 +17,13 @@ import typer
 from rich.console import Console
 
 from dammerge.errors import DammergeError, Interrupted
+from dammerge.terminal import print_lines
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Merge language models fine-tuned from one base: data-free methods and DAM.",
 )
-console = Console(stderr=True)
 
 
 def _show_version(value: bool) -> None:
@@ -171,7 +171,7 @@ MERGEKIT_FLAGS = {
 
 
 def _print(kind: str, text: str, style: str) -> None:
-    console.print(f"{kind}: {text}", style=style, highlight=False, markup=False, soft_wrap=True)
+    print_lines([f"{kind}: {text}"], style=style)
 
 
 def _usage_hint(exc: typer.TyperException) -> str:

@@ -21,7 +21,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from tqdm.auto import tqdm
 
 from dammerge import __version__
@@ -32,8 +31,7 @@ from dammerge.devices import resolve_device
 from dammerge.errors import ConfigError, DammergeError
 from dammerge.methods import MergeInputs
 from dammerge.plan import MergePlan, TensorPlan, build_plan, describe
-
-console = Console(stderr=True)
+from dammerge.terminal import console, print_lines
 
 
 def merge_data_free(config: MergeConfig, out: Path, options: RunOptions) -> Path | None:
@@ -45,8 +43,7 @@ def merge_data_free(config: MergeConfig, out: Path, options: RunOptions) -> Path
     plan = build_plan(config, allow_pickle=options.allow_pickle)
     if options.dry_run:
         if options.progress:
-            for line in describe(plan):
-                console.print(line, highlight=False, markup=False, soft_wrap=True)
+            print_lines(describe(plan))
             console.print("dry run: nothing written", style="green")
         return None
     out = execute(

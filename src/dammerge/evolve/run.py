@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
@@ -63,6 +62,7 @@ from dammerge.executor import merge_tensor, write_side_files
 from dammerge.memory import reuse_freed_memory
 from dammerge.methods import MergeMethod
 from dammerge.plan import MergePlan, build_plan, describe
+from dammerge.terminal import console, print_lines
 
 LOG_NAME = "evolve_log.jsonl"
 RECIPE_NAME = "evolved_recipe.yml"
@@ -70,8 +70,6 @@ STATS_NAME = "evolve_stats.json"
 PLOT_NAME = "evolve_fitness.png"
 SOURCE_RECIPE_NAME = "evolve_recipe.yml"
 WORK_SUFFIX = ".evolve-work"
-
-console = Console(stderr=True)
 
 
 @dataclass
@@ -172,8 +170,7 @@ def evolve_merge(
     )
     if dry_run:
         if progress:
-            for line in describe_search(prepared):
-                console.print(line, highlight=False, markup=False, soft_wrap=True)
+            print_lines(describe_search(prepared))
             console.print("dry run: nothing written", style="green")
         return None
     torch_device = resolve_device(device)

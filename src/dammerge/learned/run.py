@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.checkpoint.writer import check_output_location
@@ -33,6 +32,7 @@ from dammerge.learned.data import SourceData
 from dammerge.learned.distributed import Distributed
 from dammerge.learned.offload import check_offloadable
 from dammerge.learned.settings import TrainingSettings
+from dammerge.terminal import console, print_lines
 
 BOOKKEEPING = {
     "resume",
@@ -48,7 +48,6 @@ BOOKKEEPING = {
     "gradient_checkpointing",
     "offload",
 }
-console = Console(stderr=True)
 
 
 @dataclass
@@ -510,15 +509,14 @@ def _run_learned_merge(
     notes = distributed.resolve_strategy(
         ranks, settings.distributed, len(plan.sources), settings.batch_size
     )
-    for note in notes if ranks.is_main else []:
-        console.print(note, style="yellow", highlight=False, markup=False, soft_wrap=True)
+    if ranks.is_main:
+        print_lines(notes, style="yellow")
     memory = ranks.together(lambda: memory_plan(plan, ranks))
     if options.progress and ranks.is_main:
         lines = memory.lines()
         if options.dry_run:
             lines = [*describe(plan), *ranks.describe(), *lines]
-        for line in lines:
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
+        print_lines(lines)
     ranks.together(memory.require_fits)  # before any weight is loaded, on every rank alike
     if options.dry_run:
         if options.progress and ranks.is_main:
