@@ -34,9 +34,13 @@ def test_unknown_method_lists_the_choices():
     ("method", "training", "message"),
     [
         ("dam", {"lr": -1}, "training.lr"),
-        ("dam", {"teachr": "precomputed"}, "training.teachr"),
+        (
+            "dam",
+            {"teachr": "precomputed"},
+            "training: unknown key 'teachr' — did you mean 'teacher'",
+        ),
         ("adamerging", {"preset": "nope"}, "unknown preset"),
-        ("evolve", {"budjet": 10}, "training.budjet"),
+        ("evolve", {"budjet": 10}, "training: unknown key 'budjet' — did you mean 'budget'"),
         ("ties", {"steps": 3}, "data-free method"),
     ],
 )

@@ -11,13 +11,17 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from dammerge.errors import DammergeError, Interrupted
-from dammerge.terminal import print_lines
+from dammerge.terminal import print_lines, quiet_libraries
+from dammerge.threads import configure_threads
+
+if TYPE_CHECKING:
+    from dammerge.registry import MethodEntry
 
 app = typer.Typer(
     add_completion=False,
@@ -46,6 +50,14 @@ def _app_options(
     """Merge language models fine-tuned from one base: data-free methods and DAM."""
 
 
+# The registry's seeded methods (`MethodEntry.seeded`), spelt out here because `--help` must not
+# import the registry (and torch with it); tests/test_cli_help.py keeps the two in step.
+SEED_HELP = (
+    "Seed of the random choices: the drops of dare_linear, dare_ties, della and della_linear, "
+    "the data order and initialisation of dam and adamerging, and evolve's search."
+)
+
+
 def parse_size(text: str) -> int:
     """'5GB', '500MiB', '1e9' -> bytes."""
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?i?B?)?\s*", text, flags=re.IGNORECASE)
@@ -67,7 +79,7 @@ def merge_command(
     output: Annotated[Path, typer.Argument(help="Folder to write the merged checkpoint into.")],
     device: Annotated[str, typer.Option(help="Where the arithmetic runs: cpu or cuda.")] = "cpu",
     shard_size: Annotated[str, typer.Option(help="Maximum size of one output shard.")] = "5GB",
-    seed: Annotated[int, typer.Option(help="Seed for stochastic methods (DARE, DELLA).")] = 0,
+    seed: Annotated[int, typer.Option(help=SEED_HELP)] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
     dry_run: Annotated[
         bool, typer.Option(help="Validate and print the plan; write nothing.")
@@ -78,6 +90,8 @@ def merge_command(
 ) -> None:
     """Merge the models of CONFIG into OUTPUT."""
     from dammerge.dispatch import merge
+
+    configure_threads()
 
     merge(
         config,
@@ -110,9 +124,21 @@ def methods_command() -> None:
             models = fmt(method.model_params)
             params = f"{base}per model: {models or '-'}; global: {fmt(method.global_params) or '-'}"
         else:
-            params = "base_model; dataset per model; training: (see docs)"
+            params = f"base_model; dataset per model; {_training_keys(entry)}"
         table.add_row(entry.name, entry.kind, params, entry.summary, entry.paper)
     Console().print(table)
+
+
+TRAINING_DOCS = {"learned": "docs/dam.md", "search": "docs/evolve.md"}
+TRAINING_KEYS_SHOWN = ("steps", "lr", "objective", "budget", "fitness", "samples", "workers")
+
+
+def _training_keys(entry: MethodEntry) -> str:
+    """The ``training:`` block of a learned or search method: its main keys and where all of
+    them are described."""
+    fields = list(entry.settings_model.model_fields) if entry.settings_model else []
+    shown = [key for key in TRAINING_KEYS_SHOWN if key in fields]
+    return f"training: {', '.join(shown)}, ... ({len(fields)} keys: {TRAINING_DOCS[entry.kind]})"
 
 
 @app.command("demo")
@@ -127,6 +153,7 @@ def demo_command(
     """Build the miniature family, merge its specialists every way, and score each merge."""
     from dammerge.demo import run_demo
 
+    configure_threads()
     run_demo(output, full=full)
 
 
@@ -205,6 +232,7 @@ def main() -> None:
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_libraries()
     try:
         code = app(standalone_mode=False)
     except DammergeError as exc:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from pydantic import (
 )
 
 from dammerge.data.spec import DatasetSpec
-from dammerge.errors import ConfigError
+from dammerge.errors import ConfigError, did_you_mean
 
 DEFAULT_SHARD_SIZE = 5 * 2**30
 Scalar = float | int | bool | str
@@ -172,7 +172,8 @@ class OutputSlice(BaseModel):
 
 
 def read_yaml_file(path: Path, what: str) -> Any:
-    """The parsed YAML of a user's file (recipe, experiment), with one-line errors."""
+    """The parsed YAML of a user's file (recipe, experiment), with one-line errors; a syntax
+    error names its line and column."""
     try:
         return yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -182,7 +183,85 @@ def read_yaml_file(path: Path, what: str) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from None
+        raise ConfigError(
+            f"{path} is not valid YAML: {yaml_problem(exc)}",
+            "check the indentation and the brackets and quotes around that spot",
+        ) from None
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as ``line L, column C: problem`` (1-based, where the parser stopped)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+# --------------------------------------------------------------------------- validation errors
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside a field's annotation (``list[M]``, ``M | None``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in get_args(annotation):
+        found = _model_of(argument)
+        if found is not None:
+            return found
+    return None
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model whose key sits at ``loc`` (list indices skipped), or None when lost."""
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if current is None or part not in current.model_fields:
+            return None
+        current = _model_of(current.model_fields[part].annotation)
+    return current
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    """A pydantic location as ``models.0.dataset``, without its union and validator labels."""
+    parts = []
+    for part in loc:
+        if isinstance(part, str) and any(c in part for c in "[-"):
+            break  # pydantic's branch labels ("function-after[...]") mean nothing to a user
+        parts.append(str(part))
+    return ".".join(parts)
+
+
+MAX_KEYS_IN_HINT = 12  # a longer list is left to the docs the hint points at
+
+
+def validation_error(
+    exc: ValidationError, model: type[BaseModel], where: str, hint: str, separator: str = ": "
+) -> ConfigError:
+    """A pydantic error as one line: an unknown key first (named, with the closest known key),
+    else the first error found. Its place starts with ``where`` (a file, then ``: ``; or a key
+    such as ``training``, then ``separator='.'``)."""
+
+    def place(loc: tuple[Any, ...]) -> str:
+        inside = _location(loc)
+        return f"{where}{separator}{inside}" if inside else where
+
+    errors = exc.errors()
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+    if unknown:
+        loc = tuple(unknown[0]["loc"])
+        key = str(loc[-1])
+        owner = _model_at(model, loc)
+        known = list(owner.model_fields) if owner is not None else []
+        if 0 < len(known) <= MAX_KEYS_IN_HINT:
+            hint = f"the keys here: {', '.join(known)}"
+        message = f"unknown key '{key}'{did_you_mean(key, known)}"
+        return ConfigError(f"{place(loc[:-1])}: {message}", hint)
+    first = errors[0]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return ConfigError(f"{place(tuple(first['loc']))}: {message}", hint)
 
 
 class MergeConfig(BaseModel):
@@ -234,13 +313,7 @@ class MergeConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "recipe"
-            message = str(first["msg"]).removeprefix("Value error, ")
-            hint = "check the spelling against docs/recipes.md"
-            if first["type"] == "value_error":
-                hint = "see docs/recipes.md for the recipe's keys"
-            raise ConfigError(f"{source}: {where}: {message}", hint) from None
+            raise validation_error(exc, cls, source, "see docs/recipes.md") from None
 
     def relative_to(self, folder: Path) -> MergeConfig:
         """Resolve relative model and dataset paths against the recipe's folder."""

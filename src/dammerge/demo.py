@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
+from dammerge.terminal import console
 
 SHIPPED = Path(__file__).parent / "experiment" / "shipped"
 
@@ -19,6 +19,7 @@ SHIPPED = Path(__file__).parent / "experiment" / "shipped"
 def run_demo(output: Path, full: bool = False) -> Path:
     """Run the shipped experiment with its family in ``output/family``; return the report folder."""
     from dammerge.experiment.config import ExperimentConfig
+    from dammerge.experiment.report import print_report
     from dammerge.experiment.runner import run_experiment
 
     name = "small-family" if full else "quick"
@@ -26,7 +27,11 @@ def run_demo(output: Path, full: bool = False) -> Path:
     config = ExperimentConfig.from_yaml(SHIPPED / f"{name}.yaml")
     config = config.model_copy(update={"family": str(output / "family")})
     report = run_experiment(config, output / name)
-    console = Console()
-    console.print((report / "report.md").read_text(), highlight=False, markup=False)
-    console.print(f"report (Markdown, JSON, HTML, PNG) written to {report}", style="green")
+    print_report(report)
+    console.print(
+        f"report (Markdown, JSON, HTML, PNG) written to {report}",
+        style="green",
+        markup=False,
+        highlight=False,
+    )
     return report

@@ -7,6 +7,8 @@ would overwrite an input) raises :class:`DammergeError`. The CLI prints ``error:
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import ClassVar
 
 
@@ -20,6 +22,13 @@ class DammergeError(Exception):
 
     def __str__(self) -> str:
         return self.message if self.hint is None else f"{self.message} (hint: {self.hint})"
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` — did you mean 'x'?`` for the closest of ``choices`` to a misspelt ``word`` (difflib's
+    ratio of at least 0.6), or an empty string when none is close."""
+    close = difflib.get_close_matches(word, sorted(set(choices)), n=1)
+    return f" — did you mean '{close[0]}'?" if close else ""
 
 
 class ConfigError(DammergeError):

@@ -8,7 +8,6 @@ tensor names and shapes (all mismatches are listed at once).
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from dammerge.config import (
     parse_dtype,
     resolve_value,
 )
-from dammerge.errors import CheckpointError, ConfigError
+from dammerge.errors import CheckpointError, ConfigError, did_you_mean
 from dammerge.methods import METHODS, REQUIRED, MergeMethod, get_method
 
 MAX_LISTED_MISMATCHES = 8
@@ -508,8 +507,7 @@ def check_parameters(config: MergeConfig, method: MergeMethod) -> None:
     if typos:
         key, where = typos[0]
         accepted = ", ".join(sorted(known_global)) or "none"
-        guess = difflib.get_close_matches(key, sorted(known_global | elsewhere), n=1)
-        suggestion = f"; did you mean '{guess[0]}'?" if guess else ""
+        suggestion = did_you_mean(key, known_global | known_model | elsewhere)
         raise ConfigError(
             f"unknown parameter '{key}' ({where}) for {method.name}{suggestion}",
             f"{method.name} accepts: {accepted}",

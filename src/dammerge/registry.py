@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from dammerge.config import MergeConfig, RunOptions, load_config
-from dammerge.errors import ConfigError
+from dammerge.errors import ConfigError, did_you_mean
 from dammerge.evolve.settings import EvolveSettings, read_settings
 from dammerge.learned.presets import ADAMERGING, DAM
 from dammerge.learned.settings import TrainingSettings, parse_settings
@@ -163,7 +163,8 @@ def get_entry(name: str) -> MethodEntry:
         return REGISTRY[name]
     except KeyError:
         raise ConfigError(
-            f"unknown merge_method {name!r}", f"choose one of: {', '.join(sorted(REGISTRY))}"
+            f"unknown merge_method {name!r}{did_you_mean(str(name), REGISTRY)}",
+            f"choose one of: {', '.join(sorted(REGISTRY))}",
         ) from None
 
 

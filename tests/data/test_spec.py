@@ -55,5 +55,5 @@ def test_a_bad_dataset_block_fails_when_the_recipe_loads():
     with pytest.raises(ConfigError, match=r"models\.0\.dataset: unknown field 'question'"):
         MergeConfig.from_dict({"merge_method": "dam", "models": models})
     models = [{"model": "a", "dataset": {"path": "d.jsonl", "shuffle": True}}]
-    with pytest.raises(ConfigError, match=r"models\.0\.dataset\.shuffle: Extra inputs"):
+    with pytest.raises(ConfigError, match=r"models\.0\.dataset: unknown key 'shuffle'"):
         MergeConfig.from_dict({"merge_method": "evolve", "models": models})

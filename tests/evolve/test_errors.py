@@ -36,10 +36,13 @@ CASES = {
     ),
     "unknown dataset key": (
         _set("models.0.dataset", lambda s: {"path": str(s.data_a), "format": "x"}),
-        "format: Extra inputs",
+        "models.0.dataset: unknown key 'format'",
     ),
     "budget below popsize": (_set("training.budget", 5), r"budget \(5\) is smaller"),
-    "unknown training key": (_set("training.generations", 3), "generations: Extra inputs"),
+    "unknown training key": (
+        _set("training.generations", 3),
+        "training: unknown key 'generations'",
+    ),
     "bad bounds": (_set("training.bounds", {"weight": [1, 0]}), "low < high"),
     "search unknown parameter": (
         _set("training.search", ["density"]),

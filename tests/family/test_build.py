@@ -90,9 +90,9 @@ def test_specialists_differ_from_the_base_and_each_other(micro_family):
 
 
 def test_same_seed_rebuild_is_bit_identical(micro_family, tmp_path):
-    started = time.perf_counter()
+    """(Its time is the benchmarks' business: bench/family_build.py alone, bench/contention.py
+    beside copies of itself; a time limit here fails whenever the machine is shared.)"""
     again = build_family(tmp_path / "again", "micro", 0)
-    assert time.perf_counter() - started < 150  # budget 90 s on an idle 2-core machine
     assert not again.cached
     first, second = tensors(micro_family), tensors(again.root)
     for name in MODELS:

@@ -75,7 +75,9 @@ def test_missing_dataset_block(untied_family, tmp_path, dam_recipe, datasets_dir
 
 def test_misspelt_training_option(untied_family, tmp_path, dam_recipe, datasets_dir, monkeypatch):
     recipe = dam_recipe(*untied_family, datasets_dir, lamda_cos=0.1)
-    _expect_error(recipe, tmp_path / "out", "training.lamda_cos", monkeypatch)
+    _expect_error(
+        recipe, tmp_path / "out", "unknown key 'lamda_cos' — did you mean 'lambda_cos'", monkeypatch
+    )
 
 
 @pytest.mark.parametrize(

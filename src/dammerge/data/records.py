@@ -10,6 +10,7 @@ one line naming the column or the record.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
@@ -42,29 +43,77 @@ def load_records(spec: DatasetSpec, cache_dir: Path | None = None, *, where: str
         raise DammergeError(f"dataset {path} is empty", "point at a file with records")
     datasets.disable_progress_bars()
     try:
-        if path.is_dir():
-            return _load_saved(path, spec.split)
-        builder = FORMATS.get(path.suffix.lower())
-        if builder is None:
-            raise DammergeError(
-                f"cannot tell the format of dataset {path}",
-                f"use one of {', '.join(FORMATS)} or a save_to_disk folder",
+        with _datasets_log_silenced():
+            if path.is_dir():
+                return _load_saved(path, spec.split)
+            builder = FORMATS.get(path.suffix.lower())
+            if builder is None:
+                raise DammergeError(
+                    f"cannot tell the format of dataset {path}",
+                    f"use one of {', '.join(FORMATS)} or a save_to_disk folder",
+                )
+            return datasets.load_dataset(
+                builder,
+                data_files=str(path),
+                split="train",
+                cache_dir=str(cache_dir) if cache_dir else None,
             )
-        return datasets.load_dataset(
-            builder,
-            data_files=str(path),
-            split="train",
-            cache_dir=str(cache_dir) if cache_dir else None,
-        )
     except DammergeError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable files
-        if "corresponds to no data" in str(exc):  # e.g. a CSV with only its header
-            raise DammergeError(
-                f"dataset {path} is empty", "point at a file with records"
-            ) from None
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DammergeError(f"cannot read dataset {path}: {text}") from None
+        raise _unreadable(path, exc) from None
+
+
+@contextmanager
+def _datasets_log_silenced() -> Iterator[None]:
+    """``datasets`` logs its own error line before raising (e.g. "Failed to load JSON ... row
+    0"); ours names the file and line instead, so its log is muted while it reads."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _unreadable(path: Path, exc: BaseException) -> DammergeError:
+    """A one-line error for a file ``datasets`` could not read: where a JSON file stops
+    parsing (line, column, cause), else the innermost cause ``datasets`` wrapped."""
+    if "corresponds to no data" in str(exc):  # e.g. a CSV with only its header
+        return DammergeError(f"dataset {path} is empty", "point at a file with records")
+    if FORMATS.get(path.suffix.lower()) == "json":
+        located = json_syntax_error(path)
+        if located is not None:
+            return DammergeError(f"dataset {located}", "fix the record, or remove that line")
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # datasets wraps the reader's own error
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DammergeError(f"cannot read dataset {path}: {text}")
+
+
+def json_syntax_error(path: Path) -> str | None:
+    """Where a JSON or JSON Lines file stops being valid: ``PATH: line L, column C: cause``
+    (None when it parses). One JSON document, or one object per line, as ``datasets`` reads."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".json":
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as exc:
+            if exc.msg != "Extra data":  # "Extra data": JSON Lines in a .json file
+                return f"{path}: line {exc.lineno}, column {exc.colno}: {exc.msg}"
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"{path}: line {number}, column {exc.colno}: {exc.msg}"
+        if not isinstance(record, dict):
+            kind = type(record).__name__
+            return f"{path}: line {number}: a record must be a JSON object, not a {kind}"
+    return None
 
 
 def _load_saved(path: Path, split: str):

@@ -73,6 +73,9 @@ def evaluate_command(
     """
     from rich.console import Console
 
+    from dammerge.threads import configure_threads
+
+    configure_threads()
     if family is None:
         raise DammergeError("--family is required", "dammerge evaluate MODEL_DIR... --family DIR")
     if export_lm_eval is not None:
@@ -84,9 +87,6 @@ def evaluate_command(
     from dammerge.evaluate.evaluator import evaluate_models
 
     report.check_output_paths(json_path, markdown_path, responses, plot_path=plot)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one bar per model is ours; per-load bars are noise
     result = evaluate_models(
         models,
         family,

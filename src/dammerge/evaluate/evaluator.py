@@ -222,7 +222,8 @@ def evaluate_model(
             nll = kl = None
             if likelihood:
                 assert teachers is not None
-                teacher_rows = teachers.rows(domain, tokenizer)
+                bar.set_postfix_str(f"{name}: specialist", refresh=True)
+                teacher_rows = teachers.rows(domain, tokenizer, progress=False)
                 bar.set_postfix_str(f"{name}: nll/kl", refresh=True)
                 nll, kl = _likelihoods(
                     model,

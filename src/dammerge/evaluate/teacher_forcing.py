@@ -35,22 +35,27 @@ class TeacherCache:
     progress: bool = True
     _rows: dict[tuple, list[torch.Tensor] | None] = field(default_factory=dict, repr=False)
 
-    def rows(self, domain: DomainData, tokenizer: Any) -> list[torch.Tensor] | None:
+    def rows(
+        self, domain: DomainData, tokenizer: Any, *, progress: bool | None = None
+    ) -> list[torch.Tensor] | None:
         """The specialist's log-prob rows for the domain's records, tokenized by ``tokenizer``.
 
         None when the domain has no specialist, or when the specialist's vocabulary differs
         from ``tokenizer``'s (the two distributions would not be over the same tokens).
+        ``progress`` overrides the cache's own setting for this call (a caller whose own bar
+        is open passes False: a second bar beneath it would be a second line).
         """
         if domain.specialist_dir is None:
             return None
         examples = encode_examples(tokenizer, domain.records)
         key = (domain.name, str(Path(domain.specialist_dir).resolve()), _ids_key(examples))
         if key not in self._rows:
-            self._rows[key] = self._compute(domain, examples, tokenizer.get_vocab())
+            shown = self.progress if progress is None else progress
+            self._rows[key] = self._compute(domain, examples, tokenizer.get_vocab(), shown)
         return self._rows[key]
 
     def _compute(
-        self, domain: DomainData, examples: list[Example], vocab: dict[str, int]
+        self, domain: DomainData, examples: list[Example], vocab: dict[str, int], progress: bool
     ) -> list[torch.Tensor] | None:
         from dammerge.evaluate.loading import load_model
 
@@ -63,7 +68,7 @@ class TeacherCache:
             return None
         rows: list[torch.Tensor] = [torch.empty(0)] * len(examples)
         desc = f"specialist {domain.name}"
-        with _progress(len(examples), desc, self.progress) as bar:
+        with _progress(len(examples), desc, progress) as bar:
             for index, logprobs in iter_response_logprobs(
                 model,
                 examples,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import resource
 import shutil
 import time
@@ -63,6 +62,7 @@ from dammerge.memory import reuse_freed_memory
 from dammerge.methods import MergeMethod
 from dammerge.plan import MergePlan, build_plan, describe
 from dammerge.terminal import console, print_lines
+from dammerge.threads import usable_cpus
 
 LOG_NAME = "evolve_log.jsonl"
 RECIPE_NAME = "evolved_recipe.yml"
@@ -98,8 +98,7 @@ class PreparedSearch:
         if device is not None and device.type != "cpu":
             return 1
         wanted = self.settings.workers
-        cores = os.cpu_count() or 1
-        count = cores if wanted == "auto" else int(wanted)
+        count = usable_cpus() if wanted == "auto" else int(wanted)
         return max(1, min(count, self.popsize))
 
 

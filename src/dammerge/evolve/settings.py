@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dammerge.config import MergeConfig
+from dammerge.config import MergeConfig, validation_error
 from dammerge.errors import ConfigError
 from dammerge.methods import METHODS, MergeMethod, get_method
 
@@ -115,11 +115,8 @@ def read_settings(cfg: MergeConfig) -> EvolveSettings:
     try:
         return EvolveSettings.model_validate(cfg.training or {})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "training"
-        raise ConfigError(
-            f"training.{where}: {first['msg']}",
-            "see docs/evolve.md",
+        raise validation_error(
+            exc, EvolveSettings, "training", "see docs/evolve.md", separator="."
         ) from None
 
 

@@ -20,14 +20,15 @@ def experiment_command(
 
     Finished cells are kept: re-running after an interruption computes only what is missing.
     """
-    from rich.console import Console
-
     from dammerge.experiment.config import ExperimentConfig
+    from dammerge.experiment.report import print_report
     from dammerge.experiment.runner import run_experiment
+    from dammerge.terminal import console
+    from dammerge.threads import configure_threads
 
+    configure_threads()
     config = ExperimentConfig.from_yaml(experiment)
     out = output or experiment.with_suffix("")
     report = run_experiment(config, out, rerun=rerun)
-    console = Console()
-    console.print((report / "report.md").read_text(), highlight=False, markup=False)
-    console.print(f"report written to {report}", style="green")
+    print_report(report)
+    console.print(f"report written to {report}", style="green", markup=False, highlight=False)

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dammerge.config import read_yaml_file
+from dammerge.config import read_yaml_file, validation_error
 from dammerge.errors import ConfigError
 from dammerge.registry import REGISTRY
 
@@ -128,10 +128,10 @@ class ExperimentConfig(BaseModel):
         try:
             config = cls.model_validate(data)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "experiment"
-            raise ConfigError(
-                f"{path}: {where}: {first['msg']}",
+            raise validation_error(
+                exc,
+                cls,
+                str(path),
                 "see docs/evaluation.md (experiments) or the shipped "
                 "src/dammerge/experiment/shipped/quick.yaml",
             ) from None

@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 DOMAINS = ("lang", "math", "sql")
 EXTRA_COLUMNS = ("average", "compositional")
 COMPUTE_KEYS = ("forward_passes", "backward_passes", "fitness_evaluations")
+UNBOUNDED_WIDTH = 10_000  # characters: a table printed into a file is never folded
+TITLES = {
+    "scores": "Held-out scores (mean ± std over seeds)",
+    "ablation": "DAM objective ablation (mean ± std over seeds)",
+    "compute": "Compute per merge",
+}
 
 
 @dataclass
@@ -246,14 +252,9 @@ def write_report(config: ExperimentConfig, cells: list[Cell], out: Path) -> Path
 
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.machine()}, {_cpu_count()} cores, device {config.device}"
-    titles = {
-        "scores": "Held-out scores (mean ± std over seeds)",
-        "ablation": "DAM objective ablation (mean ± std over seeds)",
-        "compute": "Compute per merge",
-    }
     sections = [f"# Experiment: {config.name}\n\n{when}; {machine}; family `{config.family}`"]
     for key, (header, body) in tables.items():
-        sections.append(f"## {titles[key]}\n\n{markdown_table(header, body)}")
+        sections.append(f"## {TITLES[key]}\n\n{markdown_table(header, body)}")
     sections.append("\n".join(f"![{p}]({p})" for p in plots))
     (report / "report.md").write_text("\n\n".join(sections) + "\n")
     data = {
@@ -264,11 +265,35 @@ def write_report(config: ExperimentConfig, cells: list[Cell], out: Path) -> Path
             {"name": r.name, "group": r.group, "scores": r.scores, "compute": r.compute}
             for r in rows
         ],
-        "tables": {k: {"header": h, "rows": b} for k, (h, b) in tables.items()},
+        "tables": {k: {"title": TITLES[k], "header": h, "rows": b} for k, (h, b) in tables.items()},
     }
     (report / "report.json").write_text(json.dumps(data, indent=2))
-    (report / "report.html").write_text(_html(config.name, when, machine, tables, titles, plots))
+    (report / "report.html").write_text(_html(config.name, when, machine, tables, TITLES, plots))
     return report
+
+
+def print_report(report: Path) -> None:
+    """Print a written report's tables on the terminal (stdout), as tables.
+
+    Read from ``report.json``; in a terminal rich fits them to its width, and into a file or a
+    pipe each table is printed at its natural width rather than folded at 80 columns.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    data = json.loads((report / "report.json").read_text())
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=UNBOUNDED_WIDTH)
+    console.print(f"Experiment {data['name']}: {data['date']}; {data['machine']}", markup=False)
+    for key, table_data in data["tables"].items():
+        title = table_data.get("title", TITLES.get(key, key))
+        table = Table(title=title, title_justify="left")
+        for index, column in enumerate(table_data["header"]):
+            table.add_column(column, justify="left" if index == 0 else "right")
+        for cells in table_data["rows"]:
+            table.add_row(*cells)
+        console.print(table)
 
 
 def _cpu_count() -> int:

@@ -22,7 +22,11 @@ console = Console(stderr=True)
 def build_command(
     output: Annotated[Path, typer.Argument(help="Folder to build the family into.")],
     size: Annotated[
-        str, typer.Option(help="micro (tests, about a minute) or small (demo, a few minutes).")
+        str,
+        typer.Option(
+            help="micro (for tests: seconds) or small (for the demo: about 8 minutes on 2 idle "
+            "cores, then cached); build times in docs/family.md."
+        ),
     ] = "small",
     seed: Annotated[int, typer.Option(help="Seed of the data, the language and the weights.")] = 0,
     force: Annotated[
@@ -31,7 +35,9 @@ def build_command(
 ) -> None:
     """Build the family: tokenizer, base, three specialists, data splits and a manifest."""
     from dammerge.family.build import build_family, resolve_spec
+    from dammerge.threads import configure_threads
 
+    configure_threads()
     resolve_spec(size)  # a bad size fails here, before anything is imported or written
     result = build_family(
         output,

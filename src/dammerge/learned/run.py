@@ -509,7 +509,7 @@ def _run_learned_merge(
     notes = distributed.resolve_strategy(
         ranks, settings.distributed, len(plan.sources), settings.batch_size
     )
-    if ranks.is_main:
+    if options.progress and ranks.is_main:
         print_lines(notes, style="yellow")
     memory = ranks.together(lambda: memory_plan(plan, ranks))
     if options.progress and ranks.is_main:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dammerge.config import DTYPES
+from dammerge.config import DTYPES, validation_error
 from dammerge.errors import ConfigError
 from dammerge.learned.layers import Activation, Granularity, InitSpec, Parametrization
 from dammerge.learned.presets import ABLATION_PRESETS, resolve_training
@@ -79,19 +79,6 @@ class TrainingSettings(BaseModel):
         return self
 
 
-def _first_error(exc: ValidationError, where: str) -> ConfigError:
-    first = exc.errors()[0]
-    parts = []
-    for part in first["loc"]:
-        if not isinstance(part, str) or any(c in part for c in "[-"):
-            break  # pydantic's union/validator branch labels are noise to a user
-        parts.append(part)
-    loc = ".".join(parts)
-    message = first["msg"].removeprefix("Value error, ")
-    place = f"{where}.{loc}" if loc else where
-    return ConfigError(f"{place}: {message}", "check the spelling against docs/dam.md")
-
-
 def parse_settings(
     training: dict[str, Any] | None, method_preset: Mapping[str, Any]
 ) -> TrainingSettings:
@@ -102,4 +89,10 @@ def parse_settings(
     try:
         return TrainingSettings.model_validate(resolve_training(method_preset, training))
     except ValidationError as exc:
-        raise _first_error(exc, "training") from None
+        raise validation_error(
+            exc,
+            TrainingSettings,
+            "training",
+            "see docs/dam.md for the training keys and their values",
+            separator=".",
+        ) from None

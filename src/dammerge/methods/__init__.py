@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dammerge.errors import ConfigError
+from dammerge.errors import ConfigError, did_you_mean
 from dammerge.methods.base import REQUIRED, MergeInputs, MergeMethod
 from dammerge.methods.catalogue import METHODS
 
@@ -17,7 +17,8 @@ def get_method(name: str) -> MergeMethod:
         return METHODS[name]
     except KeyError:
         raise ConfigError(
-            f"unknown merge_method {name!r}", f"choose one of: {', '.join(sorted(METHODS))}"
+            f"unknown merge_method {name!r}{did_you_mean(str(name), METHODS)}",
+            f"choose one of: {', '.join(sorted(METHODS))}",
         ) from None
 
 
