@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dammerge.terminal import console
+from dammerge.terminal import print_lines
 
 SHIPPED = Path(__file__).parent / "experiment" / "shipped"
 
@@ -28,10 +28,5 @@ def run_demo(output: Path, full: bool = False) -> Path:
     config = config.model_copy(update={"family": str(output / "family")})
     report = run_experiment(config, output / name)
     print_report(report)
-    console.print(
-        f"report (Markdown, JSON, HTML, PNG) written to {report}",
-        style="green",
-        markup=False,
-        highlight=False,
-    )
+    print_lines([f"report (Markdown, JSON, HTML, PNG) written to {report}"], style="green")
     return report

@@ -23,7 +23,7 @@ def experiment_command(
     from dammerge.experiment.config import ExperimentConfig
     from dammerge.experiment.report import print_report
     from dammerge.experiment.runner import run_experiment
-    from dammerge.terminal import console
+    from dammerge.terminal import print_lines
     from dammerge.threads import configure_threads
 
     configure_threads()
@@ -31,4 +31,4 @@ def experiment_command(
     out = output or experiment.with_suffix("")
     report = run_experiment(config, out, rerun=rerun)
     print_report(report)
-    console.print(f"report written to {report}", style="green", markup=False, highlight=False)
+    print_lines([f"report written to {report}"], style="green")

@@ -29,14 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from dammerge.errors import DammergeError, Interrupted
 from dammerge.evolve.report import peak_rss_mib
 from dammerge.experiment.config import ExperimentConfig, MethodSpec
 from dammerge.family.manifest import Family, load_family
+from dammerge.terminal import print_lines
 
-console = Console(stderr=True)
 REFERENCE_GROUP = "reference"
 
 
@@ -232,16 +230,16 @@ def run_experiment(
             prefix = f"[{number}/{len(cells)}] {cell.label}"
             _forget_if_changed(cell, cell.key(evaluation), prefix)
             if cell.recipe is not None and not cell.merge_record.exists():
-                console.print(f"{prefix}: merging ({cell.recipe['merge_method']})")
+                print_lines([f"{prefix}: merging ({cell.recipe['merge_method']})"])
                 write_json(cell.merge_record, run_merge(cell, config.device))
             if not cell.scores_record.exists():
-                console.print(f"{prefix}: evaluating")
+                print_lines([f"{prefix}: evaluating"])
                 scores = evaluate_cell(
                     cell.model, family, config.evaluation, config.device, progress
                 )
                 write_json(cell.scores_record, scores)
             else:
-                console.print(f"{prefix}: done earlier", style="dim")
+                print_lines([f"{prefix}: done earlier"], style="dim")
     except KeyboardInterrupt:
         finished = sum(cell.scores_record.is_file() for cell in cells)
         raise Interrupted(
@@ -263,7 +261,7 @@ def _forget_if_changed(cell: Cell, key: str, prefix: str) -> None:
             stored = None
         if stored == key:
             return
-        console.print(f"{prefix}: changed since the last run, recomputing", style="yellow")
+        print_lines([f"{prefix}: changed since the last run, recomputing"], style="yellow")
         shutil.rmtree(cell.folder)
     write_json(cell.key_record, {"cell": cell.label, "key": key})
 
@@ -277,6 +275,6 @@ def _family(config: ExperimentConfig) -> Family:
             config.family,
             config.build.size,
             config.build.seed,
-            report=lambda message: console.print(message, style="dim"),
+            report=lambda message: print_lines([message], style="dim"),
         )
     return load_family(config.family)

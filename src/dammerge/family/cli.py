@@ -11,11 +11,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dammerge.terminal import print_lines
+
 family_app = typer.Typer(
     no_args_is_help=True,
     help="The miniature model family (base + lang/math/sql specialists), built offline.",
 )
-console = Console(stderr=True)
 
 
 @family_app.command("build")
@@ -44,14 +45,14 @@ def build_command(
         size,
         seed,
         force=force,
-        report=lambda message: console.print(message, highlight=False, markup=False),
+        report=lambda message: print_lines([message]),
     )
     print_quality(result.manifest)
     if result.cached:
-        console.print(f"reused the family in {result.root} (cache hit)", style="green")
+        print_lines([f"reused the family in {result.root} (cache hit)"], style="green")
     else:
         seconds = result.manifest.get("build_seconds", 0.0)
-        console.print(f"family written to {result.root} in {seconds:.0f} s", style="green")
+        print_lines([f"family written to {result.root} in {seconds:.0f} s"], style="green")
 
 
 def print_quality(manifest: dict) -> None:
