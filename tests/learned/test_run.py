@@ -208,3 +208,27 @@ def test_work_folder_is_reused_only_by_the_same_recipe(
     with pytest.raises(DammergeError, match="belongs to a different recipe"):
         dammerge.merge(changed, out, progress=False)
     assert not out.exists()
+
+
+def test_unwritable_output_refused_before_training(
+    untied_family, unwritable_folder, dam_recipe, datasets_dir, monkeypatch
+):
+    recipe = dam_recipe(*untied_family, datasets_dir)
+    _expect_error(recipe, unwritable_folder / "out", "cannot write", monkeypatch)
+
+
+def test_inspect_refuses_unwritable_plots_before_reading(
+    unwritable_folder, tmp_path, capsys, monkeypatch
+):
+    from dammerge.learned import inspect as inspect_module
+
+    read = []
+    monkeypatch.setattr(inspect_module, "coefficient_rows", lambda folder: read.append(folder))
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    for plots in (unwritable_folder, unwritable_folder / "plots"):
+        code, err = _cli(capsys, monkeypatch, "inspect", str(merged), "--plots", str(plots))
+        assert code == 2 and "Traceback" not in err, err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "cannot write plots folder" in errors[0], err
+    assert read == []
