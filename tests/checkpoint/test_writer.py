@@ -311,3 +311,29 @@ def test_an_unwritable_output_is_refused_before_compute(
     with pytest.raises(OutputError, match="cannot write") as info:
         dammerge.merge(recipe(llama_family), unwritable_folder / "merged", progress=False)
     assert info.value.hint
+
+
+def test_the_saved_recipe_rebuilds_the_checkpoint_from_another_folder(
+    llama_family, tmp_path, monkeypatch
+):
+    """A recipe with paths relative to the working folder (as users write them) is saved as
+    ``dammerge_config.yml`` with paths relative to the checkpoint; merged from an unrelated
+    working folder, it rebuilds the same checkpoint, every tensor equal."""
+    base, variants = llama_family
+    monkeypatch.chdir(base.parent)
+    relative = {
+        "merge_method": "dare_ties",
+        "base_model": base.name,
+        "models": [
+            {"model": v.name, "parameters": {"weight": 0.5, "density": 0.6}} for v in variants
+        ],
+    }
+    out = dammerge.merge(relative, tmp_path / "merged", progress=False, seed=5)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = dammerge.merge(out / "dammerge_config.yml", tmp_path / "again", progress=False, seed=5)
+    first, second = tensors_of(out), tensors_of(again)
+    assert first.keys() == second.keys()
+    for name, tensor in second.items():
+        assert torch.equal(tensor, first[name]), name

@@ -102,3 +102,32 @@ def test_output_folder_contents_and_stats(sources, tmp_path):
     lines = (out / "evolve_log.jsonl").read_text().splitlines()
     assert len(lines) == 17 and json.loads(lines[0])["kind"] == "header"
     assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_saved_recipes_rebuild_the_checkpoint_from_another_folder(sources, tmp_path, monkeypatch):
+    """The search runs with paths relative to its working folder, as a user writes them; its
+    ``evolved_recipe.yml`` and ``dammerge_config.yml`` then rebuild the same checkpoint (every
+    tensor equal) when merged from an unrelated working folder."""
+    root = sources.base.parent
+    recipe = evolve_recipe(sources, budget=4, popsize=2, layer_groups=1)
+    recipe["base_model"] = sources.base.name
+    for model, path, data in zip(
+        recipe["models"], (sources.a, sources.b), (sources.data_a, sources.data_b), strict=True
+    ):
+        model["model"] = path.name
+        model["dataset"]["path"] = data.name
+    monkeypatch.chdir(root)
+    out = tmp_path / "out"
+    evolve_merge(recipe, out, fitness=logits_mse_fitness(sources.target), seed=3, progress=False)
+    written = _tensors(out)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for saved in ("evolved_recipe.yml", "dammerge_config.yml"):
+        assert "relative to the folder of this file" in (out / saved).read_text()
+        again = merge(out / saved, tmp_path / f"again-{saved}", seed=3, progress=False)
+        rebuilt = _tensors(again)
+        assert rebuilt.keys() == written.keys()
+        for name, tensor in rebuilt.items():
+            assert torch.equal(tensor, written[name]), (saved, name)

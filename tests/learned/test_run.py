@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import dammerge
+from dammerge.config import MergeConfig
 from dammerge.errors import DammergeError
 from dammerge.learned import run as run_module
 from dammerge.learned.export import COEFFICIENTS_FILE, STATS_FILE
@@ -133,6 +136,10 @@ def test_bad_init_for_activation(untied_family, tmp_path, dam_recipe, datasets_d
     _expect_error(recipe, tmp_path / "out", "outside sigmoid's range", monkeypatch)
 
 
+def _resolved(path: str) -> str:
+    return str(Path(path).resolve())
+
+
 def _cli(capsys, monkeypatch, *args: str) -> tuple[int, str]:
     """Run ``dammerge ARGS`` in-process (as the console script does); returns (code, stderr)."""
     from dammerge.cli import main
@@ -163,7 +170,18 @@ def test_cli_end_to_end(untied_family, tmp_path, dam_recipe, datasets_dir, capsy
     assert torch.isfinite(model(torch.tensor([[1, 5, 7]])).logits).all()
     assert (out / COEFFICIENTS_FILE).is_file() and (out / "train_log.jsonl").is_file()
     assert "merge_method: dam" in (out / "dammerge_config.yml").read_text()
-    assert "dam" in (out / "README.md").read_text()
+    card = ModelCard.load(out / "README.md").data.to_dict()
+    assert card["base_model_relation"] == "merge" and card["tags"] == ["merge", "dammerge", "dam"]
+    assert card["base_model"] == [Path(recipe["base_model"]).name] + [
+        Path(m["model"]).name for m in recipe["models"]
+    ]
+    # the saved recipe names the same inputs when read from another working folder
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    saved = MergeConfig.from_yaml(out / "dammerge_config.yml")
+    monkeypatch.chdir(tmp_path)
+    original = MergeConfig.from_yaml("dam.yaml")
+    assert saved.map_paths(_resolved) == original.map_paths(_resolved)
     assert (tmp_path / "out.dammerge-work" / "checkpoint.pt").is_file()  # keep_work: true
     stats = json.loads((out / STATS_FILE).read_text())
     trained = 3 * 1 * len(recipe["models"])  # steps x batch size x sources
