@@ -56,7 +56,8 @@ def model_card(
     cfg: MergeConfig, settings: TrainingSettings, summary: dict[str, Any], recipe: str
 ) -> str:
     """The model card of a learned merge: how it was trained, and the recipe as saved."""
-    lines = "\n".join(f"- {key}: {value}" for key, value in summary.items())
+    seed = summary.get("seed")
+    lines = "\n".join(f"- {key}: {value}" for key, value in summary.items() if key != "seed")
     training = (
         f"{lines}\n\nThe learned coefficients are in `{COEFFICIENTS_FILE}`; "
         "plot them with `dammerge inspect THIS_FOLDER`."
@@ -71,6 +72,7 @@ def model_card(
             base=Path(cfg.base_model) if cfg.base_model else None,
             sources=[Path(m.model) for m in cfg.models],
             recipe=recipe,
+            seed=seed if isinstance(seed, int) else None,
             sections={"Training": training},
         )
     )
