@@ -10,7 +10,7 @@ import torch
 
 from dammerge.config import (
     MergeConfig,
-    check_model_reference,
+    ModelReference,
     interpolate_gradient,
     parse_dtype,
     resolve_value,
@@ -151,12 +151,13 @@ def test_unsupported_mergekit_keys_say_so(key):
     assert "spelling" not in (caught.value.hint or "")
 
 
-def test_lora_references_are_refused_as_such(tmp_path):
-    with pytest.raises(ConfigError, match=r"LoRA references \(model\+lora\) are not supported"):
-        check_model_reference(f"{tmp_path}/base+{tmp_path}/adapter")
+def test_lora_references_are_read_as_base_and_adapter(tmp_path):
+    assert ModelReference.parse(f"{tmp_path}/base+{tmp_path}/adapter") == ModelReference(
+        f"{tmp_path}/base", f"{tmp_path}/adapter"
+    )
     folder = tmp_path / "odd+name"
     folder.mkdir()
-    check_model_reference(str(folder))  # an existing folder with a '+' is a folder
+    assert ModelReference.parse(str(folder)).lora is None  # an existing folder is a folder
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 import dammerge
 from dammerge.config import load_config
 from dammerge.plan import build_plan
+from dammerge.testing import make_lora_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -596,3 +597,37 @@ def test_outside_block_tensors_take_the_first_gradient_value(family_paths, tmp_p
     last = max(int(n.split(".")[2]) for n in base if n.startswith("model.layers."))
     name = f"model.layers.{last}.mlp.down_proj.weight"
     torch.testing.assert_close(merged[name], base[name], rtol=RTOL, atol=ATOL)
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(family_paths, tmp_path_factory) -> Path:
+    """A PEFT LoRA adapter of the tiny base (saved by peft, random non-zero factors)."""
+    folder = tmp_path_factory.mktemp("lora") / "adapter"
+    targets = ("q_proj", "v_proj", "down_proj")
+    return make_lora_adapter(family_paths["BASE"], folder, target_modules=targets, r=4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", *HALF_DTYPES])
+def test_lora_references_match_mergekit(dtype, family_paths, lora_adapter, tmp_path):
+    """``base+adapter``: mergekit folds the adapter with peft into its LoRA cache, dammerge while
+    reading; the merged tensors must agree (exactly in float32, within one ulp in half)."""
+    recipe = {
+        "merge_method": "linear",
+        "models": [
+            {"model": f"{family_paths['BASE']}+{lora_adapter}", "parameters": {"weight": 0.6}},
+            {"model": family_paths["FT0"], "parameters": {"weight": 0.4}},
+        ],
+        "dtype": dtype,
+    }
+    config = tmp_path / "recipe.yml"
+    config.write_text(yaml.safe_dump(recipe))
+    theirs = tmp_path / "mergekit"
+    cache = ["--lora-merge-cache", str(tmp_path / "lora-cache")]
+    tool = mergekit_tool("mergekit-yaml")
+    run_mergekit([str(tool), str(config), str(theirs), *cache, *MERGEKIT_OPTIONS])
+    ours = dammerge.merge(config, tmp_path / "ours", progress=False)
+    assert ours is not None
+    if dtype == "float32":
+        assert_same_tensors(ours, theirs)
+    else:
+        assert_within_one_ulp(ours, theirs, HALF[dtype])

@@ -254,7 +254,7 @@ def test_parameter_values_are_checked_before_compute(
     assert not (tmp_path / "out").exists()
 
 
-def test_lora_reference_is_refused_before_compute(llama_family, tmp_path):
+def test_lora_reference_to_a_missing_adapter_is_refused_before_compute(llama_family, tmp_path):
     base, (a, _, _) = llama_family
     recipe = {
         "merge_method": "linear",
@@ -263,8 +263,9 @@ def test_lora_reference_is_refused_before_compute(llama_family, tmp_path):
             {"model": str(base), "parameters": {"weight": 1.0}},
         ],
     }
-    with pytest.raises(ConfigError, match="LoRA references"):
+    with pytest.raises(CheckpointError, match="LoRA adapter folder not found"):
         dammerge.merge(recipe, tmp_path / "out", dry_run=True, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_true_typo_stays_an_error_with_a_suggestion(llama_family):

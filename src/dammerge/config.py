@@ -41,6 +41,7 @@ from pydantic import (
     model_validator,
 )
 
+from dammerge.checkpoint.lora import lora_reference_path
 from dammerge.data.spec import DatasetSpec
 from dammerge.errors import ConfigError
 
@@ -94,15 +95,40 @@ NOT_SUPPORTED_KEYS = {
 }
 
 
-def check_model_reference(reference: str) -> None:
-    """Refuse mergekit's ``model+lora`` reference (a base plus a LoRA adapter folder) with a
-    message saying so, rather than 'folder not found'. A folder whose name has a ``+`` is
-    still a folder."""
-    if "+" in reference and not Path(reference).expanduser().exists():
-        raise ConfigError(
-            f"{reference}: LoRA references (model+lora) are not supported yet",
-            "merge the adapter into its base first (peft's merge_and_unload) and list that folder",
-        )
+@dataclass(frozen=True)
+class ModelReference:
+    """A recipe's model entry: a model folder, or mergekit's ``BASE+ADAPTER``, a base folder
+    with a PEFT LoRA adapter folder applied to it (folded in as its tensors are read)."""
+
+    model: str
+    lora: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelReference:
+        """Read a reference as mergekit does (one ``+`` separates base and adapter), except that
+        an existing path is a folder even when its name has a ``+``."""
+        if "+" not in text or Path(text).expanduser().exists():
+            return cls(text)
+        parts = text.split("+")
+        if len(parts) != 2 or not all(part.strip() for part in parts):
+            raise ConfigError(
+                f"cannot read model reference {text!r}",
+                "write a model folder, or BASE+ADAPTER (a base folder, one '+', a PEFT LoRA "
+                "adapter folder)",
+            )
+        return cls(parts[0], parts[1])
+
+    @property
+    def key(self) -> Path:
+        """The identity of the model this names: its resolved folder, or the resolved base and
+        adapter folders joined by ``+`` (the ``path`` of the checkpoint it opens)."""
+        if self.lora is None:
+            return Path(self.model).expanduser().resolve()
+        base, adapter = (Path(p).expanduser() for p in (self.model, self.lora))
+        return lora_reference_path(base, adapter)
+
+    def __str__(self) -> str:
+        return self.model if self.lora is None else f"{self.model}+{self.lora}"
 
 
 class InputModel(BaseModel):
@@ -253,6 +279,16 @@ class MergeConfig(BaseModel):
                 candidate = folder / candidate
             return str(candidate)
 
+        def fix_reference(reference: str | None) -> str | None:
+            """A model reference with each folder resolved (both halves of BASE+ADAPTER)."""
+            whole = fix(reference)
+            if reference is None or whole is None or Path(whole).exists():
+                return whole
+            parsed = ModelReference.parse(reference)
+            if parsed.lora is None:
+                return whole
+            return str(ModelReference(fix(parsed.model) or "", fix(parsed.lora)))
+
         def fix_dataset(dataset: DatasetSpec | None) -> DatasetSpec | None:
             if dataset is None:
                 return None
@@ -264,9 +300,11 @@ class MergeConfig(BaseModel):
             return {**training, "family": fix(training["family"])}  # evolve's task fitness
 
         def fix_slice(out_slice: OutputSlice) -> OutputSlice:
-            sources = [s.model_copy(update={"model": fix(s.model)}) for s in out_slice.sources]
+            sources = [
+                s.model_copy(update={"model": fix_reference(s.model)}) for s in out_slice.sources
+            ]
             return out_slice.model_copy(
-                update={"sources": sources, "base_model": fix(out_slice.base_model)}
+                update={"sources": sources, "base_model": fix_reference(out_slice.base_model)}
             )
 
         # 'base' and 'union' are keywords only for tokenizer_source; a model folder may well be
@@ -274,9 +312,11 @@ class MergeConfig(BaseModel):
         tokenizer = self.tokenizer_source
         return self.model_copy(
             update={
-                "base_model": fix(self.base_model),
+                "base_model": fix_reference(self.base_model),
                 "models": [
-                    m.model_copy(update={"model": fix(m.model), "dataset": fix_dataset(m.dataset)})
+                    m.model_copy(
+                        update={"model": fix_reference(m.model), "dataset": fix_dataset(m.dataset)}
+                    )
                     for m in self.models
                 ],
                 "slices": None if self.slices is None else [fix_slice(s) for s in self.slices],

@@ -196,7 +196,8 @@ def execute(
     """Merge ``plan`` into ``out``; ``read_ahead`` defaults to 1 on a GPU, 0 on a CPU."""
     if read_ahead is None:
         read_ahead = 0 if device.type == "cpu" else 1
-    out = check_output_location(out, [ck.path for ck in plan.inputs], overwrite=overwrite)
+    folders = [folder for ck in plan.inputs for folder in ck.source_folders()]
+    out = check_output_location(out, folders, overwrite=overwrite)
     workers = (read_ahead + 1) * (len(plan.participants) + 1)
     with (
         CheckpointWriter(out, shard_size=shard_size, overwrite=overwrite) as writer,
@@ -221,7 +222,7 @@ def write_side_files(writer: CheckpointWriter, plan: MergePlan, seed: int) -> No
     dtypes = {plan.output_dtype(t) for t in plan.tensors if t.dtype.is_floating_point}
     out_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     writer.write_config(plan.output_config(), out_dtype)
-    generation = plan.reference.path / "generation_config.json"
+    generation = plan.reference.folder / "generation_config.json"
     if generation.is_file():
         writer.copy_file(generation)
     writer.copy_tokenizer(plan.tokenizer_folder())

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from dammerge.checkpoint.architecture import TensorInfo, TensorKind
+from dammerge.checkpoint.lora import open_model
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.config import (
     MergeConfig,
-    check_model_reference,
+    ModelReference,
     compute_dtype_of,
     parse_dtype,
     resolve_value,
@@ -119,7 +120,7 @@ class MergePlan:
     def tokenizer_folder(self) -> Path:
         source = self.config.tokenizer_source
         if source in (None, "base"):
-            return self.reference.path
+            return self.reference.folder
         return Path(source)
 
 
@@ -198,18 +199,20 @@ def renumber_layer(name: str, layer_pattern: str, index: int) -> str:
 
 
 class _Loader:
-    """Opens each model folder once."""
+    """Opens each model reference once: a folder, or a base with a LoRA adapter folded in
+    (whose adapter is checked against the base here, before any compute)."""
 
     def __init__(self, allow_pickle: bool) -> None:
         self.allow_pickle = allow_pickle
         self.cache: dict[Path, Checkpoint] = {}
 
-    def __call__(self, path: str) -> Checkpoint:
-        check_model_reference(path)
-        key = Path(path).resolve()
-        if key not in self.cache:
-            self.cache[key] = Checkpoint(path, allow_pickle=self.allow_pickle)
-        return self.cache[key]
+    def __call__(self, reference: str) -> Checkpoint:
+        parsed = ModelReference.parse(reference)
+        if parsed.key not in self.cache:
+            self.cache[parsed.key] = open_model(
+                parsed.model, parsed.lora, allow_pickle=self.allow_pickle
+            )
+        return self.cache[parsed.key]
 
 
 def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:

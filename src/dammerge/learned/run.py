@@ -20,7 +20,7 @@ import torch
 
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.checkpoint.writer import check_output_location
-from dammerge.config import MergeConfig, RunOptions, parse_dtype
+from dammerge.config import MergeConfig, ModelReference, RunOptions, parse_dtype
 from dammerge.data.examples import encode_dataset, pad_id
 from dammerge.data.records import opened_records, select_records
 from dammerge.data.spec import DatasetSpec, require_dataset
@@ -86,9 +86,22 @@ def _check_recipe(cfg: MergeConfig, settings: TrainingSettings) -> list[DatasetS
         )
     if len(cfg.models) < 2:
         raise ConfigError(f"{cfg.merge_method} merges at least 2 models, got {len(cfg.models)}")
+    _refuse_lora_references(cfg)
     datasets = [require_dataset(m.model, m.dataset, "learned merging") for m in cfg.models]
     _check_init(settings, len(cfg.models))
     return datasets
+
+
+def _refuse_lora_references(cfg: MergeConfig) -> None:
+    """Learned merges read their models whole (teachers, the trained model) rather than
+    through the data-free planner's tensor-by-tensor reader that folds LoRA adapters in."""
+    for reference in [cfg.base_model or "", *(m.model for m in cfg.models)]:
+        if ModelReference.parse(reference).lora is not None:
+            raise ConfigError(
+                f"{cfg.merge_method} does not take LoRA references (model+adapter): {reference}",
+                "write the folded model first (merge_method: passthrough with that one "
+                "reference) and list its folder",
+            )
 
 
 def check_architecture(base: Checkpoint, sources: list[Checkpoint]) -> None:
