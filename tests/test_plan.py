@@ -235,6 +235,7 @@ def test_a_parameter_another_method_takes_is_ignored_with_a_warning(
         ("dare_ties", {"density": 0.5}, {"rescale_mode": "l2"}, "'rescale_mode' is 'l2'"),
         ("task_arithmetic", {"weight": "half"}, {}, "'weight' is 'half'"),
         ("task_arithmetic", {}, {"lambda": True}, "'lambda' is True"),
+        ("ties", {}, {"normalize": "no"}, "'normalize' is 'no'.*true or false"),
     ],
 )
 def test_parameter_values_are_checked_before_compute(

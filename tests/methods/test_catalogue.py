@@ -51,7 +51,24 @@ MODEL_COUNTS = {  # (min, max) besides a base handed over as `base`
     "arcee_fusion": (1, 1),
 }
 # parameter: (a value in range, a value out of range) for every restricted parameter
+FLAGS = {"int8_mask": (False, "no")}
 RANGES = {
+    "linear": {"normalize": (False, 0)},
+    "task_arithmetic": {"normalize": (True, 1), "rescale": (True, "yes"), **FLAGS},
+    **{
+        name: {"normalize": (False, None), "rescale": (True, 1.0), **FLAGS}
+        for name in (
+            "ties",
+            "dare_linear",
+            "dare_ties",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+            "della",
+            "della_linear",
+        )
+    },
+    "sce": {"normalize": (True, "true"), **FLAGS},
+    "model_stock": {"filter_wise": (True, "rows")},
     "ram": {"epsilon": (0.0, -1e-3)},
     "ramplus_tl": {"r": (0.0, -0.1), "alpha": (0.0, -0.2), "epsilon": (1e-9, 0.0)},
     "nuslerp": {"nuslerp_flatten": (False, 1), "nuslerp_row_wise": (True, "yes")},

@@ -307,6 +307,7 @@ def task_vector_method(row: TaskVectorRow) -> MergeMethod:
     model_params = dict(row.weighting.model_params)
     if row.sparsify is not None:
         model_params.update(row.sparsify.model_params)
+    flags = [key for key in ("normalize", "rescale") if key in global_params]
     return MergeMethod(
         name=row.name,
         summary=row.summary,
@@ -314,6 +315,7 @@ def task_vector_method(row: TaskVectorRow) -> MergeMethod:
         run=partial(merge_task_vectors, row),
         model_params=model_params,
         global_params={**global_params, "int8_mask": False},
+        ranges={key: FLAG for key in (*flags, "int8_mask")},
         requires_base=True,
         stochastic=row.sparsify is not None and row.sparsify.stochastic,
     )
@@ -330,6 +332,7 @@ LINEAR = MergeMethod(
     ),
     model_params={"weight": REQUIRED},
     global_params={"normalize": True},
+    ranges={"normalize": FLAG},
 )
 SLERP = MergeMethod(
     name="slerp",
@@ -348,6 +351,7 @@ MODEL_STOCK = MergeMethod(
         _base(inputs), inputs.tensors, filter_wise=bool(inputs.params["filter_wise"])
     ),
     global_params={"filter_wise": False},
+    ranges={"filter_wise": FLAG},
     requires_base=True,
     min_models=2,
 )
