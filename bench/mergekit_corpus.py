@@ -378,40 +378,60 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def compare(ours: Path, theirs: Path, round_to: torch.dtype | None = None) -> dict[str, Any]:
-    """Names, shapes and dtypes of the two outputs, and per output dtype the largest ulp
-    difference and the entries more than one ulp apart; ``round_to`` first rounds mergekit's
-    float tensors to that dtype (a float32 reference rounded once)."""
+    """The two outputs' tensor names, shapes and dtypes, and per dammerge output dtype the
+    largest difference in ulps and the entries more than one ulp apart. A float tensor that
+    mergekit wrote in another dtype is rounded to dammerge's before the values are compared (and
+    listed under ``dtype_differs``); ``round_to`` rounds all of mergekit's float tensors first
+    (a float32 reference rounded once)."""
     a, b = load_tensors(ours), load_tensors(theirs)
     if round_to is not None:
         b = {k: t.to(round_to) if t.is_floating_point() else t for k, t in b.items()}
     result: dict[str, Any] = {
         "only_dammerge": sorted(set(a) - set(b))[:5],
         "only_mergekit": sorted(set(b) - set(a))[:5],
-        "mismatched": [],
+        "shape_differs": [],
+        "dtype_differs": [],
         "max_ulp": {},
         "entries_over_one_ulp": {},
         "entries": {},
     }
     for name in sorted(set(a) & set(b)):
         x, y = a[name], b[name]
-        if x.shape != y.shape or x.dtype != y.dtype:
-            mismatch = f"{name}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}"
-            result["mismatched"].append(mismatch)
+        if x.shape != y.shape:
+            result["shape_differs"].append(f"{name}: {list(x.shape)} vs {list(y.shape)}")
             continue
-        distance = ulp_distance(x, y) if x.dtype.is_floating_point else (x != y).long()
-        largest = int(distance.max()) if distance.numel() else 0
-        key = str(x.dtype).removeprefix("torch.")
-        result["max_ulp"][key] = max(result["max_ulp"].get(key, 0), largest)
-        over = int((distance > 1).sum())
-        result["entries_over_one_ulp"][key] = result["entries_over_one_ulp"].get(key, 0) + over
-        result["entries"][key] = result["entries"].get(key, 0) + distance.numel()
+        if x.dtype != y.dtype:
+            result["dtype_differs"].append(f"{name}: {x.dtype} vs {y.dtype}")
+            y = y.to(x.dtype)
+        _add_distance(result, x, y)
+    result["dtype_differs"] = _first_few(result["dtype_differs"])
     result["same_tensors"] = not (
-        result["only_dammerge"] or result["only_mergekit"] or result["mismatched"]
+        result["only_dammerge"]
+        or result["only_mergekit"]
+        or result["shape_differs"]
+        or result["dtype_differs"]
     )
-    result["within_one_ulp"] = result["same_tensors"] and all(
-        v <= 1 for v in result["max_ulp"].values()
-    )
+    result["within_one_ulp"] = not (
+        result["only_dammerge"] or result["only_mergekit"] or result["shape_differs"]
+    ) and all(v <= 1 for v in result["max_ulp"].values())
     return result
+
+
+def _add_distance(result: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> None:
+    """Fold the ulp distances of one tensor pair (same dtype) into the per-dtype totals."""
+    distance = ulp_distance(x, y) if x.dtype.is_floating_point else (x != y).long()
+    key = str(x.dtype).removeprefix("torch.")
+    largest = int(distance.max()) if distance.numel() else 0
+    result["max_ulp"][key] = max(result["max_ulp"].get(key, 0), largest)
+    over = int((distance > 1).sum())
+    result["entries_over_one_ulp"][key] = result["entries_over_one_ulp"].get(key, 0) + over
+    result["entries"][key] = result["entries"].get(key, 0) + distance.numel()
+
+
+def _first_few(items: list[str], count: int = 3) -> list[str]:
+    """The first ``count`` items, and how many more there are."""
+    more = [f"... and {len(items) - count} more"] if len(items) > count else []
+    return items[:count] + more
 
 
 def transformers_loads(folder: Path) -> bool | str:

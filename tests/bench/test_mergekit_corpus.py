@@ -128,3 +128,31 @@ def test_ulp_distance_counts_representable_values_between(dtype):
     assert int(corpus.ulp_distance(zero, negative_zero)) == 0
     tiny = torch.nextafter(zero, torch.ones(1, dtype=dtype))
     assert int(corpus.ulp_distance(tiny, -tiny)) == 2  # across zero
+
+
+def test_compare_reports_names_shapes_dtypes_and_ulps(tmp_path):
+    from safetensors.torch import save_file
+
+    x = torch.tensor([1.0, 2.0, -3.0], dtype=torch.bfloat16)
+    step = torch.nextafter(x, torch.full_like(x, 10.0))
+    ours = {name: x.clone() for name in ("same", "near", "far", "wider", "only_ours")}
+    theirs = {
+        "same": x.clone(),
+        "near": step,
+        "far": torch.nextafter(step, torch.full_like(x, 10.0)),
+        "wider": x.float(),  # mergekit wrote float32: compared after rounding to ours
+        "only_theirs": x.clone(),
+    }
+    for name, state in (("ours", ours), ("theirs", theirs)):
+        (tmp_path / name).mkdir()
+        save_file(state, tmp_path / name / "model.safetensors")
+    result = corpus.compare(tmp_path / "ours", tmp_path / "theirs")
+    assert result["only_dammerge"] == ["only_ours"] and result["only_mergekit"] == ["only_theirs"]
+    assert result["dtype_differs"] == ["wider: torch.bfloat16 vs torch.float32"]
+    assert result["max_ulp"] == {"bfloat16": 2}
+    assert result["entries_over_one_ulp"] == {"bfloat16": 3} and result["entries"] == {
+        "bfloat16": 12
+    }
+    assert not result["same_tensors"] and not result["within_one_ulp"]
+    rounded = corpus.compare(tmp_path / "ours", tmp_path / "ours", round_to=torch.float16)
+    assert rounded["dtype_differs"] and rounded["max_ulp"] == {"bfloat16": 0}
