@@ -244,6 +244,12 @@ def prepare(
     space = SearchSpace(cfg, method, params, settings, reference.architecture.num_layers)
     plan = build_plan(space.to_config(space.x0()))
     space.check_filters(plan.reference.names())
+    if any(tensor.rows is not None for tensor in plan.tensors):
+        raise ConfigError(
+            f"tokenizer_source {cfg.tokenizer_source} changes the embedding rows; the search "
+            "merges models in the base's vocabulary",
+            "search over models that share the tokenizer, or drop tokenizer_source",
+        )
     popsize = settings.popsize or space.default_popsize()
     if settings.budget < popsize:
         raise ConfigError(
