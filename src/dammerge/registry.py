@@ -176,12 +176,4 @@ def load_recipe(source: MergeConfig | dict[str, Any] | str | Path) -> Recipe:
             f"{method.name} merges whole models; 'slices' are for data-free methods",
             "list the models under 'models:'",
         )
-    if method.kind != "data-free" and (
-        config.tokenizer is not None or config.tokenizer_source == "union"
-    ):
-        raise ConfigError(
-            f"{method.name} keeps the base's vocabulary; the 'tokenizer' block and "
-            "tokenizer_source: union are for data-free methods",
-            "remove them: the output gets the base's tokenizer (or tokenizer_source's)",
-        )
     return Recipe(config, method, method.parse(config))

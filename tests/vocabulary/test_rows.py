@@ -303,17 +303,3 @@ def test_bad_tokenizer_blocks_are_one_line_config_errors(extra, match):
     with pytest.raises(dammerge.DammergeError, match=match) as caught:
         MergeConfig.from_dict({"merge_method": "linear", "models": [], **extra})
     assert "\n" not in caught.value.message
-
-
-def test_learned_methods_refuse_a_vocabulary_union(vocab_models):
-    from dammerge.registry import load_recipe
-
-    with pytest.raises(dammerge.DammergeError, match="data-free methods"):
-        load_recipe(
-            {
-                "merge_method": "dam",
-                "base_model": str(vocab_models["base"]),
-                "models": [{"model": str(vocab_models["a"])}],
-                "tokenizer_source": "union",
-            }
-        )

@@ -246,9 +246,9 @@ def prepare(
     space.check_filters(plan.reference.names())
     if any(tensor.rows is not None for tensor in plan.tensors):
         raise ConfigError(
-            f"tokenizer_source {cfg.tokenizer_source} changes the embedding rows; the search "
-            "merges models in the base's vocabulary",
-            "search over models that share the tokenizer, or drop tokenizer_source",
+            "the recipe's tokenizer changes the embedding rows; the search merges the models "
+            "in the vocabulary they share",
+            "search over models that share one tokenizer, or drop tokenizer_source / tokenizer",
         )
     popsize = settings.popsize or space.default_popsize()
     if settings.budget < popsize:

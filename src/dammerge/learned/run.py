@@ -75,6 +75,12 @@ class LearnedPlan:
 
 # -- validation -----------------------------------------------------------------------------
 def _check_recipe(cfg: MergeConfig, settings: TrainingSettings) -> list[DatasetSpec]:
+    if cfg.tokenizer is not None or cfg.tokenizer_source == "union":
+        raise ConfigError(
+            f"{cfg.merge_method} trains in the base's vocabulary; the 'tokenizer' block and "
+            "tokenizer_source: union are for data-free methods",
+            "remove them: the output gets the base's tokenizer (or tokenizer_source's)",
+        )
     if cfg.parameters or any(m.parameters for m in cfg.models):
         raise ConfigError(
             f"{cfg.merge_method} learns its coefficients; 'parameters' are for data-free methods",
