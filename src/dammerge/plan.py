@@ -322,19 +322,20 @@ def _whole_model_plan(
 ) -> MergePlan:
     """Every tensor of the reference, merged from the same tensor of every model."""
     base = load(config.base_model) if config.base_model else None
-    entries = [(m, load(m.model)) for m in config.models]
-    if method.requires_base and base is not None:
-        entries = [(m, ck) for m, ck in entries if ck.path != base.path]
+    entries = [(m.parameters, load(m.model)) for m in config.models]
+    listed = base is not None and any(ck.path == base.path for _, ck in entries)
+    if method.takes_base and base is not None:
+        entries = [(params, ck) for params, ck in entries if ck.path != base.path]
+    elif method.base_joins_models and base is not None and not listed:
+        entries.append(({}, base))  # mergekit merges an unlisted base as the last model
     _check_model_count(method, len(entries))
     participants = [ck for _, ck in entries]
     reference = base or participants[0]
     others = [ck for ck in load.cache.values() if ck is not reference]
     check_compatible(reference, others, free_rows=free_rows)
-    plan = _new_plan(
-        config, method, reference, base if method.requires_base else None, participants
-    )
+    plan = _new_plan(config, method, reference, base if method.takes_base else None, participants)
     whole = PlannedSlice(
-        participants=[SliceInput(ck, 0, m.parameters) for m, ck in entries],
+        participants=[SliceInput(ck, 0, params) for params, ck in entries],
         base=SliceInput(base, 0, {}) if plan.base is not None and base is not None else None,
         copy_from=SliceInput(reference, 0, {}),
         length=reference.architecture.num_layers or 0,
@@ -361,7 +362,7 @@ def _sliced_plan(
     first = planned[0]
     global_base = load(config.base_model) if config.base_model else None
     reference = global_base or first.copy_from.checkpoint
-    base = global_base if method.requires_base else None
+    base = global_base if method.takes_base else None
     others: dict[Path, Checkpoint] = {}
     for out_slice in planned:
         for item in [*out_slice.participants, *([out_slice.base] if out_slice.base else [])]:
@@ -414,8 +415,8 @@ def _plan_slice(
     if len(set(paths)) != len(paths):
         raise ConfigError(f"{where} lists the same model twice", "give each model once per slice")
     base = None
-    if method.requires_base:
-        base_path = out_slice.base_model or config.base_model
+    base_path = out_slice.base_model or config.base_model
+    if method.requires_base or (method.optional_base and base_path is not None):
         assert base_path is not None  # build_plan checked it
         base_ck = load(base_path)
         base = next((i for i in inputs if i.checkpoint.path == base_ck.path), None)
@@ -604,7 +605,8 @@ RESCALE_MODES = {"l1", "density", "probability"}
 
 def check_values(method: MergeMethod, tensor: TensorPlan) -> None:
     """The resolved parameters of one tensor are values its method can use, so a bad value
-    fails ``--dry-run`` rather than the merge halfway through."""
+    fails ``--dry-run`` rather than the merge halfway through: the shared rules by name below,
+    then the method's own :class:`~dammerge.methods.base.ValueRange` of each parameter."""
     for params in [*tensor.model_params, tensor.params]:
         for key, value in params.items():
             if key in NUMERIC_PARAMETERS and not _is_number(value):
@@ -613,7 +615,10 @@ def check_values(method: MergeMethod, tensor: TensorPlan) -> None:
                 _bad_value(method, tensor, key, value, "in [0, 1]")
             if key == "rescale_mode" and value not in RESCALE_MODES:
                 _bad_value(method, tensor, key, value, f"one of {sorted(RESCALE_MODES)}")
-        if "epsilon" in params:
+            allowed = method.ranges.get(key)
+            if allowed is not None and not allowed.admits(value):
+                _bad_value(method, tensor, key, value, allowed.describe())
+        if "epsilon" in params and "density" in params:
             _check_epsilon(method, tensor, float(params["density"]), float(params["epsilon"]))
 
 
@@ -643,6 +648,9 @@ def _bad_value(method: MergeMethod, tensor: TensorPlan, key: str, value: Any, wa
 MODEL_COUNT_HINTS = {
     "slerp": "slerp interpolates between base_model and exactly one other model",
     "passthrough": "passthrough copies one model per slice; stack models with several slices",
+    "nuslerp": "nuslerp interpolates between exactly two models (base_model optional)",
+    "nearswap": "nearswap moves base_model toward exactly one other model",
+    "arcee_fusion": "arcee_fusion fuses exactly one other model into base_model",
 }
 
 

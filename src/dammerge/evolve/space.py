@@ -56,7 +56,7 @@ class Gene:
 
 def participants_of(cfg: MergeConfig, method: MergeMethod) -> list[InputModel]:
     """The recipe's models that the method merges (the base is not one for base methods)."""
-    if not method.requires_base or cfg.base_model is None:
+    if not method.takes_base or cfg.base_model is None:
         return list(cfg.models)
     base = Path(cfg.base_model).resolve()
     return [m for m in cfg.models if Path(m.model).resolve() != base]

@@ -397,6 +397,7 @@ def _build_model(plan: LearnedPlan, keep_teacher_weights: bool, ranks: Distribut
             dtype=plan.dtype,
             keep_teacher_weights=keep_teacher_weights,
             seed=plan.seed,
+            offload=plan.settings.offload == "layers",
         )
     return build_merged_model(
         plan.base,
@@ -485,14 +486,9 @@ def run_learned_merge(
 
 def memory_plan(plan: LearnedPlan, ranks: Distributed) -> Any:
     """The memory plan of this rank (see :mod:`dammerge.learned.memory_plan`), once the
-    strategy is settled; streaming a sharded merge is refused here."""
+    strategy is settled."""
     from dammerge.learned.memory_plan import plan_run
 
-    if ranks.sharded and plan.settings.offload == "layers":
-        raise ConfigError(
-            "training.offload: layers does not combine with training.distributed: shard yet",
-            "use offload: layers in one process or with replicate, or shard without offload",
-        )
     return plan_run(plan, ranks)
 
 
