@@ -156,7 +156,6 @@ def test_plan_describes_itself(llama_family):
         ({"merge_method": "model_stock", "base_model": "B", "models": "A"}, "at least 2"),
         ({"merge_method": "linear", "models": "A", "no_weight": True}, "needs parameter 'weight'"),
         ({"merge_method": "slerp", "base_model": "B", "models": "A"}, "global parameter 't'"),
-        ({"merge_method": "linear", "models": "A", "tokenizer_source": "union"}, "union"),
     ],
 )
 def test_recipe_problems_are_config_errors(llama_family, recipe, match):

@@ -44,6 +44,8 @@ from pydantic import (
 from dammerge.checkpoint.lora import lora_reference_path
 from dammerge.data.spec import DatasetSpec
 from dammerge.errors import ConfigError
+from dammerge.vocabulary.settings import KEYWORDS as TOKENIZER_KEYWORDS
+from dammerge.vocabulary.settings import TokenizerSettings
 
 DEFAULT_SHARD_SIZE = 5 * 2**30
 Scalar = float | int | bool | str
@@ -89,9 +91,6 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 # mergekit 0.1.5 recipe keys dammerge does not implement yet, with what to do instead.
 NOT_SUPPORTED_KEYS = {
     "modules": "list whole models under 'models:' (per-module recipes are not supported yet)",
-    "tokenizer": "use tokenizer_source: base or a model path (the tokenizer block and vocabulary "
-    "union are not supported yet)",
-    "chat_template": "set the chat template in the output's tokenizer_config.json after merging",
 }
 
 
@@ -224,7 +223,9 @@ class MergeConfig(BaseModel):
     dtype: str | None = None  # inputs rounded to it when read; None keeps each stored dtype
     out_dtype: str | None = None  # written dtype; None: dtype, else each stored dtype
     compute_dtype: str | None = None  # arithmetic dtype; None: float32 (float64 for float64)
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # union | base | a model folder (the older form)
+    tokenizer: TokenizerSettings | None = None  # the tokenizer block: source, tokens, padding
+    chat_template: str | None = None  # a template name, a Jinja template, or auto
     training: dict[str, Any] | None = None  # learned methods' settings (DAM, AdaMerging)
     name: str | None = None
 
@@ -241,6 +242,10 @@ class MergeConfig(BaseModel):
             raise ValueError("'slices' is empty: list at least one slice, or use 'models:'")
         if self.slices and self.models:
             raise ValueError("give either 'models' or 'slices', not both")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError(
+                "give either 'tokenizer_source' or a 'tokenizer' block (its 'source'), not both"
+            )
         return self
 
     @classmethod
@@ -310,6 +315,9 @@ class MergeConfig(BaseModel):
         # 'base' and 'union' are keywords only for tokenizer_source; a model folder may well be
         # called 'base'
         tokenizer = self.tokenizer_source
+        if tokenizer is not None and tokenizer not in TOKENIZER_KEYWORDS:
+            tokenizer = fix(tokenizer)
+        block = self.tokenizer
         return self.model_copy(
             update={
                 "base_model": fix_reference(self.base_model),
@@ -320,7 +328,8 @@ class MergeConfig(BaseModel):
                     for m in self.models
                 ],
                 "slices": None if self.slices is None else [fix_slice(s) for s in self.slices],
-                "tokenizer_source": tokenizer if tokenizer in ("base", "union") else fix(tokenizer),
+                "tokenizer_source": tokenizer,
+                "tokenizer": None if block is None else block.with_paths(lambda p: str(fix(p))),
                 "training": fix_training(self.training),
             }
         )

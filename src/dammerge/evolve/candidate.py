@@ -61,8 +61,11 @@ class InMemoryMerger:
         }
 
     def plan_for(self, cfg: MergeConfig) -> MergePlan:
-        """The executor's plan for ``cfg``, reading from memory instead of the files."""
-        plan = build_plan(cfg)
+        """The executor's plan for ``cfg``, reading from memory instead of the files. The
+        candidate's tensors need no tokenizer (the search refuses recipes whose tokenizer
+        changes the embedding rows), so none is loaded for each candidate."""
+        untokenized = {"tokenizer_source": None, "tokenizer": None, "chat_template": None}
+        plan = build_plan(cfg.model_copy(update=untokenized))
         return replace(
             plan,
             reference=self.sources[plan.reference.path],  # type: ignore[arg-type]

@@ -251,6 +251,12 @@ def prepare(
     space = SearchSpace(cfg, method, params, settings, reference.architecture.num_layers)
     plan = build_plan(space.to_config(space.x0()))
     space.check_filters(plan.reference.names())
+    if any(tensor.rows is not None for tensor in plan.tensors):
+        raise ConfigError(
+            "the recipe's tokenizer changes the embedding rows; the search merges the models "
+            "in the vocabulary they share",
+            "search over models that share one tokenizer, or drop tokenizer_source / tokenizer",
+        )
     popsize = settings.popsize or space.default_popsize()
     if settings.budget < popsize:
         raise ConfigError(

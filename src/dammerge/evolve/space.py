@@ -229,6 +229,8 @@ class SearchSpace:
             out_dtype=self.cfg.out_dtype,
             compute_dtype=self.cfg.compute_dtype,
             tokenizer_source=self.cfg.tokenizer_source,
+            tokenizer=self.cfg.tokenizer,
+            chat_template=self.cfg.chat_template,
             name=self.cfg.name,
         )
 

@@ -33,6 +33,7 @@ from dammerge.learned.distributed import Distributed
 from dammerge.learned.offload import check_offloadable
 from dammerge.learned.settings import TrainingSettings
 from dammerge.terminal import console, print_lines
+from dammerge.vocabulary.chat import chat_template_text
 
 BOOKKEEPING = {
     "resume",
@@ -69,10 +70,17 @@ class LearnedPlan:
     steps: int
     fingerprint: str = ""
     names: list[str] = field(default_factory=list)
+    chat_template: str | None = None  # written into the output's tokenizer
 
 
 # -- validation -----------------------------------------------------------------------------
 def _check_recipe(cfg: MergeConfig, settings: TrainingSettings) -> list[DatasetSpec]:
+    if cfg.tokenizer is not None or cfg.tokenizer_source == "union":
+        raise ConfigError(
+            f"{cfg.merge_method} trains in the base's vocabulary; the 'tokenizer' block and "
+            "tokenizer_source: union are for data-free methods",
+            "remove them: the output gets the base's tokenizer (or tokenizer_source's)",
+        )
     if cfg.parameters or any(m.parameters for m in cfg.models):
         raise ConfigError(
             f"{cfg.merge_method} learns its coefficients; 'parameters' are for data-free methods",
@@ -264,6 +272,9 @@ def prepare(
         seed=seed,
         steps=total_steps(settings, data),
         names=_unique_names(sources),
+        chat_template=None
+        if cfg.chat_template is None
+        else chat_template_text(cfg.chat_template, [base.path, *(ck.path for ck in sources)]),
     )
     plan.fingerprint = _fingerprint(plan)
     return plan
@@ -558,6 +569,7 @@ def _run_learned_merge(
         tokenizer_folder=None
         if cfg.tokenizer_source in (None, "base")
         else Path(cfg.tokenizer_source),
+        chat_template=plan.chat_template,
         log_path=plan.work_dir / "train_log.jsonl",
         summary=summary,
         stats=compute_stats(plan, model, result, ranks, held),
