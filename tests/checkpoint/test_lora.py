@@ -93,6 +93,15 @@ MERGES = {
             {"model": "FT0", "parameters": {"weight": 0.5, "density": 0.5}},
         ],
     },
+    "union_tokenizer_and_chat_template_from_an_adapted_reference": {
+        "merge_method": "linear",
+        "models": [
+            {"model": "ADAPTED", "parameters": {"weight": 0.5}},
+            {"model": "FT0", "parameters": {"weight": 0.5}},
+        ],
+        "tokenizer_source": "union",
+        "chat_template": "auto",
+    },
     "task_arithmetic_on_an_adapted_base": {
         "merge_method": "task_arithmetic",
         "base_model": "ADAPTED",
@@ -121,6 +130,8 @@ def test_lora_applied_then_merged_equals_merging_the_folded_checkpoint(
     theirs = dammerge.merge(with_folder, tmp_path / "folded", progress=False)
     assert ours is not None and theirs is not None
     assert_identical(tensors(ours), tensors(theirs))
+    for side_file in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (ours / side_file).read_text() == (theirs / side_file).read_text()
 
 
 def test_the_output_loads_in_transformers_and_computes_what_peft_computes(lora, tmp_path):
