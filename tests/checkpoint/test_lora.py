@@ -309,3 +309,17 @@ def test_an_unreadable_adapter_file_is_refused(lora, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         LoraCheckpoint(base, truncated)
+
+
+def test_a_setting_peft_does_not_know_is_refused_unless_unset(lora, tmp_path):
+    """A newer peft's setting could change what merging means; unset (null, false) it cannot."""
+    base, adapter, folded = lora
+    newer = edited_copy(adapter, tmp_path / "newer", some_future_variant=True)
+    assert (
+        "sets 'some_future_variant', which this peft version does not know"
+        in refused(f"{base}+{newer}", tmp_path).message
+    )
+    unset = edited_copy(adapter, tmp_path / "unset", some_future_variant=None)
+    recipe = {"merge_method": "passthrough", "models": [{"model": f"{base}+{unset}"}]}
+    out = dammerge.merge(recipe, tmp_path / "ok", progress=False)
+    assert_identical(tensors(out), tensors(folded))
