@@ -28,10 +28,24 @@ HUB_CACHE_FOLDER = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)$")
 LICENSE_KEYS = ("license", "license_name", "license_link")
 
 
+def reference_folders(path: str | Path) -> list[Path]:
+    """The folders a model reference names: itself, or the base and the adapter of a
+    ``BASE+ADAPTER`` reference (a LoRA applied to its base)."""
+    text = str(path)
+    if "+" in text and not Path(text).exists():
+        base, _, adapter = text.partition("+")
+        return [Path(base), Path(adapter)]
+    return [Path(text)]
+
+
 def model_name(path: str | Path) -> str:
     """The name a card gives a source model: its Hub id for a model in the Hub's cache
-    (``models--ORG--NAME/snapshots/REV``), else its folder's name."""
-    path = Path(path)
+    (``models--ORG--NAME/snapshots/REV``), else its folder's name; ``BASE+ADAPTER`` for a
+    LoRA reference."""
+    return "+".join(_folder_name(folder) for folder in reference_folders(path))
+
+
+def _folder_name(path: Path) -> str:
     for part in (path, *path.parents):
         match = HUB_CACHE_FOLDER.match(part.name)
         if match:
@@ -89,7 +103,7 @@ def card_data(facts: CardFacts) -> ModelCardData:
     """The card's metadata: merged models, relation, library, tags and the base's license."""
     models = ([facts.base] if facts.base else []) + list(facts.sources)
     names = [model_name(p) for p in models]
-    license_keys = license_of(models[0]) if models else {}
+    license_keys = license_of(reference_folders(models[0])[0]) if models else {}
     return ModelCardData(
         base_model=list(dict.fromkeys(names)),
         base_model_relation="merge",
