@@ -135,14 +135,15 @@ class CompiledPasses(StorePasses):
         return super().column_grads(g2, x2, scales, weights)
 
 
-_compiled: dict[str, CompiledPasses] = {}
+_compiled: CompiledPasses | None = None
 
 
 def compiled_passes() -> CompiledPasses:
     """The process's compiled passes (one instance: its compiled code serves every model)."""
-    if "inductor" not in _compiled:
-        _compiled["inductor"] = CompiledPasses()
-    return _compiled["inductor"]
+    global _compiled
+    if _compiled is None:
+        _compiled = CompiledPasses()
+    return _compiled
 
 
 def compile_unavailable(device: torch.device) -> str | None:
