@@ -10,7 +10,7 @@ import torch
 
 from dammerge.config import (
     MergeConfig,
-    check_model_reference,
+    ModelReference,
     interpolate_gradient,
     parse_dtype,
     resolve_value,
@@ -144,19 +144,28 @@ def test_recipe_parses_and_paths_resolve_against_its_folder(tmp_path, monkeypatc
     assert again == cfg
 
 
-@pytest.mark.parametrize("key", ["modules", "tokenizer", "chat_template"])
+@pytest.mark.parametrize("key", ["modules"])
 def test_unsupported_mergekit_keys_say_so(key):
     with pytest.raises(ConfigError, match=f"'{key}' is not supported \\(yet\\)") as caught:
         MergeConfig.from_dict({"merge_method": "linear", key: "chatml"})
     assert "spelling" not in (caught.value.hint or "")
 
 
-def test_lora_references_are_refused_as_such(tmp_path):
-    with pytest.raises(ConfigError, match=r"LoRA references \(model\+lora\) are not supported"):
-        check_model_reference(f"{tmp_path}/base+{tmp_path}/adapter")
+def test_tokenizer_block_and_chat_template_are_recipe_keys():
+    cfg = MergeConfig.from_dict(
+        {"merge_method": "linear", "tokenizer": {"source": "union"}, "chat_template": "chatml"}
+    )
+    assert cfg.tokenizer is not None and cfg.tokenizer.source == "union"
+    assert cfg.chat_template == "chatml"
+
+
+def test_lora_references_are_read_as_base_and_adapter(tmp_path):
+    assert ModelReference.parse(f"{tmp_path}/base+{tmp_path}/adapter") == ModelReference(
+        f"{tmp_path}/base", f"{tmp_path}/adapter"
+    )
     folder = tmp_path / "odd+name"
     folder.mkdir()
-    check_model_reference(str(folder))  # an existing folder with a '+' is a folder
+    assert ModelReference.parse(str(folder)).lora is None  # an existing folder is a folder
 
 
 @pytest.mark.parametrize(

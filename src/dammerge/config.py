@@ -41,8 +41,11 @@ from pydantic import (
     model_validator,
 )
 
+from dammerge.checkpoint.lora import lora_reference_path
 from dammerge.data.spec import DatasetSpec
 from dammerge.errors import ConfigError
+from dammerge.vocabulary.settings import KEYWORDS as TOKENIZER_KEYWORDS
+from dammerge.vocabulary.settings import TokenizerSettings
 
 DEFAULT_SHARD_SIZE = 5 * 2**30
 Scalar = float | int | bool | str
@@ -88,21 +91,43 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 # mergekit 0.1.5 recipe keys dammerge does not implement yet, with what to do instead.
 NOT_SUPPORTED_KEYS = {
     "modules": "list whole models under 'models:' (per-module recipes are not supported yet)",
-    "tokenizer": "use tokenizer_source: base or a model path (the tokenizer block and vocabulary "
-    "union are not supported yet)",
-    "chat_template": "set the chat template in the output's tokenizer_config.json after merging",
 }
 
 
-def check_model_reference(reference: str) -> None:
-    """Refuse mergekit's ``model+lora`` reference (a base plus a LoRA adapter folder) with a
-    message saying so, rather than 'folder not found'. A folder whose name has a ``+`` is
-    still a folder."""
-    if "+" in reference and not Path(reference).expanduser().exists():
-        raise ConfigError(
-            f"{reference}: LoRA references (model+lora) are not supported yet",
-            "merge the adapter into its base first (peft's merge_and_unload) and list that folder",
-        )
+@dataclass(frozen=True)
+class ModelReference:
+    """A recipe's model entry: a model folder, or mergekit's ``BASE+ADAPTER``, a base folder
+    with a PEFT LoRA adapter folder applied to it (folded in as its tensors are read)."""
+
+    model: str
+    lora: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelReference:
+        """Read a reference as mergekit does (one ``+`` separates base and adapter), except that
+        an existing path is a folder even when its name has a ``+``."""
+        if "+" not in text or Path(text).expanduser().exists():
+            return cls(text)
+        parts = text.split("+")
+        if len(parts) != 2 or not all(part.strip() for part in parts):
+            raise ConfigError(
+                f"cannot read model reference {text!r}",
+                "write a model folder, or BASE+ADAPTER (a base folder, one '+', a PEFT LoRA "
+                "adapter folder)",
+            )
+        return cls(parts[0], parts[1])
+
+    @property
+    def key(self) -> Path:
+        """The identity of the model this names: its resolved folder, or the resolved base and
+        adapter folders joined by ``+`` (the ``path`` of the checkpoint it opens)."""
+        if self.lora is None:
+            return Path(self.model).expanduser().resolve()
+        base, adapter = (Path(p).expanduser() for p in (self.model, self.lora))
+        return lora_reference_path(base, adapter)
+
+    def __str__(self) -> str:
+        return self.model if self.lora is None else f"{self.model}+{self.lora}"
 
 
 class InputModel(BaseModel):
@@ -198,7 +223,9 @@ class MergeConfig(BaseModel):
     dtype: str | None = None  # inputs rounded to it when read; None keeps each stored dtype
     out_dtype: str | None = None  # written dtype; None: dtype, else each stored dtype
     compute_dtype: str | None = None  # arithmetic dtype; None: float32 (float64 for float64)
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # union | base | a model folder (the older form)
+    tokenizer: TokenizerSettings | None = None  # the tokenizer block: source, tokens, padding
+    chat_template: str | None = None  # a template name, a Jinja template, or auto
     training: dict[str, Any] | None = None  # learned methods' settings (DAM, AdaMerging)
     name: str | None = None
 
@@ -215,6 +242,10 @@ class MergeConfig(BaseModel):
             raise ValueError("'slices' is empty: list at least one slice, or use 'models:'")
         if self.slices and self.models:
             raise ValueError("give either 'models' or 'slices', not both")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError(
+                "give either 'tokenizer_source' or a 'tokenizer' block (its 'source'), not both"
+            )
         return self
 
     @classmethod
@@ -253,6 +284,16 @@ class MergeConfig(BaseModel):
                 candidate = folder / candidate
             return str(candidate)
 
+        def fix_reference(reference: str | None) -> str | None:
+            """A model reference with each folder resolved (both halves of BASE+ADAPTER)."""
+            whole = fix(reference)
+            if reference is None or whole is None or Path(whole).exists():
+                return whole
+            parsed = ModelReference.parse(reference)
+            if parsed.lora is None:
+                return whole
+            return str(ModelReference(fix(parsed.model) or "", fix(parsed.lora)))
+
         def fix_dataset(dataset: DatasetSpec | None) -> DatasetSpec | None:
             if dataset is None:
                 return None
@@ -264,23 +305,31 @@ class MergeConfig(BaseModel):
             return {**training, "family": fix(training["family"])}  # evolve's task fitness
 
         def fix_slice(out_slice: OutputSlice) -> OutputSlice:
-            sources = [s.model_copy(update={"model": fix(s.model)}) for s in out_slice.sources]
+            sources = [
+                s.model_copy(update={"model": fix_reference(s.model)}) for s in out_slice.sources
+            ]
             return out_slice.model_copy(
-                update={"sources": sources, "base_model": fix(out_slice.base_model)}
+                update={"sources": sources, "base_model": fix_reference(out_slice.base_model)}
             )
 
         # 'base' and 'union' are keywords only for tokenizer_source; a model folder may well be
         # called 'base'
         tokenizer = self.tokenizer_source
+        if tokenizer is not None and tokenizer not in TOKENIZER_KEYWORDS:
+            tokenizer = fix(tokenizer)
+        block = self.tokenizer
         return self.model_copy(
             update={
-                "base_model": fix(self.base_model),
+                "base_model": fix_reference(self.base_model),
                 "models": [
-                    m.model_copy(update={"model": fix(m.model), "dataset": fix_dataset(m.dataset)})
+                    m.model_copy(
+                        update={"model": fix_reference(m.model), "dataset": fix_dataset(m.dataset)}
+                    )
                     for m in self.models
                 ],
                 "slices": None if self.slices is None else [fix_slice(s) for s in self.slices],
-                "tokenizer_source": tokenizer if tokenizer in ("base", "union") else fix(tokenizer),
+                "tokenizer_source": tokenizer,
+                "tokenizer": None if block is None else block.with_paths(lambda p: str(fix(p))),
                 "training": fix_training(self.training),
             }
         )

@@ -32,6 +32,7 @@ from dammerge.errors import ConfigError, DammergeError
 from dammerge.methods import MergeInputs
 from dammerge.plan import MergePlan, TensorPlan, build_plan, describe
 from dammerge.terminal import console, print_lines
+from dammerge.vocabulary.output import write_tokenizer
 
 
 def merge_data_free(config: MergeConfig, out: Path, options: RunOptions) -> Path | None:
@@ -94,6 +95,8 @@ def merge_tensor(
     for k, raw in enumerate(loaded):
         loaded[k] = to_device(raw, device, plan.compute_dtype, plan.input_dtype)
         del raw
+    if tensor.rows is not None:  # embeddings and lm_head: each input in the output vocabulary
+        loaded[:] = tensor.rows.apply(loaded)
     generator = None
     if plan.method.stochastic:
         generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, tensor.name))
@@ -196,7 +199,8 @@ def execute(
     """Merge ``plan`` into ``out``; ``read_ahead`` defaults to 1 on a GPU, 0 on a CPU."""
     if read_ahead is None:
         read_ahead = 0 if device.type == "cpu" else 1
-    out = check_output_location(out, [ck.path for ck in plan.inputs], overwrite=overwrite)
+    folders = [folder for ck in plan.inputs for folder in ck.source_folders()]
+    out = check_output_location(out, folders, overwrite=overwrite)
     workers = (read_ahead + 1) * (len(plan.participants) + 1)
     with (
         CheckpointWriter(out, shard_size=shard_size, overwrite=overwrite) as writer,
@@ -217,14 +221,15 @@ def execute(
 
 
 def write_side_files(writer: CheckpointWriter, plan: MergePlan, seed: int) -> None:
-    """config.json (dtype updated), generation config, tokenizer, recipe and model card."""
+    """config.json (dtype and vocabulary size updated), generation config, tokenizer (with
+    the merged vocabulary and chat template), recipe and model card."""
     dtypes = {plan.output_dtype(t) for t in plan.tensors if t.dtype.is_floating_point}
     out_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     writer.write_config(plan.output_config(), out_dtype)
-    generation = plan.reference.path / "generation_config.json"
+    generation = plan.reference.folder / "generation_config.json"
     if generation.is_file():
         writer.copy_file(generation)
-    writer.copy_tokenizer(plan.tokenizer_folder())
+    write_tokenizer(writer, plan.tokenizer_folder(), plan.vocabulary, plan.chat_template)
     recipe = plan.config.to_yaml()
     writer.write_text("dammerge_config.yml", recipe)
     writer.write_text("README.md", model_card(plan, recipe, seed))

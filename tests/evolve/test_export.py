@@ -102,3 +102,20 @@ def test_output_folder_contents_and_stats(sources, tmp_path):
     lines = (out / "evolve_log.jsonl").read_text().splitlines()
     assert len(lines) == 17 and json.loads(lines[0])["kind"] == "header"
     assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_chat_template_and_tokenizer_reach_the_output(sources, tmp_path):
+    from transformers import AutoTokenizer
+
+    recipe = {
+        **evolve_recipe(sources, budget=8, popsize=8),
+        "tokenizer_source": "union",
+        "chat_template": "chatml",
+    }
+    out = tmp_path / "out"
+    evolve_merge(recipe, out, fitness=logits_mse_fitness(sources.target), progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "w5"}], tokenize=False)
+    assert rendered == "<|im_start|>user\nw5<|im_end|>\n"
+    written = MergeConfig.from_yaml(out / "evolved_recipe.yml")
+    assert written.tokenizer_source == "union" and written.chat_template == "chatml"

@@ -178,11 +178,16 @@ def test_replicate_on_two_ranks_matches_one_process_and_only_rank_0_writes(
     assert done.stderr.count("merged model written to") == 1
 
 
-@pytest.mark.parametrize(("ranks", "teacher"), [(2, "on_the_fly"), (3, "precomputed")])
+@pytest.mark.parametrize(
+    ("ranks", "teacher", "offload"),
+    [(2, "on_the_fly", "none"), (3, "precomputed", "none"), (2, "precomputed", "layers")],
+)
 def test_shard_matches_one_process_with_a_kth_of_every_store_on_each_rank(
-    micro_family, references, tmp_path, ranks, teacher
+    micro_family, references, tmp_path, ranks, teacher, offload
 ):
-    recipe = _micro_recipe(micro_family, distributed="shard", keep_work=True, **TEACHERS[teacher])
+    recipe = _micro_recipe(
+        micro_family, distributed="shard", keep_work=True, offload=offload, **TEACHERS[teacher]
+    )
     _write(recipe, tmp_path)
     done = _torchrun(ranks, "merge", "dam.yaml", "out", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -47,6 +47,32 @@ def test_missing_field(untied_family, tmp_path, dam_recipe, datasets_dir, monkey
     prepare_recipe(recipe, tmp_path / "out")  # mapped: accepted
 
 
+@pytest.mark.parametrize(
+    "tokenizer", [{"tokenizer_source": "union"}, {"tokenizer": {"source": "base"}}]
+)
+def test_vocabulary_changes_are_refused(
+    untied_family, tmp_path, dam_recipe, datasets_dir, monkeypatch, tokenizer
+):
+    recipe = {**dam_recipe(*untied_family, datasets_dir), **tokenizer}
+    _expect_error(recipe, tmp_path / "out", "for data-free methods", monkeypatch)
+
+
+def test_chat_template_is_written_into_the_output(
+    untied_family, tmp_path, dam_recipe, datasets_dir
+):
+    from transformers import AutoTokenizer
+
+    recipe = {**dam_recipe(*untied_family, datasets_dir, steps=1), "chat_template": "chatml"}
+    out = dammerge.merge(recipe, tmp_path / "out", progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    conversation = [{"role": "user", "content": "w5"}]
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert rendered == "<|im_start|>user\nw5<|im_end|>\n"
+    bad = {**recipe, "chat_template": "chatmll"}
+    with pytest.raises(DammergeError, match="unknown chat_template"):
+        dammerge.merge(bad, tmp_path / "bad", progress=False)
+
+
 def test_weights_dtype_follows_training_then_recipe_then_base(
     untied_family, tmp_path, dam_recipe, datasets_dir
 ):

@@ -244,6 +244,13 @@ class CheckpointWriter:
                 copied.append(name)
         return copied
 
+    def save_tokenizer(self, tokenizer: Any) -> None:
+        """Write a transformers tokenizer's files (one the merge changed)."""
+        try:
+            tokenizer.save_pretrained(str(self.tmp))
+        except OSError as exc:
+            raise _os_error(exc, self.out) from None
+
     # -- finish ---------------------------------------------------------------------------
     def commit(self) -> Path:
         """Finish shards and move the folder into place atomically."""

@@ -33,9 +33,15 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from dammerge import __version__
-from dammerge.checkpoint.reader import Checkpoint
+from dammerge.checkpoint.lora import open_model
 from dammerge.checkpoint.writer import CheckpointWriter, check_output_location
-from dammerge.config import DEFAULT_SHARD_SIZE, MergeConfig, RunOptions, load_config
+from dammerge.config import (
+    DEFAULT_SHARD_SIZE,
+    MergeConfig,
+    ModelReference,
+    RunOptions,
+    load_config,
+)
 from dammerge.data.tokenizer import load_tokenizer
 from dammerge.devices import resolve_device
 from dammerge.errors import ConfigError, DammergeError, Interrupted, OutputError
@@ -240,10 +246,17 @@ def prepare(
     if not cfg.models:
         raise ConfigError("the recipe lists no models", "add a 'models:' list")
     datasets = {m.model: m.dataset for m in cfg.models}
-    reference = Checkpoint(cfg.base_model or cfg.models[0].model)
+    first = ModelReference.parse(cfg.base_model or cfg.models[0].model)
+    reference = open_model(first.model, first.lora)
     space = SearchSpace(cfg, method, params, settings, reference.architecture.num_layers)
     plan = build_plan(space.to_config(space.x0()))
     space.check_filters(plan.reference.names())
+    if any(tensor.rows is not None for tensor in plan.tensors):
+        raise ConfigError(
+            "the recipe's tokenizer changes the embedding rows; the search merges the models "
+            "in the vocabulary they share",
+            "search over models that share one tokenizer, or drop tokenizer_source / tokenizer",
+        )
     popsize = settings.popsize or space.default_popsize()
     if settings.budget < popsize:
         raise ConfigError(
@@ -261,7 +274,7 @@ def prepare(
         )
     else:
         chosen = task_fitness_from_recipe(settings)
-    inputs = [ck.path for ck in plan.inputs]
+    inputs = [folder for ck in plan.inputs for folder in ck.source_folders()]
     out = check_output_location(output, inputs, overwrite=overwrite)
     work_dir = out.parent / f"{out.name}{WORK_SUFFIX}"
     if any(work_dir == p or p.is_relative_to(work_dir) for p in inputs):
@@ -330,7 +343,7 @@ def load_and_setup(
     """Load the sources once, build the reusable model, let the fitness prepare."""
     plan = prepared.plan
     merger = InMemoryMerger(plan, device, prepared.seed)
-    slot = ModelSlot(plan.reference.path, plan.held_dtype, device)
+    slot = ModelSlot(plan.reference.folder, plan.held_dtype, device)
     names = plan.reference.names()
     slot.check_names(names)
     tokenizer = load_tokenizer(plan.tokenizer_folder())

@@ -27,6 +27,7 @@ from dammerge.checkpoint.writer import CheckpointWriter
 from dammerge.config import MergeConfig
 from dammerge.learned.model import MergedModel
 from dammerge.learned.settings import TrainingSettings
+from dammerge.vocabulary.output import write_tokenizer
 
 COEFFICIENTS_FILE = "dam_coefficients.safetensors"
 STATS_FILE = "learned_stats.json"
@@ -85,6 +86,7 @@ def export_merged(
     overwrite: bool,
     out_dtype: torch.dtype | None = None,
     tokenizer_folder: Path | None = None,
+    chat_template: str | None = None,
     log_path: Path | None = None,
     summary: dict[str, Any] | None = None,
     stats: dict[str, Any] | None = None,
@@ -111,7 +113,7 @@ def export_merged(
         generation = base.path / "generation_config.json"
         if generation.is_file():
             writer.copy_file(generation)
-        writer.copy_tokenizer(tokenizer_folder or base.path)
+        write_tokenizer(writer, tokenizer_folder or base.path, chat_template=chat_template)
         writer.write_text("dammerge_config.yml", cfg.to_yaml())
         writer.write_text("README.md", model_card(cfg, model, settings, summary))
         save_coefficients(
