@@ -18,7 +18,7 @@
 # Limits add up to 560 s, plus ~15 s of setup. The small shape compiles the kernels first (bf16,
 # N = 2, 3, 5); the 7b shape finds them in inductor's cache (the same graphs: dynamic sizes).
 # Results land in $OUT (the device tool's folder) or bench/.work/gpu; the random models in
-# /dev/shm when it has room (faster to write and read than the disk), else bench/.work.
+# /dev/shm when it has room (faster to write and read than the disk), else bench/.work/dam_step.
 set -uo pipefail
 OUT=${OUT:-bench/.work/gpu}
 DAM_7B_LAYERS=${DAM_7B_LAYERS:-8}
@@ -31,7 +31,7 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
-WORK=bench/.work
+WORK=bench/.work/dam_step
 shm=$(df -B1 --output=avail /dev/shm 2>/dev/null | tail -1)
 if [ "${shm:-0}" -gt $((48 * 2 ** 30)) ] 2>/dev/null; then WORK=/dev/shm/dammerge-bench; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
