@@ -23,6 +23,8 @@ the result is rounded once to the output dtype; ``compute_dtype:`` overrides tha
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -273,26 +275,23 @@ class MergeConfig(BaseModel):
                 hint = "see docs/recipes.md for the recipe's keys"
             raise ConfigError(f"{source}: {where}: {message}", hint) from None
 
-    def relative_to(self, folder: Path) -> MergeConfig:
-        """Resolve relative model and dataset paths against the recipe's folder."""
-
-        def fix(path: str | None) -> str | None:
-            if path is None:
-                return path
-            candidate = Path(path).expanduser()
-            if not candidate.is_absolute() and not candidate.exists():
-                candidate = folder / candidate
-            return str(candidate)
+    def map_paths(self, fix: Callable[[str], str]) -> MergeConfig:
+        """A copy with every path of the recipe passed through ``fix``: base and source models
+        (both folders of a BASE+ADAPTER reference), slice sources, datasets, the tokenizer's
+        folders (``tokenizer_source``, the ``tokenizer`` block) and evolve's
+        ``training.family``."""
 
         def fix_reference(reference: str | None) -> str | None:
-            """A model reference with each folder resolved (both halves of BASE+ADAPTER)."""
+            """A model reference with each folder fixed (both halves of BASE+ADAPTER)."""
+            if reference is None:
+                return None
             whole = fix(reference)
-            if reference is None or whole is None or Path(whole).exists():
+            if Path(whole).exists():
                 return whole
             parsed = ModelReference.parse(reference)
             if parsed.lora is None:
                 return whole
-            return str(ModelReference(fix(parsed.model) or "", fix(parsed.lora)))
+            return str(ModelReference(fix(parsed.model), fix(parsed.lora)))
 
         def fix_dataset(dataset: DatasetSpec | None) -> DatasetSpec | None:
             if dataset is None:
@@ -329,16 +328,54 @@ class MergeConfig(BaseModel):
                 ],
                 "slices": None if self.slices is None else [fix_slice(s) for s in self.slices],
                 "tokenizer_source": tokenizer,
-                "tokenizer": None if block is None else block.with_paths(lambda p: str(fix(p))),
+                "tokenizer": None if block is None else block.with_paths(fix),
                 "training": fix_training(self.training),
             }
         )
 
-    def to_yaml(self) -> str:
-        data = self.model_dump(mode="json", exclude_none=True)  # tuples as lists
-        if self.slices:
+    def relative_to(self, folder: Path) -> MergeConfig:
+        """Resolve the recipe's relative paths: from the recipe's folder, or, where nothing is
+        there, from the current folder (mergekit's habit, and how ``examples/`` reach
+        ``./family`` from the repository root)."""
+
+        def fix(path: str) -> str:
+            candidate = Path(path).expanduser()
+            if candidate.is_absolute():
+                return str(candidate)
+            beside_recipe = folder / candidate
+            if not beside_recipe.exists() and candidate.exists():
+                return str(candidate)
+            return str(beside_recipe)
+
+        return self.map_paths(fix)
+
+    def to_yaml(self, folder: Path | None = None) -> str:
+        """The recipe as YAML. With ``folder`` (where the file is saved), every path is
+        written relative to that folder, so the file works from anywhere
+        (:func:`relative_to` reads it back from the file's folder), and a comment says so."""
+        config = self if folder is None else self.map_paths(lambda p: path_from(folder, p))
+        data = config.model_dump(mode="json", exclude_none=True)  # tuples as lists
+        if config.slices:
             del data["models"]  # mergekit reads exactly one of the two
-        return yaml.safe_dump(data, sort_keys=False)
+        text = yaml.safe_dump(data, sort_keys=False)
+        return text if folder is None else PORTABLE_PATHS_NOTE + text
+
+
+PORTABLE_PATHS_NOTE = (
+    "# Paths are relative to the folder of this file (absolute where none exists), so\n"
+    "# `dammerge merge` reads this recipe from any working folder.\n"
+)
+
+
+def path_from(folder: Path, path: str) -> str:
+    """``path`` as seen from ``folder``: relative when both are on one file system tree,
+    absolute otherwise (another drive on Windows). Both are resolved first (symbolic links
+    followed), so the relative path walks the real folders, as the operating system does."""
+    target = Path(path).expanduser().resolve()
+    try:
+        return Path(os.path.relpath(target, Path(folder).resolve())).as_posix()
+    except ValueError:
+        return str(target)
 
 
 def load_config(config: MergeConfig | dict[str, Any] | str | Path) -> MergeConfig:

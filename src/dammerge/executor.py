@@ -17,13 +17,12 @@ import zlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from dammerge import __version__
+from dammerge.checkpoint.card import CardFacts, card_text
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.checkpoint.writer import CheckpointWriter, check_output_location
 from dammerge.config import DEFAULT_SHARD_SIZE, MergeConfig, RunOptions
@@ -230,19 +229,20 @@ def write_side_files(writer: CheckpointWriter, plan: MergePlan, seed: int) -> No
     if generation.is_file():
         writer.copy_file(generation)
     write_tokenizer(writer, plan.tokenizer_folder(), plan.vocabulary, plan.chat_template)
-    recipe = plan.config.to_yaml()
+    recipe = plan.config.to_yaml(writer.out)
     writer.write_text("dammerge_config.yml", recipe)
     writer.write_text("README.md", model_card(plan, recipe, seed))
 
 
 def model_card(plan: MergePlan, recipe: str, seed: int) -> str:
-    models = "\n".join(f"- `{ck.path}`" for ck in plan.participants)
-    base = f"`{plan.base.path}`" if plan.base else "none"
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (
-        "---\nlibrary_name: transformers\ntags:\n- merge\n- dammerge\n---\n\n"
-        f"# Merged model\n\nMade with dammerge {__version__} on {when} using "
-        f"**{plan.method.name}** ({plan.method.summary}).\n\n"
-        f"Base model: {base}\n\nMerged models:\n{models}\n\nSeed: {seed}\n\n"
-        f"## Recipe\n\n```yaml\n{recipe}```\n"
+    """The model card of a data-free merge (metadata by ``huggingface_hub``)."""
+    return card_text(
+        CardFacts(
+            method=plan.method.name,
+            description=plan.method.summary,
+            base=plan.base.path if plan.base else None,
+            sources=[ck.path for ck in plan.participants],
+            recipe=recipe,
+            seed=seed,
+        )
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 import dammerge
@@ -143,8 +144,15 @@ def test_the_output_loads_in_transformers_and_computes_what_peft_computes(lora, 
         ours = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
         theirs = AutoModelForCausalLM.from_pretrained(folded)(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-    card = (out / "README.md").read_text()
-    assert f"{base.resolve()}+{adapter.resolve()}" in card
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == [f"{base.name}+{adapter.name}"]
+    saved = MergeConfig.from_yaml(out / "dammerge_config.yml")  # paths relative to `out`
+    assert saved.models[0].model.count("+") == 1
+    saved_base, saved_adapter = saved.models[0].model.split("+")
+    assert (Path(saved_base).resolve(), Path(saved_adapter).resolve()) == (
+        base.resolve(),
+        adapter.resolve(),
+    )
 
 
 def test_a_recipe_file_resolves_both_halves_from_its_folder(lora, tmp_path):

@@ -445,8 +445,10 @@ def export(
             merged = merge_tensor(plan, tensor, device, prepared.seed)
             writer.add(tensor.name, merged.to(plan.output_dtype(tensor)))
         write_side_files(writer, plan, prepared.seed)
-        writer.write_text(RECIPE_NAME, _recipe_text(recipe, result, prepared.seed, device))
-        writer.write_text(SOURCE_RECIPE_NAME, prepared.cfg.to_yaml())
+        writer.write_text(
+            RECIPE_NAME, _recipe_text(recipe, writer.out, result, prepared.seed, device)
+        )
+        writer.write_text(SOURCE_RECIPE_NAME, prepared.cfg.to_yaml(writer.out))
         writer.copy_file(prepared.work_dir / LOG_NAME)
         plot_fitness(
             result.records,
@@ -464,11 +466,14 @@ def export(
     return recipe
 
 
-def _recipe_text(recipe: MergeConfig, result: SearchResult, seed: int, device: torch.device) -> str:
+def _recipe_text(
+    recipe: MergeConfig, folder: Path, result: SearchResult, seed: int, device: torch.device
+) -> str:
+    """The best genome as an ordinary recipe saved in ``folder`` (paths relative to it)."""
     header = (
         f"# Evolved by dammerge {__version__}: best of {len(result.records)} fitness "
         f"evaluations (fitness {result.best.fitness:.6g}, evaluation {result.best.evaluation}).\n"
-        f"# Reproduce the checkpoint with: dammerge merge {RECIPE_NAME} OUT --seed {seed} "
-        f"--device {device.type}\n"
+        f"# Reproduce the checkpoint (from any folder) with: dammerge merge "
+        f"PATH/TO/{RECIPE_NAME} OUT --seed {seed} --device {device.type}\n"
     )
-    return header + recipe.to_yaml()
+    return header + recipe.to_yaml(folder)

@@ -19,7 +19,9 @@ from safetensors import safe_open
 
 from dammerge.errors import DammergeError
 from dammerge.learned.export import COEFFICIENTS_FILE
+from dammerge.outputs import atomic_file, check_output_folder
 
+PLOTS_FOLDER = "coefficient_plots"
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
@@ -86,6 +88,11 @@ def _by(rows: list[CoefficientRow], key) -> dict:
     return {k: sum(v) / len(v) for k, v in grouped.items()}
 
 
+def plots_folder(folder: Path, out_dir: Path | None = None) -> Path:
+    """The folder the plots go to (default ``FOLDER/coefficient_plots``), checked writable."""
+    return check_output_folder(out_dir or Path(folder) / PLOTS_FOLDER, "plots folder", fill=True)
+
+
 def plot_coefficients(folder: Path, out_dir: Path | None = None) -> list[Path]:
     """Write the PNGs; returns their paths."""
     import matplotlib
@@ -93,9 +100,8 @@ def plot_coefficients(folder: Path, out_dir: Path | None = None) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out_dir = plots_folder(folder, out_dir)
     rows, metadata = coefficient_rows(folder)
-    out_dir = Path(out_dir or Path(folder) / "coefficient_plots")
-    out_dir.mkdir(parents=True, exist_ok=True)
     participants = list(dict.fromkeys(r.participant for r in rows))
     block = [r for r in rows if r.layer is not None and not r.module.endswith(".bias")]
     title = (
@@ -162,8 +168,12 @@ def plot_coefficients(folder: Path, out_dir: Path | None = None) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
+    """Write the PNG atomically (no truncated image on a full disk) and close the figure."""
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
