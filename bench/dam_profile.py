@@ -2,10 +2,11 @@
 
 Uses ``bench/dam_step.py``'s models, data and runners (the engine's own ``Trainer.train_step``)
 at one N, and prints the operators that took the most device (GPU) or CPU time, so a slow ratio
-in ``dam_step.json`` can be traced to its kernels. ``--gpu`` takes that benchmark's GPU
-configuration (bf16, hidden 2048, 512 tokens); the default is its CPU configuration.
+in ``dam_step.json`` can be traced to its kernels. ``--gpu`` and ``--shape`` choose that
+benchmark's configuration as they do there (default: its CPU one; ``--gpu``: bf16, hidden 2048,
+512 tokens), ``--kernels`` the ``training.kernels`` value of the DAM steps.
 
-    python bench/dam_profile.py --gpu --n 5 --output profile.txt
+    python bench/dam_profile.py --gpu --n 5 --kernels compiled --output profile.txt
 """
 
 from __future__ import annotations
@@ -62,14 +63,31 @@ def profile_variant(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true", help="the benchmark's GPU configuration")
+    parser.add_argument("--shape", choices=sorted(dam_step.SHAPES), help="as in dam_step.py")
+    parser.add_argument("--layers", help="decoder layers or 'fit' (as in dam_step.py)")
+    parser.add_argument(
+        "--kernels", choices=dam_step.KERNEL_CHOICES, default="auto", help="training.kernels"
+    )
     parser.add_argument("--n", type=int, default=5, help="source models")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per variant")
     parser.add_argument("--rows", type=int, default=25, help="operators listed per variant")
     parser.add_argument("--output", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
-    cfg = dam_step.GPU if args.gpu else dam_step.FULL
+    options = argparse.Namespace(
+        **{key: None for key in ("ns", "seq_len", "repeats", "warmup")},
+        quick=False,
+        gpu=args.gpu,
+        shape=args.shape,
+        layers=args.layers,
+        kernels=[args.kernels],
+        no_reference=True,
+    )
+    cfg = dam_step.config_for(options)
+    if dam_step.needs_fit(options, cfg):
+        layers = dam_step.fitting_layers(cfg, dam_step.WORK)
+        cfg = dam_step.replace(cfg, size=dam_step.replace(cfg.size, layers=layers))
     gpu = cfg.torch_device.type == "cuda"
-    base, sources = dam_step.ensure_family(cfg.size, args.n, cfg.torch_dtype)
+    base, sources = dam_step.family_for(cfg, args.n)
     data = dam_step.make_data(args.n, cfg.seq_len, cfg.size.vocab, cfg.seed)
     tag = f"{cfg.size.tag()}-s{cfg.seq_len}-n{args.n}-k{cfg.top_k}"
     report = [f"DAM step profile: N={args.n}, {cfg.size.tag()}, {cfg.dtype}, {cfg.device}"]

@@ -14,7 +14,9 @@ on random-init Llama checkpoints (untied ``lm_head``) made with :mod:`dammerge.t
 
 Our two DAM steps are the engine's own code path: ``dammerge.learned.train.Trainer.train_step``
 on a model from ``build_merged_model`` with the ``dam`` preset's settings (KL at T = 2 plus the
-cosine regulariser), teachers from ``dammerge.learned.teachers``.
+cosine regulariser), teachers from ``dammerge.learned.teachers``; per N they share one merge
+module (each step first selects its own ``training.kernels`` passes) and one set of precomputed
+teacher files (those of the largest N: source i's examples are the same at every N).
 
 Peak memory is measured at a weight-dominated size in separate subprocesses, one per variant:
 the child records its RSS after its imports (the baseline), builds what it needs, runs two steps
@@ -38,16 +40,29 @@ that but wakes the workers through the kernel on every parallel operation (~45 �
 ~100 µs per small GEMM), a tax in proportion to the number of operations, not their work, which
 a step that merges N weight stores per layer pays more often than a plain step.
 
-Targets (issue 4): ours ≤ 1.5× a plain step with teachers on the fly and ≤ 1.15× with precomputed
-teachers, flat in N; ≥ 1.4× faster than the reference at N = 5; ≥ 1.8× less peak memory.
+Targets on a CPU (issue 4): ours ≤ 1.5× a plain step with teachers on the fly and ≤ 1.15× with
+precomputed teachers, flat in N; ≥ 1.4× faster than the reference at N = 5; ≥ 1.8× less peak
+memory. On a GPU (issue 16): ≤ 1.5× / ≤ 1.15× at the 7b shape, ≤ 2× / ≤ 1.5× at the small one,
+and each DAM variant's peak device memory ≤ the plain step's plus the N weight stores.
 
     .venv/bin/python bench/dam_step.py            # full run -> bench/results/dam_step.json
     .venv/bin/python bench/dam_step.py --quick    # smoke run -> bench/results/dam_step_quick.json
     python bench/dam_step.py --gpu                # a CUDA GPU -> bench/results/dam_step_gpu.json
+    python bench/dam_step.py --gpu --shape 7b --kernels compiled,eager   # -> dam_step_gpu_7b.json
 
-``--gpu`` measures bf16 weights (float32 coefficients) at a TinyLlama-like width with 512-token
-sequences; each step is timed between ``torch.cuda.synchronize()`` calls, and peak memory is the
-CUDA caching allocator's peak of allocated bytes (one subprocess per variant, as on a CPU).
+``--gpu`` measures bf16 weights (float32 coefficients) with random checkpoints drawn on the GPU
+(``--work``: where; they are reused). ``--shape small`` (its default) is a TinyLlama-like width
+with 512-token sequences, whose plain step is itself launch-bound; ``--shape 7b`` has
+Mistral-7B's layer widths (hidden 4096, MLP 14336, 32k vocabulary, 32 query and 8 key-value
+heads) at 2,048-token examples, with as many decoder layers as fit on the device beside N = 5
+stores (``--layers`` sets them; on a CPU it defaults to 1, a smoke run). Each step is timed
+between ``torch.cuda.synchronize()`` calls. Peak memory is taken while timing: each variant's
+device bytes held between steps (its model, its optimizer state) plus the most one of its steps
+allocated on top, i.e. its peak had it run alone.
+
+``--kernels compiled,eager`` measures every DAM variant once per ``training.kernels`` value
+(``ours_on_the_fly[compiled]``, ...), all sharing one merge module and one plain step; the first
+step of a compiled variant includes compiling (``warmup_s``); ``kernels_ran`` records what ran.
 
 ``--quick`` uses toy sizes (hidden 64) where fixed per-call overheads dominate: it checks that
 everything runs, its ratios mean nothing.
@@ -61,12 +76,13 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +103,25 @@ REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "bench" / ".work" / "dam_step"
 RESULTS = REPO / "bench" / "results"
 
-VARIANTS = ("plain", "ours_on_the_fly", "ours_precomputed", "reference")
-TARGETS = {
+TEACHER_MODES = ("on_the_fly", "precomputed")
+KERNEL_CHOICES = ("auto", "compiled", "eager")
+CPU_TARGETS = {
     "on_the_fly_vs_plain": 1.5,
     "precomputed_vs_plain": 1.15,
     "flat_in_n": 1.10,  # seconds per source at the largest N over the smallest N
     "speedup_vs_reference": 1.4,
     "memory_vs_reference": 1.8,
+}
+# Issue 16's targets on a GPU: peak memory of a DAM step at most the plain step's plus the stores.
+GPU_SMALL_TARGETS = {
+    "on_the_fly_vs_plain": 2.0,
+    "precomputed_vs_plain": 1.5,
+    "memory_vs_plain_plus_stores": 1.0,
+}
+GPU_7B_TARGETS = {
+    "on_the_fly_vs_plain": 1.5,
+    "precomputed_vs_plain": 1.15,
+    "memory_vs_plain_plus_stores": 1.0,
 }
 REFERENCE_CODE_RATIOS = {2: 1.7, 3: 1.9, 5: 2.15}  # issue 4: the public code, this kind of CPU
 THREADS = 2
@@ -129,7 +157,13 @@ class ModelSize:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Everything one measurement depends on (recorded in the JSON)."""
+    """Everything one measurement depends on (recorded in the JSON).
+
+    ``kernels`` lists the ``training.kernels`` values measured (each DAM variant once per
+    value, on one shared merge module); ``reference`` adds the reference formulation;
+    ``direct_family`` writes the random checkpoints straight from tensors made on the device
+    (large shapes) instead of through ``transformers`` on the CPU.
+    """
 
     size: ModelSize
     seq_len: int
@@ -144,6 +178,11 @@ class BenchConfig:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    shape: str = "cpu"
+    kernels: tuple[str, ...] = ("auto",)
+    reference: bool = True
+    direct_family: bool = False
+    targets: dict[str, float] = field(default_factory=lambda: dict(CPU_TARGETS))
 
     @property
     def torch_device(self) -> torch.device:
@@ -152,6 +191,23 @@ class BenchConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+    @property
+    def variants(self) -> list[str]:
+        """``plain``, each DAM variant per kernels value, then ``reference`` if measured."""
+        dam = [dam_variant(mode, k, self) for k in self.kernels for mode in TEACHER_MODES]
+        return ["plain", *dam, *(["reference"] if self.reference else [])]
+
+
+def dam_variant(teacher: str, kernels: str, cfg: BenchConfig) -> str:
+    """``ours_<teacher>``, with ``[kernels]`` appended when several are compared."""
+    return f"ours_{teacher}" + (f"[{kernels}]" if len(cfg.kernels) > 1 else "")
+
+
+def parse_variant(variant: str, cfg: BenchConfig) -> tuple[str, str]:
+    """``(teacher mode, kernels)`` of a DAM variant's name."""
+    name, _, kernels = variant.removeprefix("ours_").partition("[")
+    return name, kernels.rstrip("]") or cfg.kernels[0]
 
 
 FULL = BenchConfig(
@@ -168,21 +224,48 @@ FULL = BenchConfig(
     memory_n=5,
     memory_steps=2,
 )
-# A lent GPU: bf16 weights (float32 coefficients), a TinyLlama-like width, 512-token sequences.
+# A lent GPU, bf16 weights (float32 coefficients). "small": a TinyLlama-like width with
+# 512-token sequences, whose plain step is itself launch-bound; "7b": Mistral-7B's layer widths
+# (GQA 32/8) at 2,048-token examples, as many layers as fit beside N = 5 stores (see
+# layers_that_fit), no reference (2N model copies).
 GPU_SIZE = ModelSize(hidden=2048, layers=8, intermediate=5632, heads=16, kv_heads=4, vocab=32000)
 GPU = BenchConfig(
     size=GPU_SIZE,
     seq_len=512,
     ns=(2, 3, 5),
     top_k=64,
-    warmup=3,
-    repeats=10,
+    warmup=2,
+    repeats=7,
     memory_size=GPU_SIZE,
     memory_seq_len=512,
     memory_n=5,
     memory_steps=2,
     device="cuda",
     dtype="bfloat16",
+    shape="small",
+    direct_family=True,
+    targets=dict(GPU_SMALL_TARGETS),
+)
+MISTRAL_7B = ModelSize(
+    hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=32000
+)
+GPU_7B = BenchConfig(
+    size=MISTRAL_7B,
+    seq_len=2048,
+    ns=(2, 3, 5),
+    top_k=64,
+    warmup=2,
+    repeats=3,
+    memory_size=MISTRAL_7B,
+    memory_seq_len=2048,
+    memory_n=5,
+    memory_steps=2,
+    device="cuda",
+    dtype="bfloat16",
+    shape="7b",
+    reference=False,
+    direct_family=True,
+    targets=dict(GPU_7B_TARGETS),
 )
 QUICK = BenchConfig(
     size=ModelSize(hidden=64, layers=2, intermediate=256, heads=4, kv_heads=2, vocab=1000),
@@ -195,7 +278,107 @@ QUICK = BenchConfig(
     memory_seq_len=32,
     memory_n=2,
     memory_steps=1,
+    shape="quick",
 )
+SHAPES = {"quick": QUICK, "cpu": FULL, "small": GPU, "7b": GPU_7B}
+
+
+def layers_that_fit(
+    size: ModelSize, n: int, seq_len: int, dtype_bytes: int, capacity: int, dam_models: int = 1
+) -> int:
+    """Decoder layers of ``size`` that one timing process holds on a device of ``capacity``.
+
+    Per layer: the plain model's weights, gradients and two AdamW moments (4 copies), the DAM
+    merge module's ``n`` stores (per module: the DAM variants share one), and one step's saved
+    activations for ``n`` sequences (the engine's planner's estimate). Outside the layers: the
+    same for the embeddings and the untied head, the DAM module's embedding stack (teachers on
+    the fly), and the logits with their float32 loss copies. A tenth of the device is left free.
+    """
+    from dammerge.learned.memory_plan import ModelShape, layer_activation_bytes
+
+    shape = ModelShape.from_config({**replace(size, layers=1).overrides(), "head_dim": None})
+    a = dtype_bytes
+    per_layer = (4 + n * dam_models) * a * shape.layer_elems[0]
+    per_layer += layer_activation_bytes(shape, a, n, seq_len)
+    embed, head = shape.embedding_elems, shape.head_elems
+    outside = 4 * a * (embed + head) + dam_models * a * (n * head + (n + 1) * embed)
+    outside += n * seq_len * size.vocab * (2 * a + 8)
+    room = int(0.9 * capacity) - outside
+    return max(0, min(size.layers, room // per_layer))
+
+
+def family_bytes(size: ModelSize, n: int, dtype_bytes: int) -> int:
+    """Bytes on disk of a base and ``n`` sources of ``size``."""
+    from dammerge.learned.memory_plan import ModelShape
+
+    shape = ModelShape.from_config({**size.overrides(), "head_dim": None})
+    return (n + 1) * dtype_bytes * shape.total_elems
+
+
+def fitting_layers(cfg: BenchConfig, work: Path) -> int:
+    """As many layers as fit on the device (see :func:`layers_that_fit`) and, as a family of
+    checkpoints, in four fifths of the free disk under ``work``."""
+    n, a = max(cfg.ns), torch.empty((), dtype=cfg.torch_dtype).element_size()
+    _, capacity = torch.cuda.mem_get_info(cfg.torch_device)
+    layers = layers_that_fit(cfg.size, n, cfg.seq_len, a, capacity)  # one shared merge module
+    work.mkdir(parents=True, exist_ok=True)
+    disk = int(0.8 * shutil.disk_usage(work).free)
+    while layers > 1 and family_bytes(replace(cfg.size, layers=layers), n, a) > disk:
+        layers -= 1
+    return layers
+
+
+def config_for(args: argparse.Namespace) -> BenchConfig:
+    """The measured configuration from the command line (see :func:`parse_args`)."""
+    shape = args.shape or ("small" if args.gpu else "quick" if args.quick else "cpu")
+    cfg = SHAPES[shape]
+    if args.gpu:
+        cfg = replace(cfg, device="cuda", dtype="bfloat16")
+    elif cfg.device != "cpu":  # a GPU shape on a CPU: a smoke run of the same code
+        cfg = replace(cfg, device="cpu")
+    if args.layers is not None and args.layers != "fit":
+        layers = int(args.layers)
+        cfg = replace(
+            cfg,
+            size=replace(cfg.size, layers=layers),
+            memory_size=replace(cfg.memory_size, layers=layers),
+        )
+    elif shape == "7b" and cfg.device == "cpu":  # "fit" is a GPU's notion
+        cfg = replace(
+            cfg, size=replace(cfg.size, layers=1), memory_size=replace(cfg.size, layers=1)
+        )
+    if args.ns:
+        cfg = replace(cfg, ns=tuple(args.ns), memory_n=max(args.ns))
+    if args.seq_len:
+        cfg = replace(cfg, seq_len=args.seq_len, memory_seq_len=args.seq_len)
+    if args.kernels:
+        cfg = replace(cfg, kernels=tuple(args.kernels))
+    if args.repeats:
+        cfg = replace(cfg, repeats=args.repeats)
+    if args.warmup is not None:
+        cfg = replace(cfg, warmup=args.warmup)
+    if args.no_reference:
+        cfg = replace(cfg, reference=False)
+    return cfg
+
+
+def needs_fit(args: argparse.Namespace, cfg: BenchConfig) -> bool:
+    """Whether the layer count is still to be found on the device (``--layers fit``, or the
+    7b shape on a GPU without ``--layers``)."""
+    if cfg.device == "cpu":
+        return False
+    return args.layers == "fit" or (args.layers is None and cfg.shape == "7b")
+
+
+def default_output(cfg: BenchConfig) -> Path:
+    names = {
+        ("quick", "cpu"): "dam_step_quick",
+        ("cpu", "cpu"): "dam_step",
+        ("small", "cuda"): "dam_step_gpu",
+        ("7b", "cuda"): "dam_step_gpu_7b",
+    }
+    name = names.get((cfg.shape, cfg.device), f"dam_step_{cfg.shape}_{cfg.device}")
+    return RESULTS / f"{name}.json"
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -222,8 +405,69 @@ def ensure_family(
     return base, sources
 
 
+def ensure_direct_family(
+    size: ModelSize, n: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Path, list[Path]]:
+    """:func:`ensure_family` for large shapes: each tensor drawn on ``device`` and written
+    straight to a safetensors file, instead of a ``transformers`` model initialised on the CPU
+    (minutes at 7B widths). The same distributions: linears and embeddings N(0, 0.02²), norms
+    1; source ``i`` adds N(0, 0.02²) noise of its own seed to every tensor."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dammerge.testing import tiny_tokenizer
+
+    root = WORK / f"direct-{size.tag()}-{str(dtype).removeprefix('torch.')}"
+    config = AutoConfig.for_model(
+        "llama", **size.overrides(), tie_word_embeddings=False, bos_token_id=1, eos_token_id=2
+    )
+    config.dtype = dtype
+    with torch.device("meta"):
+        shapes = {
+            k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()
+        }
+    folders = [root / "base", *(root / f"ft{i}" for i in range(n))]
+    for index, folder in enumerate(folders):
+        if (folder / "done").is_file():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for t, (name, shape) in enumerate(sorted(shapes.items())):
+            tensors[name] = _direct_tensor(name, shape, t, index, dtype, device).cpu()
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+        (folder / "done").write_text("")
+    return folders[0], folders[1:]
+
+
+def _direct_tensor(
+    name: str, shape: torch.Size, position: int, checkpoint: int, dtype: torch.dtype, device
+) -> torch.Tensor:
+    """Tensor ``name`` of checkpoint ``checkpoint`` (0: the base, i + 1: source i)."""
+    generator = torch.Generator(device).manual_seed(1_000_003 * position + 17)
+    if name.endswith("norm.weight"):
+        value = torch.ones(shape, device=device)
+    else:
+        value = torch.randn(shape, generator=generator, device=device).mul_(0.02)
+    if checkpoint > 0:
+        generator.manual_seed(1_000_003 * position + 100 + checkpoint)
+        value += torch.randn(shape, generator=generator, device=device).mul_(0.02)
+    return value.to(dtype)
+
+
+def family_for(cfg: BenchConfig, n: int, size: ModelSize | None = None) -> tuple[Path, list[Path]]:
+    """The family of ``size`` (default: the timed size) the configuration asks for."""
+    size = size or cfg.size
+    if cfg.direct_family:
+        return ensure_direct_family(size, n, cfg.torch_dtype, cfg.torch_device)
+    return ensure_family(size, n, cfg.torch_dtype)
+
+
 def make_data(n: int, seq_len: int, vocab: int, seed: int, examples: int = 4) -> list[Any]:
-    """Per source, ``examples`` random sequences of exactly ``seq_len`` tokens (all targets)."""
+    """Per source, ``examples`` random sequences of exactly ``seq_len`` tokens (all targets).
+
+    Source i's examples do not depend on ``n`` (one generator, sources in order)."""
     from dammerge.data.examples import Example
     from dammerge.learned.data import SourceData
 
@@ -240,12 +484,12 @@ def make_data(n: int, seq_len: int, vocab: int, seed: int, examples: int = 4) ->
     return data
 
 
-def dam_settings(teacher: str, top_k: int) -> Any:
+def dam_settings(teacher: str, top_k: int, kernels: str = "auto") -> Any:
     """The ``dam`` preset exactly as a recipe gets it (KL, T = 2, cosine regulariser)."""
     from dammerge.learned.presets import DAM
     from dammerge.learned.settings import parse_settings
 
-    return parse_settings({"teacher": teacher, "top_k": top_k}, DAM)
+    return parse_settings({"teacher": teacher, "top_k": top_k, "kernels": kernels}, DAM)
 
 
 def teacher_files(
@@ -269,7 +513,18 @@ def teacher_files(
     return checkpoints, folder
 
 
-# -- the four steps -----------------------------------------------------------------------------
+def shared_teacher_files(cfg: BenchConfig, sources: list[Path]) -> list[Path]:
+    """The teacher files of the largest N, computed once: source i's examples and model are
+    the same at every N, so a group of n sources reads the first n."""
+    n = max(cfg.ns)
+    data = make_data(n, cfg.seq_len, cfg.size.vocab, cfg.seed)
+    _, folder = teacher_files(
+        sources[:n], data, cfg, f"{cfg.size.tag()}-s{cfg.seq_len}-k{cfg.top_k}"
+    )
+    return [folder / f"source-{i}.safetensors" for i in range(n)]
+
+
+# -- the steps ----------------------------------------------------------------------------------
 Step = Callable[[], None]
 
 
@@ -295,43 +550,47 @@ def plain_runner(base: Path, data: list[Any], cfg: BenchConfig) -> Step:
     return step
 
 
-def dam_runner(
-    base: Path, sources: list[Path], data: list[Any], teacher: str, cfg: BenchConfig, tag: str
-) -> tuple[Step, Any]:
-    """The engine's own training step (``Trainer.train_step``) with the ``dam`` preset."""
+def dam_model(base: Path, sources: list[Path], cfg: BenchConfig, keep_teacher_weights: bool) -> Any:
+    """The merge module with the ``dam`` preset's options, built by the engine."""
     from dammerge.checkpoint.reader import Checkpoint
     from dammerge.learned.model import MergeOptions, build_merged_model
-    from dammerge.learned.teachers import OnTheFlyTeacher, PrecomputedTeacher
-    from dammerge.learned.train import Trainer
 
-    settings = dam_settings(teacher, cfg.top_k)
-    options = MergeOptions.from_settings(settings)
-    if teacher == "precomputed":
-        checkpoints, folder = teacher_files(sources, data, cfg, tag)
-        files = [folder / f"source-{i}.safetensors" for i in range(len(sources))]
-        signal: Any = PrecomputedTeacher(files, cfg.torch_device)
-    else:
-        checkpoints = [Checkpoint(s) for s in sources]
-    model = build_merged_model(
+    options = MergeOptions.from_settings(dam_settings("on_the_fly", cfg.top_k))
+    return build_merged_model(
         Checkpoint(base),
-        checkpoints,
+        [Checkpoint(s) for s in sources],
         options,
         device=cfg.device,
         dtype=cfg.torch_dtype,
-        keep_teacher_weights=teacher == "on_the_fly",
+        keep_teacher_weights=keep_teacher_weights,
     )
-    if teacher == "on_the_fly":
+
+
+def dam_step_on(
+    model: Any, data: list[Any], teacher: str, kernels: str, cfg: BenchConfig, files: list[Path]
+) -> Step:
+    """The engine's own training step (``Trainer.train_step``) with the ``dam`` preset, on
+    ``model`` (which other variants may share: each step first selects its own passes)."""
+    from dammerge.learned.kernels import store_passes
+    from dammerge.learned.teachers import OnTheFlyTeacher, PrecomputedTeacher
+    from dammerge.learned.train import Trainer
+
+    settings = dam_settings(teacher, cfg.top_k, kernels)
+    if teacher == "precomputed":
+        signal: Any = PrecomputedTeacher(files[: len(data)], cfg.torch_device)
+    else:
         signal = OnTheFlyTeacher(model)
     trainer = Trainer(
-        model,
-        data,
-        signal,
-        settings,
-        WORK / "trainer",
-        device=cfg.torch_device,
-        progress=False,
+        model, data, signal, settings, WORK / "trainer", device=cfg.torch_device, progress=False
     )
-    return trainer.train_step, model
+    passes = store_passes(settings.kernels, cfg.torch_device)
+
+    def step() -> None:
+        model.use_passes(passes)
+        trainer.train_step()
+
+    step.passes = passes  # type: ignore[attr-defined]  # what the variant ran (reported)
+    return step
 
 
 def reference_runner(sources: list[Path], data: list[Any], cfg: BenchConfig) -> Step:
@@ -356,12 +615,18 @@ def reference_runner(sources: list[Path], data: list[Any], cfg: BenchConfig) -> 
 
 
 def build_runner(variant: str, base: Path, sources: list[Path], data: list[Any], cfg, tag) -> Step:
+    """One variant alone, with its own merge module (the memory children, the profiler)."""
     if variant == "plain":
         return plain_runner(base, data, cfg)
     if variant == "reference":
         return reference_runner(sources, data, cfg)
-    teacher = "on_the_fly" if variant == "ours_on_the_fly" else "precomputed"
-    return dam_runner(base, sources, data, teacher, cfg, tag)[0]
+    teacher, kernels = parse_variant(variant, cfg)
+    files: list[Path] = []
+    if teacher == "precomputed":
+        _, folder = teacher_files(sources, data, cfg, tag)
+        files = [folder / f"source-{i}.safetensors" for i in range(len(sources))]
+    model = dam_model(base, sources, cfg, keep_teacher_weights=teacher == "on_the_fly")
+    return dam_step_on(model, data, teacher, kernels, cfg, files)
 
 
 def synchronize(cfg: BenchConfig) -> None:
@@ -370,40 +635,118 @@ def synchronize(cfg: BenchConfig) -> None:
         torch.cuda.synchronize()
 
 
-# -- timing -------------------------------------------------------------------------------------
-def time_group(cfg: BenchConfig, n: int) -> dict[str, dict[str, list[float]]]:
-    """Every variant at one N, interleaved: per round, each variant once, in a shuffled order.
+def allocated(cfg: BenchConfig) -> int:
+    """Bytes the CUDA caching allocator has handed out (0 on a CPU)."""
+    if cfg.torch_device.type != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated(cfg.torch_device)
 
-    Returns wall seconds and process CPU seconds (user + sys of all threads) per timed step;
-    CPU time is the steadier number on a machine shared with other jobs.
-    """
-    base, all_sources = ensure_family(cfg.size, max(cfg.ns), cfg.torch_dtype)
+
+@dataclass
+class Group:
+    """Every variant of one N, built: the steps, and on a GPU the device bytes each holds."""
+
+    steps: dict[str, Step]
+    held: dict[str, int]  # device bytes of what the variant keeps between steps
+    store_bytes: int  # the N weight stores of the merged linears
+
+
+def store_bytes(model: Any) -> int:
+    from dammerge.learned.layers import MergedLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, MergedLinear):
+            for store in (module.weight_store(), module.bias_store()):
+                if store is not None:
+                    total += store.numel() * store.element_size()
+    return total
+
+
+def build_group(cfg: BenchConfig, n: int, files: list[Path]) -> Group:
+    """The plain step, one merge module shared by every DAM variant, and the reference."""
+    base, all_sources = family_for(cfg, max(cfg.ns))
     sources = all_sources[:n]
     data = make_data(n, cfg.seq_len, cfg.size.vocab, cfg.seed)
-    tag = f"{cfg.size.tag()}-s{cfg.seq_len}-n{n}-k{cfg.top_k}"
-    runners = {v: build_runner(v, base, sources, data, cfg, tag) for v in VARIANTS}
-    samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    order = list(VARIANTS)
+    steps: dict[str, Step] = {}
+    held: dict[str, int] = {}
+    before = allocated(cfg)
+    steps["plain"] = plain_runner(base, data, cfg)
+    held["plain"] = allocated(cfg) - before
+    before = allocated(cfg)
+    model = dam_model(base, sources, cfg, keep_teacher_weights=True)
+    model_bytes = allocated(cfg) - before
+    for kernels in cfg.kernels:
+        for teacher in TEACHER_MODES:
+            variant = dam_variant(teacher, kernels, cfg)
+            steps[variant] = dam_step_on(model, data, teacher, kernels, cfg, files)
+            held[variant] = model_bytes
+    if cfg.reference:
+        before = allocated(cfg)
+        steps["reference"] = reference_runner(sources, data, cfg)
+        held["reference"] = allocated(cfg) - before
+    return Group(steps, held, store_bytes(model))
+
+
+# -- timing -------------------------------------------------------------------------------------
+def kernels_ran(step: Any) -> str:
+    """The passes a DAM variant's steps used: compiled ones may have fallen back to eager."""
+    from dammerge.learned.kernels import fallback_reason
+
+    if step.passes.name == "compiled" and fallback_reason() is not None:
+        return "eager (compiling failed)"
+    return step.passes.name
+
+
+def time_group(cfg: BenchConfig, n: int, files: list[Path]) -> dict[str, Any]:
+    """Every variant at one N, interleaved: per round, each variant once, in a shuffled order.
+
+    Returns wall seconds and process CPU seconds (user + sys of all threads) per timed step
+    (CPU time is the steadier number on a machine shared with other jobs), the warm-up steps'
+    wall seconds (the first one of a compiled variant includes compiling), and on a GPU each
+    variant's peak device memory as if it ran alone: what it holds between steps (its models,
+    then its optimizer state) plus the most one of its steps allocated on top.
+    """
+    group = build_group(cfg, n, files)
+    variants = cfg.variants
+    samples: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
+    warm: dict[str, list[float]] = {v: [] for v in variants}
+    peak = dict.fromkeys(variants, 0)
+    order = list(variants)
     shuffler = random.Random(cfg.seed + n)
     rounds = cfg.warmup + cfg.repeats
+    gpu = cfg.torch_device.type == "cuda"
     for r in tqdm(range(rounds), desc=f"N={n}: interleaved steps", unit="round"):
         shuffler.shuffle(order)
         for variant in order:
             gc.collect()
-            synchronize(cfg)
+            before = allocated(cfg)
+            if gpu:
+                torch.cuda.reset_peak_memory_stats(cfg.torch_device)
             start, start_cpu = time.perf_counter(), time.process_time()
-            runners[variant]()
+            group.steps[variant]()
             synchronize(cfg)
             elapsed, used = time.perf_counter() - start, time.process_time() - start_cpu
+            if gpu:
+                top = torch.cuda.max_memory_allocated(cfg.torch_device) - before
+                peak[variant] = max(peak[variant], group.held[variant] + top)
+                group.held[variant] += allocated(cfg) - before  # state the step keeps
             if r >= cfg.warmup:
                 samples[variant].append(elapsed)
                 cpu[variant].append(used)
-    del runners
+            else:
+                warm[variant].append(elapsed)
+    ran = {v: kernels_ran(step) for v, step in group.steps.items() if hasattr(step, "passes")}
+    result: dict[str, Any] = {"wall": samples, "cpu": cpu, "warmup_wall": warm, "kernels_ran": ran}
+    if gpu:
+        result["memory"] = {"peak_bytes": peak, "store_bytes": group.store_bytes}
+    del group
     gc.collect()
-    if cfg.torch_device.type == "cuda":
-        torch.cuda.empty_cache()  # the next group and the memory children start from nothing
-    return {"wall": samples, "cpu": cpu}
+    if gpu:
+        torch.cuda.empty_cache()  # the next group starts from nothing
+    return result
 
 
 # -- memory (one subprocess per variant) ---------------------------------------------------------
@@ -442,8 +785,6 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     base = Path(spec["base"])
     sources = [Path(s) for s in spec["sources"]]
     gc.collect()
-    if cfg.torch_device.type == "cuda":
-        return gpu_memory_child(spec, cfg, base, sources, data)
     baseline = _status_bytes("VmRSS")
     baseline_peak = _status_bytes("VmHWM")
     start = time.perf_counter()
@@ -465,39 +806,15 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def gpu_memory_child(
-    spec: dict[str, Any], cfg: BenchConfig, base: Path, sources: list[Path], data: list[Any]
-) -> dict[str, Any]:
-    """On a GPU the memory that matters is the device's: the caching allocator's peak of
-    allocated bytes over what was allocated before the build (CUDA context excluded)."""
-    torch.cuda.init()
-    baseline = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    step = build_runner(spec["variant"], base, sources, data, replace(cfg), spec["tag"])
-    built = torch.cuda.memory_allocated()
-    for _ in range(cfg.memory_steps):
-        step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    return {
-        "variant": spec["variant"],
-        "memory": "cuda max_memory_allocated",
-        "baseline_rss_bytes": baseline,
-        "after_build_rss_bytes": built,
-        "peak_rss_bytes": peak,
-        "peak_minus_baseline_bytes": peak - baseline,
-        "build_and_steps_s": time.perf_counter() - start,
-    }
-
-
 def measure_memory(cfg: BenchConfig) -> dict[str, Any]:
-    base, sources = ensure_family(cfg.memory_size, cfg.memory_n, cfg.torch_dtype)
+    """Each variant's peak RSS growth in a subprocess of its own (on a CPU; a GPU's peaks are
+    taken while timing, see :func:`time_group`)."""
+    base, sources = family_for(cfg, cfg.memory_n, cfg.memory_size)
     data = make_data(cfg.memory_n, cfg.memory_seq_len, cfg.memory_size.vocab, cfg.seed)
     tag = f"{cfg.memory_size.tag()}-s{cfg.memory_seq_len}-n{cfg.memory_n}-k{cfg.top_k}"
     teacher_files(sources, data, cfg, tag)  # precomputed outside the measured child
     results = {}
-    for variant in tqdm(VARIANTS, desc="peak memory (subprocesses)", unit="variant"):
+    for variant in tqdm(cfg.variants, desc="peak memory (subprocesses)", unit="variant"):
         spec = {
             "variant": variant,
             "config": _config_to_dict(cfg),
@@ -528,33 +845,48 @@ def _config_from_dict(data: dict[str, Any]) -> BenchConfig:
     fields["size"] = ModelSize(**fields["size"])
     fields["memory_size"] = ModelSize(**fields["memory_size"])
     fields["ns"] = tuple(fields["ns"])
+    fields["kernels"] = tuple(fields["kernels"])
     return BenchConfig(**fields)
 
 
 # -- report -------------------------------------------------------------------------------------
-def summarise(
-    cfg: BenchConfig, samples: dict[int, dict[str, dict[str, list[float]]]]
-) -> dict[str, Any]:
+def summarise(cfg: BenchConfig, samples: dict[int, dict[str, Any]]) -> dict[str, Any]:
     timing: dict[str, Any] = {}
     for n, measured in samples.items():
         median = {v: statistics.median(s) for v, s in measured["wall"].items()}
         cpu = {v: statistics.median(s) for v, s in measured["cpu"].items()}
-        timing[f"N={n}"] = {
+        row = {
             "median_s": median,
             "samples_s": measured["wall"],
-            "ratio_vs_plain": {v: median[v] / median["plain"] for v in VARIANTS},
+            "warmup_s": measured["warmup_wall"],
+            "ratio_vs_plain": {v: median[v] / median["plain"] for v in median},
             "cpu_median_s": cpu,
             "cpu_samples_s": measured["cpu"],
-            "cpu_ratio_vs_plain": {v: cpu[v] / cpu["plain"] for v in VARIANTS},
-            "ours_on_the_fly_speedup_vs_reference": median["reference"] / median["ours_on_the_fly"],
-            "ours_precomputed_speedup_vs_reference": median["reference"]
-            / median["ours_precomputed"],
-            "reference_code_ratio_quoted": REFERENCE_CODE_RATIOS.get(n),
+            "cpu_ratio_vs_plain": {v: cpu[v] / cpu["plain"] for v in cpu},
+            "kernels_ran": measured["kernels_ran"],
         }
+        if cfg.reference:
+            for k in cfg.kernels:
+                for mode in TEACHER_MODES:
+                    variant = dam_variant(mode, k, cfg)
+                    key = f"{variant}_speedup_vs_reference"
+                    row[key] = median["reference"] / median[variant]
+            row["reference_code_ratio_quoted"] = REFERENCE_CODE_RATIOS.get(n)
+        timing[f"N={n}"] = row
     return timing
 
 
-def timing_trend(timing: dict[str, Any], ns: list[int], add: Callable[..., None]) -> None:
+def device_memory(samples: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
+    """A GPU's peak memory per variant and N, taken while timing (None on a CPU)."""
+    memory = {f"N={n}": m["memory"] for n, m in samples.items() if "memory" in m}
+    if not memory:
+        return None
+    return {"measured": "cuda max_memory_allocated, each variant as if alone", **memory}
+
+
+def timing_trend(
+    cfg: BenchConfig, timing: dict[str, Any], ns: list[int], add: Callable[..., None]
+) -> None:
     """Flatness in N and the speed-up over the reference at the largest N.
 
     "Flat in N" is checked on the cost of a DAM step per source (seconds / N at the largest N
@@ -564,20 +896,20 @@ def timing_trend(timing: dict[str, Any], ns: list[int], add: Callable[..., None]
     with N (``fixed_cost_growth`` estimates by how much, from the plain step's own fit).
     """
     lo, hi = timing[f"N={ns[0]}"], timing[f"N={ns[-1]}"]
-    for variant in ("ours_on_the_fly", "ours_precomputed"):
-        per_source = (hi["median_s"][variant] / ns[-1]) / (lo["median_s"][variant] / ns[0])
+    dam = [v for v in cfg.variants if v.startswith("ours_")]
+    if "flat_in_n" in cfg.targets:
+        for variant in dam:
+            per_source = (hi["median_s"][variant] / ns[-1]) / (lo["median_s"][variant] / ns[0])
+            name = f"flat in N: {variant} seconds per source N={ns[-1]} / N={ns[0]}"
+            add(name, per_source, cfg.targets["flat_in_n"], True)
+    if cfg.reference and "speedup_vs_reference" in cfg.targets:
+        variant = dam_variant("on_the_fly", cfg.kernels[0], cfg)
         add(
-            f"flat in N: {variant} seconds per source N={ns[-1]} / N={ns[0]}",
-            per_source,
-            TARGETS["flat_in_n"],
-            True,
+            f"reference / {variant}, N={ns[-1]}",
+            hi[f"{variant}_speedup_vs_reference"],
+            cfg.targets["speedup_vs_reference"],
+            False,
         )
-    add(
-        f"reference / ours (on the fly), N={ns[-1]}",
-        hi["ours_on_the_fly_speedup_vs_reference"],
-        TARGETS["speedup_vs_reference"],
-        False,
-    )
 
 
 def ratio_growth(timing: dict[str, Any], ns: list[int]) -> dict[str, float]:
@@ -587,7 +919,8 @@ def ratio_growth(timing: dict[str, Any], ns: list[int]) -> dict[str, float]:
     lo, hi = timing[f"N={ns[0]}"], timing[f"N={ns[-1]}"]
     growth = {
         v: hi["ratio_vs_plain"][v] / lo["ratio_vs_plain"][v]
-        for v in ("ours_on_the_fly", "ours_precomputed", "reference")
+        for v in hi["ratio_vs_plain"]
+        if v != "plain"
     }
     slope = (hi["median_s"]["plain"] - lo["median_s"]["plain"]) / (ns[-1] - ns[0])
     fixed = lo["median_s"]["plain"] - slope * ns[0]
@@ -599,8 +932,15 @@ def ratio_growth(timing: dict[str, Any], ns: list[int]) -> dict[str, float]:
     return growth
 
 
-def targets(cfg: BenchConfig, timing: dict[str, Any], memory: dict[str, Any] | None) -> list[dict]:
+def targets(
+    cfg: BenchConfig,
+    timing: dict[str, Any],
+    memory: dict[str, Any] | None,
+    on_device: dict[str, Any] | None = None,
+) -> list[dict]:
+    """The configuration's targets (``cfg.targets``) that the measurements can judge."""
     out = []
+    goal = cfg.targets
 
     def add(name: str, value: float, limit: float, at_most: bool) -> None:
         ok = value <= limit if at_most else value >= limit
@@ -614,113 +954,213 @@ def targets(cfg: BenchConfig, timing: dict[str, Any], memory: dict[str, Any] | N
         )
 
     ns = sorted(int(k.split("=")[1]) for k in timing)
+    labels = {"on_the_fly": "on-the-fly", "precomputed": "precomputed"}
     for n in ns:
         ratios = timing[f"N={n}"]["ratio_vs_plain"]
-        add(
-            f"on-the-fly / plain, N={n}",
-            ratios["ours_on_the_fly"],
-            TARGETS["on_the_fly_vs_plain"],
-            True,
-        )
-        add(
-            f"precomputed / plain, N={n}",
-            ratios["ours_precomputed"],
-            TARGETS["precomputed_vs_plain"],
-            True,
-        )
+        for kernels in cfg.kernels:
+            for mode in TEACHER_MODES:
+                variant = dam_variant(mode, kernels, cfg)
+                label = labels[mode] + variant.removeprefix(f"ours_{mode}")
+                add(f"{label} / plain, N={n}", ratios[variant], goal[f"{mode}_vs_plain"], True)
     if len(ns) > 1:
-        timing_trend(timing, ns, add)
-    if memory:
+        timing_trend(cfg, timing, ns, add)
+    if memory and "reference" in memory and "memory_vs_reference" in goal:
         ref = memory["reference"]["peak_minus_baseline_bytes"]
-        for variant in ("ours_on_the_fly", "ours_precomputed"):
+        for variant in [v for v in cfg.variants if v.startswith("ours_")]:
             ours = memory[variant]["peak_minus_baseline_bytes"]
             add(
                 f"peak memory reference / {variant}, N={cfg.memory_n}",
                 ref / ours,
-                TARGETS["memory_vs_reference"],
+                goal["memory_vs_reference"],
                 False,
             )
+    if on_device and "memory_vs_plain_plus_stores" in goal:
+        for n in ns:
+            row = on_device[f"N={n}"]
+            allowed = row["peak_bytes"]["plain"] + row["store_bytes"]
+            for variant in [v for v in cfg.variants if v.startswith("ours_")]:
+                add(
+                    f"peak memory {variant} / (plain + stores), N={n}",
+                    row["peak_bytes"][variant] / allowed,
+                    goal["memory_vs_plain_plus_stores"],
+                    True,
+                )
     return out
 
 
-def print_report(timing: dict[str, Any], memory: dict[str, Any] | None, checks: list[dict]) -> None:
+def print_report(
+    cfg: BenchConfig,
+    timing: dict[str, Any],
+    memory: dict[str, Any] | None,
+    on_device: dict[str, Any] | None,
+    checks: list[dict],
+) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     table = Table(title="DAM training step (median seconds; ratio to a plain step)")
     table.add_column("N", justify="right")
-    for v in VARIANTS:
-        table.add_column(v, justify="right")
-    table.add_column("ref / ours", justify="right")
-    table.add_column("ref code (quoted)", justify="right")
+    variants = cfg.variants
+    for v in variants:
+        table.add_column(escape(v), justify="right")
+    if cfg.reference:
+        table.add_column("ref / ours", justify="right")
+        table.add_column("ref code (quoted)", justify="right")
     for key, row in timing.items():
-        cells = [f"{row['median_s'][v]:.3f} s ({row['ratio_vs_plain'][v]:.2f}×)" for v in VARIANTS]
-        quoted = row["reference_code_ratio_quoted"]
-        table.add_row(
-            key.split("=")[1],
-            *cells,
-            f"{row['ours_on_the_fly_speedup_vs_reference']:.2f}×",
-            f"{quoted}×" if quoted else "-",
-        )
+        cells = [f"{row['median_s'][v]:.3f} s ({row['ratio_vs_plain'][v]:.2f}×)" for v in variants]
+        if cfg.reference:
+            quoted = row["reference_code_ratio_quoted"]
+            first = dam_variant("on_the_fly", cfg.kernels[0], cfg)
+            cells += [
+                f"{row[f'{first}_speedup_vs_reference']:.2f}×",
+                f"{quoted}×" if quoted else "-",
+            ]
+        table.add_row(key.split("=")[1], *cells)
     console.print(table)
     if memory:
-        mem = Table(title="Peak memory growth over the baseline (RSS on a CPU, allocated on a GPU)")
+        mem = Table(title="Peak memory growth over the baseline (RSS, one process per variant)")
         mem.add_column("variant")
         mem.add_column("peak − baseline", justify="right")
         mem.add_column("after build − baseline", justify="right")
         for v, row in memory.items():
             mem.add_row(
-                v,
+                escape(v),
                 f"{row['peak_minus_baseline_bytes'] / 2**20:.0f} MiB",
                 f"{(row['after_build_rss_bytes'] - row['baseline_rss_bytes']) / 2**20:.0f} MiB",
             )
+        console.print(mem)
+    if on_device:
+        mem = Table(title="Peak device memory per variant (GiB; stores: the N weight stores)")
+        mem.add_column("N", justify="right")
+        for v in variants:
+            mem.add_column(escape(v), justify="right")
+        mem.add_column("stores", justify="right")
+        for key, row in on_device.items():
+            if not key.startswith("N="):
+                continue
+            cells = [f"{row['peak_bytes'][v] / 2**30:.2f}" for v in variants]
+            mem.add_row(key.split("=")[1], *cells, f"{row['store_bytes'] / 2**30:.2f}")
         console.print(mem)
     checks_table = Table(title="Targets")
     for col in ("check", "value", "target", "pass"):
         checks_table.add_column(col)
     for c in checks:
         checks_table.add_row(
-            c["name"], f"{c['value']}", c["target"], "[green]pass" if c["pass"] else "[red]FAIL"
+            escape(c["name"]),
+            f"{c['value']}",
+            c["target"],
+            "[green]pass" if c["pass"] else "[red]FAIL",
         )
     console.print(checks_table)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _kernels(text: str) -> list[str]:
+    choices = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in choices if k not in KERNEL_CHOICES]
+    if unknown or not choices or len(set(choices)) != len(choices):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct values among {', '.join(KERNEL_CHOICES)}, got {text!r}"
+        )
+    return choices
+
+
+def _ns(text: str) -> list[int]:
+    try:
+        ns = sorted({int(n) for n in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 2,3,5, got {text!r}") from None
+    if not ns or ns[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected numbers of sources ≥ 1, got {text!r}")
+    return ns
+
+
+def _layers(text: str) -> str:
+    if text != "fit" and not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of layers or 'fit', got {text!r}")
+    return text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (smoke)")
+    parser.add_argument("--quick", action="store_true", help="= --shape quick (smoke)")
+    parser.add_argument("--gpu", action="store_true", help="on a CUDA GPU, bf16 weights")
     parser.add_argument(
-        "--gpu", action="store_true", help="a CUDA GPU, bf16 weights, hidden 2048, 512 tokens"
+        "--shape",
+        choices=sorted(SHAPES),
+        help="quick, cpu (default), small (default with --gpu: hidden 2048, 512 tokens) or 7b "
+        "(Mistral-7B widths, 2,048 tokens)",
+    )
+    parser.add_argument(
+        "--layers", type=_layers, help="decoder layers (7b on a GPU: 'fit', the default)"
+    )
+    parser.add_argument("--ns", type=_ns, help="numbers of sources, e.g. 2,3,5")
+    parser.add_argument("--seq-len", type=int, help="tokens per example")
+    parser.add_argument(
+        "--kernels",
+        type=_kernels,
+        help="training.kernels values to compare, e.g. compiled,eager (default: auto)",
     )
     parser.add_argument("--repeats", type=int, help="timed steps per variant and N")
+    parser.add_argument("--warmup", type=int, help="untimed steps per variant and N first")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference variant")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--no-timing", action="store_true", help="skip the timed steps")
+    parser.add_argument("--work", type=Path, help="folder of the generated models (reused)")
     parser.add_argument("--output", type=Path, help="result JSON (default bench/results/...)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick and args.shape not in (None, "quick"):
+        parser.error("--quick is --shape quick")
+    if args.seq_len is not None and args.seq_len < 2:
+        parser.error("--seq-len must be at least 2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    global WORK
+    args = parse_args(argv)
     hf_logging.disable_progress_bar()  # one loading bar per model would bury the results
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return 0
+    if args.work:
+        WORK = args.work.resolve()
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    cfg = QUICK if args.quick else GPU if args.gpu else FULL
-    if args.repeats:
-        cfg = replace(cfg, repeats=args.repeats)
-    name = "dam_step_quick" if args.quick else "dam_step_gpu" if args.gpu else "dam_step"
-    output = args.output or RESULTS / f"{name}.json"
+    cfg = config_for(args)
+    if needs_fit(args, cfg):
+        layers = fitting_layers(cfg, WORK)
+        cfg = replace(
+            cfg,
+            size=replace(cfg.size, layers=layers),
+            memory_size=replace(cfg.memory_size, layers=layers),
+        )
+    output = args.output or default_output(cfg)
     machine = machine_info()
     if warning := busy_warning(machine):
         print(warning, file=sys.stderr)
+    print(
+        f"{cfg.shape} on {cfg.device}: {cfg.size.tag()}, {cfg.seq_len} tokens, N = {cfg.ns}, "
+        f"kernels {', '.join(cfg.kernels)}",
+        file=sys.stderr,
+    )
     began = time.perf_counter()
+    samples: dict[int, dict[str, Any]] = {}
     # As in the engine's training loop (Trainer.run), freed CPU memory is kept for reuse, for
     # every variant alike; DAMMERGE_REUSE_MEMORY=0 measures with glibc's defaults instead.
     with reuse_freed_memory() as memory_reuse:
-        samples = {} if args.no_timing else {n: time_group(cfg, n) for n in cfg.ns}
+        if not args.no_timing:
+            files = shared_teacher_files(cfg, family_for(cfg, max(cfg.ns))[1])
+            samples = {n: time_group(cfg, n, files) for n in cfg.ns}
     timing = summarise(cfg, samples)
-    memory = None if args.no_memory else measure_memory(cfg)
-    checks = targets(cfg, timing, memory)
+    on_device = device_memory(samples)
+    memory = None if args.no_memory or cfg.device != "cpu" else measure_memory(cfg)
+    checks = targets(cfg, timing, memory, on_device)
+    from dammerge.learned.kernels import fallback_reason
+
     result = {
         "benchmark": "dam_step",
         "timestamp": timestamp(),
@@ -745,16 +1185,18 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "engine_step": "dammerge.learned.train.Trainer.train_step",
             "cpu_memory_reuse": memory_reuse,
+            "work": str(WORK),
         },
+        "compile_fallback": fallback_reason(),
         "timing": timing,
-        "ratio_growth": ratio_growth(timing, cfg.ns) if len(timing) > 1 else None,
-        "memory": memory,
+        "ratio_growth": ratio_growth(timing, list(cfg.ns)) if len(timing) > 1 else None,
+        "memory": memory or on_device,
         "targets": checks,
         "all_pass": all(c["pass"] for c in checks),
         "wall_s": time.perf_counter() - began,
     }
     write_json(output, result)
-    print_report(timing, memory, checks)
+    print_report(cfg, timing, memory, on_device, checks)
     print(f"results: {output}")
     return 0
 

@@ -1,13 +1,28 @@
 #!/usr/bin/env bash
-# Everything a session with a lent CUDA GPU checks, in one call of the device tool:
-#   run: bash bench/gpu_checks.sh      (carry: .whl, the wheels the GPU image lacks)
-# 1. the CUDA tests (skipped everywhere else): data-free merges and the DAM engine on the GPU
-#    against the CPU, bf16 training, the fused KL gradient;
-# 2. bench/merge_speed.py with the merge on the GPU (no mergekit there: the I/O-bound ratio);
-# 3. bench/dam_step.py --gpu: a DAM step at a realistic width, bf16, 512 tokens.
-# Results land in $OUT (the device tool's folder) or bench/.work/gpu.
+# Everything a session with a lent CUDA GPU checks, in one call of the device tool, within ten
+# minutes on an H200:
+#   run: bash bench/gpu_checks.sh [PART ...]    (carry: .whl, the wheels the GPU image lacks)
+# Parts (default: all, in this order), each cut at its time limit so the script always ends:
+#   tests  140 s  the CUDA tests: data-free merges and the DAM engine on the GPU against the CPU,
+#                 bf16 training, the fused KL gradient, the compiled merge kernels against the
+#                 eager ones and the definition, a DAM training with compiled kernels
+#   merge   80 s  bench/merge_speed.py, TIES with the merge on the GPU (the I/O-bound ratio)
+#   small  150 s  bench/dam_step.py --gpu --shape small: hidden 2048, 512 tokens, bf16;
+#                 compiled vs eager kernels, N = 2, 3, 5, teachers on the fly and precomputed,
+#                 plain step and reference
+#   7b     180 s  bench/dam_step.py --gpu --shape 7b: Mistral-7B layer widths, 2,048 tokens,
+#                 bf16, $DAM_7B_LAYERS decoder layers (default 8: making and reading the
+#                 random checkpoints of more layers does not fit the ten minutes); compiled vs
+#                 eager, N = 2, 3, 5, on the fly and precomputed, plain step
+#   then   10 s  bench/targets.py: every target of the parts that ran, PASS or FAIL
+# Limits add up to 560 s, plus ~15 s of setup. The small shape compiles the kernels first (bf16,
+# N = 2, 3, 5); the 7b shape finds them in inductor's cache (the same graphs: dynamic sizes).
+# Results land in $OUT (the device tool's folder) or bench/.work/gpu; the random models in
+# /dev/shm when it has room (faster to write and read than the disk), else bench/.work/dam_step.
 set -uo pipefail
 OUT=${OUT:-bench/.work/gpu}
+DAM_7B_LAYERS=${DAM_7B_LAYERS:-8}
+PARTS=${*:-tests merge small 7b}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -16,21 +31,50 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
+WORK=bench/.work/dam_step
+shm=$(df -B1 --output=avail /dev/shm 2>/dev/null | tail -1)
+if [ "${shm:-0}" -gt $((48 * 2 ** 30)) ] 2>/dev/null; then WORK=/dev/shm/dammerge-bench; fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-python3 -c "import torch, transformers, pydantic, datasets; print('torch', torch.__version__, \
-'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+python3 -c "import torch, transformers, pydantic, triton; print('torch', torch.__version__, \
+'transformers', transformers.__version__, 'triton', triton.__version__, 'cuda', \
+torch.cuda.is_available())"
+echo "parts: $PARTS; models in $WORK"
+wants() { [[ " $PARTS " == *" $1 "* ]]; }
+results=()
 
-echo "== 1. CUDA tests"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -k "cuda or reading_ahead" \
-    tests/learned/test_cuda.py tests/test_merge_e2e.py 2>&1 | tail -25 | tee "$OUT/pytest.log"
+if wants tests; then
+    echo "== tests: CUDA tests"
+    timeout 140 python3 -m pytest -q -p no:cacheprovider -k "cuda or reading_ahead" \
+        tests/learned/test_cuda.py tests/test_merge_e2e.py 2>&1 | tail -25 | tee "$OUT/pytest.log"
+fi
 
-echo "== 2. merge speed, TIES on the GPU"
-timeout 150 python3 bench/merge_speed.py --device cuda --ours-only --repeats 3 \
-    --output "$OUT/merge_speed_cuda.json" 2>&1 | grep -v -E "it/s|shard/s" | tee "$OUT/merge.log"
-recipe=bench/.work/merge_speed-full/recipe.yml
-timeout 40 python3 -m cProfile -s cumtime -m dammerge.cli merge "$recipe" /tmp/profiled --device cuda \
-    --overwrite 2>&1 | grep -v -E "it/s" | head -45 > "$OUT/merge_profile.txt"
+if wants merge; then
+    echo "== merge: merge speed, TIES on the GPU"
+    timeout 80 python3 bench/merge_speed.py --device cuda --ours-only --repeats 2 \
+        --output "$OUT/merge_speed_cuda.json" 2>&1 | grep -v -E "it/s|shard/s" | tee "$OUT/merge.log"
+    results+=("$OUT/merge_speed_cuda.json")
+fi
 
-echo "== 3. DAM step, bf16 on the GPU"
-timeout 270 python3 bench/dam_step.py --gpu --output "$OUT/dam_step_gpu.json" 2>&1 \
-    | grep -v -E "round/s|variant/s" | tee "$OUT/dam_step.log"
+dam_step() {  # dam_step SHAPE OUTPUT LIMIT [ARGS...]
+    local shape=$1 output=$2 limit=$3
+    shift 3
+    timeout "$limit" python3 bench/dam_step.py --gpu --shape "$shape" --kernels compiled,eager \
+        --work "$WORK" --output "$OUT/$output.json" "$@" 2>&1 \
+        | grep -v -E "round/s|variant/s|it/s" | tee "$OUT/$output.log"
+    results+=("$OUT/$output.json")
+}
+
+if wants small; then
+    echo "== small: DAM step, hidden 2048, 512 tokens, bf16, compiled vs eager"
+    dam_step small dam_step_gpu 150
+fi
+
+if wants 7b; then
+    echo "== 7b: DAM step, Mistral-7B widths, $DAM_7B_LAYERS layers, 2,048 tokens, bf16"
+    dam_step 7b dam_step_gpu_7b 180 --layers "$DAM_7B_LAYERS"
+fi
+
+if [ ${#results[@]} -gt 0 ]; then
+    echo "== targets"
+    timeout 10 python3 bench/targets.py "${results[@]}" | tee "$OUT/targets.txt"
+fi

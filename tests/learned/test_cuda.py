@@ -1,5 +1,7 @@
 """The learned-merge engine on a CUDA GPU: float32 on the GPU gives the CPU's numbers, bf16 on
-the GPU trains float32 coefficients and exports a checkpoint that transformers loads.
+the GPU trains float32 coefficients and exports a checkpoint that transformers loads, the
+compiled merge kernels (``training.kernels``) give the eager kernels' values, and the loss chunks
+are sized for the device.
 
 Skipped where no GPU is visible (CI); run on a lent GPU machine with
 ``pytest tests/learned/test_cuda.py tests/test_merge_e2e.py -k cuda``.
@@ -12,7 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import dammerge
-from dammerge.learned import losses
+from dammerge.learned import kernels, losses
+from dammerge.learned.functional import EAGER
+from dammerge.learned.kernels import CompiledPasses, store_passes
 from dammerge.learned.run import train_plan
 
 from .helpers import ALL_MERGED, IDS, build_merged, naive_forward_kl, training_plan
@@ -80,3 +84,75 @@ def test_bf16_dam_merge_on_gpu_exports_a_loadable_checkpoint(
     model = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         assert torch.isfinite(model(IDS).logits).all()
+
+
+def _store_layer(n: int, out: int, inp: int, dtype: torch.dtype, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.randn(n, inp, generator=generator)
+    weights = torch.randn(n, out, inp, generator=generator).to(dtype)
+    g2 = torch.randn(6, out, generator=generator).to(dtype)
+    x2 = torch.randn(6, inp, generator=generator).to(dtype)
+    return scales, weights, g2, x2
+
+
+@pytest.mark.parametrize(("n", "dtype"), [(2, torch.float32), (5, torch.bfloat16)])
+def test_compiled_kernels_on_gpu_match_eager_and_the_definition(n, dtype):
+    """The compiled (Triton) passes against the eager ones on the GPU and against the float64
+    definition on the CPU, on odd shapes; ``auto`` compiles on a GPU where Triton is there.
+
+    Both accumulate in float32 and round the merged weight once into ``dtype`` (bf16: within
+    one unit in the last place of the exact value); ``G = gᵀx`` is one matrix product in the
+    compute dtype, so the column gradients are compared with the definition on that ``G``.
+    """
+    passes = store_passes("auto", "cuda")
+    assert isinstance(passes, CompiledPasses), kernels.fallback_reason()
+    close = {"rtol": 1e-5, "atol": 1e-5}
+    rounded = close if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-6}
+    for out, inp in [(7, 13), (3, 17)]:
+        scales, weights, g2, x2 = _store_layer(n, out, inp, dtype, seed=out)
+        on_gpu = [t.cuda() for t in (scales, weights, g2, x2)]
+        wide = weights.double()
+        merged_exact = (wide * scales.double()[:, None, :]).sum(0)
+        outer = (on_gpu[2].T @ on_gpu[3]).double().cpu()  # G as both paths form it
+        grads_exact = torch.stack([(outer * w).sum(0) for w in wide])
+        results = []
+        for implementation in (passes, EAGER):
+            merged = implementation.merged(on_gpu[0], on_gpu[1], dtype)
+            grads = implementation.column_grads(on_gpu[2], on_gpu[3], on_gpu[0], on_gpu[1])
+            assert merged.dtype == dtype and grads.dtype == torch.float32
+            torch.testing.assert_close(merged.double().cpu(), merged_exact, **rounded)
+            torch.testing.assert_close(grads.double().cpu(), grads_exact, **close)
+            results.append((merged.float(), grads))
+        torch.testing.assert_close(results[0][0], results[1][0], **rounded)
+        torch.testing.assert_close(results[0][1], results[1][1], **close)
+    assert kernels.fallback_reason() is None
+
+
+def test_dam_training_on_gpu_with_compiled_kernels_follows_eager(
+    untied_family, datasets_dir, tmp_path, dam_recipe
+):
+    states = {}
+    for choice in ("eager", "compiled"):
+        plan = training_plan(
+            dam_recipe,
+            untied_family,
+            datasets_dir,
+            tmp_path / choice,
+            device="cuda",
+            steps=3,
+            kernels=choice,
+        )
+        model, _ = train_plan(plan, progress=False)
+        states[choice] = {k: v.cpu() for k, v in model.coefficient_state().items()}
+    assert kernels.fallback_reason() is None
+    for name, value in states["eager"].items():
+        torch.testing.assert_close(states["compiled"][name], value, rtol=0, atol=1e-5)
+
+
+def test_loss_chunks_on_gpu_are_device_sized():
+    """One chunk of the fused KL holds a source's 2,048 positions of a 32k vocabulary."""
+    elements = losses.chunk_elements(torch.device("cuda"), 2**20, losses.FUSED_BYTES_PER_ELEMENT)
+    if losses.free_device_bytes(torch.device("cuda")) >= 2**26 * 64:
+        assert elements == losses.CUDA_CHUNK_ELEMENTS
+    assert 2**20 <= elements <= losses.CUDA_CHUNK_ELEMENTS
+    assert losses.CUDA_CHUNK_ELEMENTS >= 2048 * 32000

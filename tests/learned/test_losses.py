@@ -245,3 +245,47 @@ def test_fused_forward_kl_gradient_is_that_of_the_shared_definition(top_k):
     )
     torch.testing.assert_close(value, expected.detach())
     torch.testing.assert_close(grad_out, leaf.grad)
+
+
+def _fake_cuda_memory(monkeypatch, free: int, reserved: int = 0, allocated: int = 0) -> None:
+    """What torch.cuda would report: ``free`` bytes to the driver, ``reserved`` held by
+    torch's caching allocator, of which ``allocated`` are in use."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2**40))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
+
+
+def test_loss_chunks_on_a_cpu_keep_their_cache_sized_elements(monkeypatch):
+    _fake_cuda_memory(monkeypatch, free=2**40)  # not consulted on a CPU
+    cpu = torch.device("cpu")
+    assert losses.chunk_elements(cpu, 2**20, 16) == 2**20
+    assert losses._rows_per_chunk(32000, None, cpu) == 2**20 // 32000  # 32 positions
+    assert losses._rows_per_chunk(32000, 7, cpu) == 7
+
+
+@pytest.mark.parametrize(
+    ("free", "expected"),
+    [
+        (2**40, 2**26),  # plenty: 2^26 elements (a 2,048 × 32k chunk), no more
+        (2**31, 2**31 // (4 * 16)),  # 2 GiB free: a quarter of it for 16 B per element
+        (2**24, 2**20),  # almost nothing: never below the CPU's chunk
+    ],
+)
+def test_loss_chunks_on_cuda_are_bounded_by_free_memory(monkeypatch, free, expected):
+    _fake_cuda_memory(monkeypatch, free=free)
+    assert losses.chunk_elements(torch.device("cuda"), 2**20, 16) == expected
+
+
+def test_memory_cached_by_torch_counts_as_free(monkeypatch):
+    """256 MiB free to the driver and 1 GiB reserved by torch's allocator but not in use."""
+    _fake_cuda_memory(monkeypatch, free=2**28, reserved=2**30 + 2**29, allocated=2**29)
+    cuda = torch.device("cuda")
+    assert losses.free_device_bytes(cuda) == 2**28 + 2**30
+    assert losses.chunk_elements(cuda, 2**20, 32) == (2**28 + 2**30) // (4 * 32)
+
+
+def test_fused_kl_chunks_on_cuda_hold_a_sources_positions(monkeypatch):
+    _fake_cuda_memory(monkeypatch, free=2**40)
+    cuda = torch.device("cuda")
+    assert losses._rows_per_chunk(32000, None, cuda) == 2**26 // 32000 >= 2048
+    assert losses._rows_per_chunk(128256, None, cuda) == 2**26 // 128256  # 523 of 128k

@@ -66,11 +66,21 @@ def launched_by_torchrun(environ: dict[str, str] | None = None) -> bool:
 @dataclass(frozen=True)
 class Portion:
     """One rank's part of one source's batch in a step: the rows it trains on and their
-    ``weight``, the fraction of the source's counted positions they hold (1.0 when whole)."""
+    ``weight``, the fraction of the source's counted positions they hold (1.0 when whole).
+
+    ``host_loss_mask`` is the batch's loss mask kept in host memory when the batch is moved to
+    a GPU: counted positions are found there without waiting for the device.
+    """
 
     source: int
     batch: Batch
     weight: float = 1.0
+    host_loss_mask: torch.Tensor | None = None
+
+    @property
+    def positions_mask(self) -> torch.Tensor:
+        """The loss mask to find counted positions in (the host's copy when there is one)."""
+        return self.batch.loss_mask if self.host_loss_mask is None else self.host_loss_mask
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,11 @@ backward of that layer runs, so a streamed layer's weights are resident only whi
 
 Coefficients are float32 whatever the weights' dtype: an Adam step of 1e-3 near 1/3 is below
 bfloat16's resolution there and would silently vanish.
+
+The two passes over the store (the merged weight, in forward and again in backward, and the
+column gradients) are done by a :class:`StorePasses` object: :data:`EAGER` here, written with
+plain torch operations (on CPU, into reused scratch buffers and a block of rows at a time), or
+the compiled passes of :mod:`dammerge.learned.kernels`, each one fused pass over the store.
 """
 
 from __future__ import annotations
@@ -136,6 +141,32 @@ def _column_grads(
     return grads.to(scales.dtype)
 
 
+class StorePasses:
+    """The merged linear function's passes over a weight store, with plain torch operations.
+
+    On a CPU these are cache-conscious (scratch buffers; ``G`` a block of rows at a time); on a
+    GPU each is about N elementwise kernels per layer with float32 temporaries between them,
+    which :class:`dammerge.learned.kernels.CompiledPasses` fuses.
+    """
+
+    name = "eager"
+
+    def merged(
+        self, scales: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``Σ_m weights[m] · diag(scales[m])`` accumulated in float32, returned in ``dtype``."""
+        return _merged_for(scales, weights, dtype)
+
+    def column_grads(
+        self, g2: torch.Tensor, x2: torch.Tensor, scales: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """``grad_s_m = column-sums((g2ᵀ x2) ⊙ W_m)`` for every m, in the scales' dtype."""
+        return _column_grads(g2, x2, scales, weights)
+
+
+EAGER = StorePasses()
+
+
 class MergedLinearFunction(torch.autograd.Function):
     """Autograd function behind :func:`merged_linear` (see the module docstring)."""
 
@@ -148,8 +179,9 @@ class MergedLinearFunction(torch.autograd.Function):
         bias_scales: torch.Tensor | None,
         biases: torch.Tensor | None,
         refetch: StoreFetch | None,
+        passes: StorePasses,
     ) -> torch.Tensor:
-        weight = _merged_for(scales, weights, x.dtype)
+        weight = passes.merged(scales, weights, x.dtype)
         bias = None
         if biases is not None and bias_scales is not None:
             bias = merge_bias(bias_scales, biases).to(x.dtype)
@@ -157,6 +189,7 @@ class MergedLinearFunction(torch.autograd.Function):
         # Only references: x (needed anyway), the small scales, and the resident weight store
         # (or, when streamed, not even the store: backward fetches it again).
         ctx.refetch = refetch
+        ctx.passes = passes
         if refetch is None:
             ctx.save_for_backward(x, scales, weights, bias_scales, biases)
         else:
@@ -170,19 +203,20 @@ class MergedLinearFunction(torch.autograd.Function):
         else:
             x, scales, bias_scales = ctx.saved_tensors
             weights, biases = ctx.refetch()
-        need_x, need_scales, _, need_bias_scales, _, _ = ctx.needs_input_grad
+        need_x, need_scales, _, need_bias_scales, _, _, _ = ctx.needs_input_grad
         grad_x = grad_scales = grad_bias_scales = None
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         if need_x:
-            weight = _merged_for(scales, weights, grad_out.dtype)
+            weight = ctx.passes.merged(scales, weights, grad_out.dtype)
             grad_x = (g2 @ weight).reshape(x.shape)
             del weight
         if need_scales:
-            grad_scales = _column_grads(g2, x.reshape(-1, x.shape[-1]), scales, weights)
+            x2 = x.reshape(-1, x.shape[-1])
+            grad_scales = ctx.passes.column_grads(g2, x2, scales, weights)
         if need_bias_scales and biases is not None:
             acc = accumulation_dtype(bias_scales)
             grad_bias_scales = (biases.to(acc) @ g2.sum(0, dtype=acc)).to(bias_scales.dtype)
-        return grad_x, grad_scales, None, grad_bias_scales, None, None
+        return grad_x, grad_scales, None, grad_bias_scales, None, None, None
 
 
 def merged_linear(
@@ -193,6 +227,7 @@ def merged_linear(
     biases: torch.Tensor | None = None,
     *,
     refetch: StoreFetch | None = None,
+    passes: StorePasses = EAGER,
 ) -> torch.Tensor:
     """Apply the merged linear layer without saving the merged weight.
 
@@ -205,13 +240,16 @@ def merged_linear(
         biases: (M, out) stacked source biases, or None.
         refetch: when given, the stores are not kept for backward; backward calls it to get
             ``(weights, biases)`` back on the compute device (layer streaming).
+        passes: how the store is read: :data:`EAGER`, or compiled passes from
+            :func:`dammerge.learned.kernels.store_passes` (the same values within float
+            rounding).
     """
     if weights.dim() != 3 or scales.shape != (weights.shape[0], weights.shape[2]):
         raise ValueError(
             f"scales {tuple(scales.shape)} do not fit weights {tuple(weights.shape)} "
             "(expected (M, in) for (M, out, in))"
         )
-    return MergedLinearFunction.apply(x, scales, weights, bias_scales, biases, refetch)
+    return MergedLinearFunction.apply(x, scales, weights, bias_scales, biases, refetch, passes)
 
 
 def naive_merged_linear(

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from dammerge.learned.functional import merged_linear
+from dammerge.learned.functional import EAGER, StorePasses, merged_linear
 
 Granularity = Literal["model", "layer", "column"]
 Parametrization = Literal["full", "task_vectors"]
@@ -201,6 +201,7 @@ class MergedLinear(nn.Module):
         self.layer: int | None = None  # the decoder layer it belongs to (None: lm_head)
         # Set by layer streaming: returns this module's stores on the compute device.
         self.store_source: Callable[[MergedLinear], StorePair] | None = None
+        self.passes: StorePasses = EAGER  # how the store is read (``training.kernels``)
 
     def stores(self) -> StorePair:
         """The (weights, biases) stores on the compute device, without padding rows (fetched
@@ -243,7 +244,15 @@ class MergedLinear(nn.Module):
             bias = None if biases is None else biases[self.selected]
             return nn.functional.linear(x, weights[self.selected].to(x.dtype), bias)
         refetch = None if self.store_source is None else self.stores
-        return merged_linear(x, self.scales(), weights, self.bias_scales(), biases, refetch=refetch)
+        return merged_linear(
+            x,
+            self.scales(),
+            weights,
+            self.bias_scales(),
+            biases,
+            refetch=refetch,
+            passes=self.passes,
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -325,9 +334,11 @@ class TiedHead(nn.Module):
     def __init__(self, embedding: MergedParameterModule) -> None:
         super().__init__()
         self._embedding = [embedding]
+        self.passes: StorePasses = EAGER  # how the store is read (``training.kernels``)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         emb = self._embedding[0]
         if emb.selected is None and emb.merged:
-            return merged_linear(x, emb.scales().expand(-1, x.shape[-1]), emb.stack("weight"))
+            scales = emb.scales().expand(-1, x.shape[-1])
+            return merged_linear(x, scales, emb.stack("weight"), passes=self.passes)
         return nn.functional.linear(x, emb.current("weight").to(x.dtype))

@@ -41,7 +41,33 @@ from torch.utils.checkpoint import checkpoint
 
 from dammerge.scoring.divergence import kl_to_teacher
 
-CHUNK_ELEMENTS = 2**25  # float32 elements per chunk of positions × vocabulary (128 MiB)
+CHUNK_ELEMENTS = 2**25  # float32 elements per chunk of positions × vocabulary on a CPU (128 MiB)
+FUSED_CHUNK_ELEMENTS = 2**20  # float32 elements per chunk inside the fused KL functions (4 MiB)
+CUDA_CHUNK_ELEMENTS = 2**26  # on a GPU: a source's 2,048 positions of a 32k vocabulary at once
+FUSED_BYTES_PER_ELEMENT = 16  # a fused KL chunk's float32 temporaries (scaled logits, p, q)
+CHECKPOINTED_BYTES_PER_ELEMENT = 32  # a checkpointed chunk's, recomputed under autograd
+CHUNK_SHARE_OF_FREE = 4  # a chunk's temporaries take at most a quarter of free device memory
+
+
+def free_device_bytes(device: torch.device) -> int:
+    """Bytes a CUDA device can still hand out: free to the driver plus cached by torch."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def chunk_elements(device: torch.device, cpu_elements: int, bytes_per_element: int) -> int:
+    """Float32 elements per chunk of (positions × vocabulary) in the losses on ``device``.
+
+    On a CPU, ``cpu_elements`` (the chunks of the fused functions stay in cache between their
+    passes). On a GPU each chunk costs a dozen kernel launches whatever its size, so chunks are
+    :data:`CUDA_CHUNK_ELEMENTS` (a 7B model's 2,048 positions of a 32k vocabulary: one chunk
+    per source), fewer where their temporaries (``bytes_per_element`` each) would take more
+    than a quarter of the free device memory, never fewer than ``cpu_elements``.
+    """
+    if device.type != "cuda":
+        return cpu_elements
+    fits = free_device_bytes(device) // (CHUNK_SHARE_OF_FREE * bytes_per_element)
+    return int(max(cpu_elements, min(CUDA_CHUNK_ELEMENTS, fits)))
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -64,7 +90,9 @@ def _chunked_mean(
     if rows == 0:
         return tensors[0].sum() * 0.0  # keeps the graph; nothing to count
     width = max(t.shape[-1] for t in tensors)
-    chunk = chunk or max(1, CHUNK_ELEMENTS // max(width, 1))
+    if chunk is None:
+        elements = chunk_elements(tensors[0].device, CHUNK_ELEMENTS, CHECKPOINTED_BYTES_PER_ELEMENT)
+        chunk = max(1, elements // max(width, 1))
     total = tensors[0].new_zeros((), dtype=torch.promote_types(tensors[0].dtype, torch.float32))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     for start in range(0, rows, chunk):
@@ -77,11 +105,11 @@ def _chunked_mean(
     return total / rows
 
 
-FUSED_CHUNK_ELEMENTS = 2**20  # float32 elements per chunk inside the fused KL functions (4 MiB)
-
-
-def _rows_per_chunk(width: int, chunk: int | None) -> int:
-    return chunk or max(1, FUSED_CHUNK_ELEMENTS // max(width, 1))
+def _rows_per_chunk(width: int, chunk: int | None, device: torch.device) -> int:
+    if chunk is not None:
+        return chunk
+    elements = chunk_elements(device, FUSED_CHUNK_ELEMENTS, FUSED_BYTES_PER_ELEMENT)
+    return max(1, elements // max(width, 1))
 
 
 def _spans(rows: int, chunk: int) -> list[slice]:
@@ -269,7 +297,7 @@ def forward_kl_with_grad(
     rows = merged.shape[0]
     if rows == 0:
         return merged.new_zeros((), dtype=torch.float32)
-    chunk = _rows_per_chunk(merged.shape[-1], chunk)
+    chunk = _rows_per_chunk(merged.shape[-1], chunk, merged.device)
     scale = temperature / rows  # ∂(T² · mean KL)/∂s = T² · (q − p)/T / rows
     if values is None:
         kernel, signal = _forward_kl_chunk, [teacher.detach()]
@@ -295,7 +323,7 @@ def kl_divergence(
     if direction == "forward":
         if s.shape[0] == 0:
             return s.sum() * 0.0
-        chunk = _rows_per_chunk(s.shape[-1], chunk)
+        chunk = _rows_per_chunk(s.shape[-1], chunk, s.device)
         return _ForwardKLSum.apply(s, t, temperature, chunk) / s.shape[0] * temperature**2
 
     def rows(s_part: torch.Tensor, t_part: torch.Tensor) -> torch.Tensor:
@@ -324,7 +352,7 @@ def topk_kl_divergence(
     if direction == "forward":
         if s.shape[0] == 0:
             return s.sum() * 0.0
-        chunk = _rows_per_chunk(s.shape[-1], chunk)
+        chunk = _rows_per_chunk(s.shape[-1], chunk, s.device)
         total = _TopKForwardKLSum.apply(s, v, idx, temperature, chunk)
         return total / s.shape[0] * temperature**2
 

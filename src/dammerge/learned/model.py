@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from dammerge.checkpoint.architecture import TensorKind
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.errors import CheckpointError
+from dammerge.learned.functional import StorePasses
 from dammerge.learned.layers import (
     Activation,
     CoefficientScheme,
@@ -114,6 +115,12 @@ class MergedModel(nn.Module):
         finally:
             for module in modules:
                 module.selected = None
+
+    def use_passes(self, passes: StorePasses) -> None:
+        """Read every merged linear's store with ``passes`` (eager or compiled kernels)."""
+        for module in self.model.modules():
+            if isinstance(module, MergedLinear | TiedHead):
+                module.passes = passes
 
     # -- coefficients ---------------------------------------------------------------------
     def coefficient_groups(self) -> list[tuple[str, nn.Parameter]]:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from dammerge.config import DTYPES, validation_error
 from dammerge.errors import ConfigError
+from dammerge.learned.kernels import KernelChoice
 from dammerge.learned.layers import Activation, Granularity, InitSpec, Parametrization
 from dammerge.learned.presets import ABLATION_PRESETS, resolve_training
 
@@ -54,6 +55,8 @@ class TrainingSettings(BaseModel):
     max_length: int = Field(default=2048, gt=1)
     gradient_checkpointing: bool = False
     offload: Literal["none", "layers"] = "none"  # layers: stores in host memory, streamed
+    # passes over the weight stores: compiled (fused) or eager torch operations
+    kernels: KernelChoice = "auto"
     dtype: str | None = None  # weights and activations; coefficients are always float32
     # under torchrun: replicate (default) or shard the merge module; one process ignores it
     distributed: Literal["replicate", "shard"] | None = None

@@ -102,9 +102,19 @@ class PrecomputedTeacher:
             rows_v.append(torch.nn.functional.pad(values, (0, 0, 0, pad)))
             rows_i.append(torch.nn.functional.pad(indices, (0, 0, 0, pad)))
         return TeacherOutput(
-            values=torch.stack(rows_v).to(self.device),
-            indices=torch.stack(rows_i).to(self.device),
+            values=to_device(torch.stack(rows_v), self.device),
+            indices=to_device(torch.stack(rows_i), self.device),
         )
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (in host memory) on ``device``; to a GPU through page-locked memory without
+    waiting: a plain copy from pageable memory makes the host wait until the GPU has run
+    everything queued before it, which in the middle of a step leaves the GPU idle while the
+    host then queues the next kernels."""
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def teacher_fingerprint(source: Checkpoint, data: SourceData, top_k: int, dtype: str) -> str:

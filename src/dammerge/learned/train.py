@@ -45,9 +45,10 @@ from dammerge.learned import losses
 from dammerge.learned.data import SourceData
 from dammerge.learned.distributed import Distributed, Portion
 from dammerge.learned.functional import MergedLinearFunction
+from dammerge.learned.kernels import store_passes
 from dammerge.learned.model import MergedModel
 from dammerge.learned.settings import TrainingSettings
-from dammerge.learned.teachers import TeacherOutput
+from dammerge.learned.teachers import TeacherOutput, to_device
 from dammerge.memory import reuse_freed_memory
 
 CHECKPOINT = "checkpoint.pt"
@@ -200,18 +201,26 @@ def _stack_batches(batches: list[Batch], pad_id: int) -> Batch:
     )
 
 
-def _flat_positions(mask: torch.Tensor, first_row: int, width: int) -> torch.Tensor | slice:
+def _stack_masks(masks: list[torch.Tensor], length: int) -> torch.Tensor:
+    """The loss masks of the stacked batch (see :func:`_stack_batches`), padded with False."""
+    return torch.cat([torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks])
+
+
+def _flat_positions(
+    mask: torch.Tensor, first_row: int, width: int, device: torch.device | None = None
+) -> torch.Tensor | slice:
     """Flat (row-major) indices, in the stacked batch, of one source's counted positions.
 
     A contiguous run (the usual case: every position but the last of one sequence) becomes a
-    slice, so selecting it is a view and its gradient a plain copy, not a gather/scatter.
+    slice, so selecting it is a view and its gradient a plain copy, not a gather/scatter. The
+    indices are found where ``mask`` is (the host, in training) and handed to ``device``.
     """
     batch, length = mask.shape
     rows = torch.arange(first_row, first_row + batch, device=mask.device)[:, None] * width
     index = (rows + torch.arange(length, device=mask.device))[mask]
     if index.numel() and int(index[-1] - index[0]) + 1 == index.numel():
         return slice(int(index[0]), int(index[-1]) + 1)
-    return index
+    return index if device is None else to_device(index, device)
 
 
 def _take_rows(flat: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
@@ -230,7 +239,9 @@ def _select_target(target: TeacherOutput | None, mask: torch.Tensor) -> TeacherO
     """The teacher's signal at the counted positions only, as (positions, ·) rows."""
     if target is None:
         return None
-    rows = _flat_positions(mask, 0, mask.shape[1])
+    signal = target.logits if target.logits is not None else target.values
+    assert signal is not None
+    rows = _flat_positions(mask, 0, mask.shape[1], signal.device)
 
     def pick(t: torch.Tensor) -> torch.Tensor:
         return _take_rows(t.reshape(-1, t.shape[-1]), rows)
@@ -325,6 +336,7 @@ class Trainer:
         self.saved_step: int | None = None  # the step of the checkpoint on disk
         self.step_length = 0  # tokens of the longest example in the current step
         self._updating = False
+        model.use_passes(store_passes(settings.kernels, device))
         if settings.gradient_checkpointing:
             self._enable_gradient_checkpointing()
 
@@ -441,7 +453,10 @@ class Trainer:
         """Run step ``self.step`` (forward, backward, clip, update, advance); returns the terms."""
         self.optimizer.zero_grad(set_to_none=True)
         portions = self.ranks.portions([source.batch(self.step) for source in self.data])
-        portions = [Portion(p.source, p.batch.to(self.device), p.weight) for p in portions]
+        portions = [
+            Portion(p.source, p.batch.to(self.device), p.weight, p.batch.loss_mask)
+            for p in portions
+        ]
         self.step_length = max((p.batch.input_ids.shape[1] for p in portions), default=0)
         losses, failed = self._local_losses(portions)
         sums = self.ranks.reduce_step(self.params, losses, failed)
@@ -536,6 +551,9 @@ class Trainer:
         (its teacher's logits are freed before the next teacher runs); the model's backward
         then runs once with the gathered logit gradient. Returns each source's loss (this
         rank's part of it; 0 for a source it has no rows of).
+
+        Nothing here waits for the device before the backward is queued: counted positions come
+        from the loss masks' host copies, and the losses are read once the backward is queued.
         """
         losses = [0.0] * len(self.data)
         if not portions:  # more ranks than sequences (replicate): nothing to train on
@@ -550,13 +568,15 @@ class Trainer:
         # tensor less, and no fresh one to fault in and zero.
         in_place = _output_not_saved(logits)
         grad = flat if in_place else torch.zeros_like(flat)
+        width = stacked.input_ids.shape[1]
+        pending: list[tuple[int, torch.Tensor]] = []
         row = 0
         for portion in portions:
-            batch = portion.batch
-            rows = _flat_positions(batch.loss_mask, row, stacked.input_ids.shape[1])
+            batch, mask = portion.batch, portion.positions_mask
+            rows = _flat_positions(mask, row, width, flat.device)
             row += batch.input_ids.shape[0]
             target = None if self.teacher is None else self.teacher(portion.source, batch)
-            target = _select_target(target, batch.loss_mask)
+            target = _select_target(target, mask)
             merged = _take_rows(flat, rows)
             # Sources own disjoint rows: a contiguous run gets its gradient written straight
             # into the buffer (over its own logits when in place), scattered rows are copied.
@@ -566,15 +586,18 @@ class Trainer:
             if portion.weight != 1.0:  # a part of the source's rows: its share of the mean
                 loss = loss * portion.weight
                 grad_rows.mul_(portion.weight)
-            losses[portion.source] += float(loss)
+            pending.append((portion.source, loss))
             if not direct:
                 grad.index_copy_(0, rows, grad_rows)
             del merged, grad_rows, target
         if in_place:  # padding and uncounted positions get no gradient (only their rows)
-            uncounted = (~stacked.loss_mask.reshape(-1)).nonzero().squeeze(1)
+            counted = _stack_masks([p.positions_mask for p in portions], width)
+            uncounted = to_device((~counted.reshape(-1)).nonzero().squeeze(1), grad.device)
             grad.index_fill_(0, uncounted, 0)
         self._teacher_calls_done()
         logits.backward(grad.view_as(logits))
+        for source, loss in pending:
+            losses[source] += float(loss)
         return losses
 
     # -- loop -----------------------------------------------------------------------------

@@ -1,0 +1,177 @@
+"""Compiled passes over the weight stores (``training.kernels``).
+
+Every step reads each merged linear's (N, out, in) store three times: to form the merged weight
+in forward, again in backward, and for the coefficient gradients ``column-sums(G ⊙ W_m)`` with
+``G = gᵀx``. Written with torch operations (:data:`dammerge.learned.functional.EAGER`) each pass
+is about N elementwise kernels with float32 temporaries between them; on a GPU those launches
+and the bytes they move cost several times the layer's matrix products. ``torch.compile``
+(inductor: Triton on a GPU, C++ on a CPU) turns each pass into one loop over the store: read
+the N tiles, accumulate in float32, write once (the merged weight straight in the compute
+dtype; the N column sums as one (N, in) result). The products stay cuBLAS/BLAS matrix
+products: the merged weight is formed once and then multiplied, and ``G`` is one product.
+
+Compiled once per run, not per step: the passes see only weight-shaped tensors, ``(N, in)``,
+``(N, out, in)`` and ``G`` (out, in), never the number of tokens, and they are compiled with
+dynamic sizes, so every layer shape and every sequence length share one compiled pass per
+number of sources and dtype.
+
+``training.kernels``:
+
+- ``eager``: torch operations (the CPU path is cache-blocked and reuses its buffers);
+- ``compiled``: the compiled passes, on any device;
+- ``auto`` (default): compiled on a CUDA GPU where Triton is installed, eager elsewhere. On a
+  CPU the eager passes are already one cache-blocked sweep per source over data that stays in
+  cache, and compiling costs tens of seconds per (N, dtype) before the first step, more than
+  a short CPU run saves.
+
+When compiling is not possible (no Triton, no C++ compiler, an unsupported Python) or fails,
+the passes fall back to eager ones for the rest of the process, with one warning line: the
+results are the same within float rounding either way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Literal
+
+import torch
+
+from dammerge.learned.functional import EAGER, StorePasses, accumulation_dtype
+from dammerge.terminal import print_lines
+
+KernelChoice = Literal["auto", "compiled", "eager"]
+
+
+def merge_pass(scales: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``Σ_m weights[m] · diag(scales[m])`` accumulated in the scales' precision, cast to
+    ``dtype``: written source by source so that the compiler emits one pointwise loop that
+    reads the N tiles and writes the result once."""
+    acc = scales.dtype
+    merged = weights[0].to(acc) * scales[0]
+    for m in range(1, weights.shape[0]):
+        merged = merged + weights[m].to(acc) * scales[m]
+    return merged.to(dtype)
+
+
+def column_pass(outer: torch.Tensor, weights: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``[column-sums(outer ⊙ weights[m]) for m]`` as one (N, in) tensor in ``acc``: N sums
+    over the same rows, which the compiler fuses into one reduction reading ``outer`` once."""
+    wide = outer.to(acc)
+    return torch.stack([(wide * weights[m].to(acc)).sum(0) for m in range(weights.shape[0])])
+
+
+_fallback_reason: str | None = None
+
+
+def fall_back(reason: str) -> None:
+    """Use eager passes from now on in this process; say so once, in one line."""
+    global _fallback_reason
+    if _fallback_reason is None:
+        first_line = reason.strip().splitlines()[0] if reason.strip() else "unknown error"
+        print_lines(
+            [f"warning: compiled merge kernels unavailable ({first_line}); using eager kernels"],
+            style="yellow",
+        )
+    _fallback_reason = reason
+
+
+def _compile_error(exc: BaseException) -> str:
+    """What went wrong, from the innermost cause (torch.compile wraps the compiler's error)."""
+    while (inner := getattr(exc, "inner_exception", None) or exc.__cause__) is not None:
+        exc = inner
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def fallback_reason() -> str | None:
+    """Why the compiled passes were given up in this process (None: they were not)."""
+    return _fallback_reason
+
+
+def _allocation_failed(exc: BaseException) -> bool:
+    """Out of memory is the step's failure, not the compiler's: the trainer reports it."""
+    from dammerge.learned.train import out_of_memory  # the trainer imports this module
+
+    return out_of_memory(exc)
+
+
+class CompiledPasses(StorePasses):
+    """The two store passes compiled with ``torch.compile`` (dynamic sizes), eager as fallback.
+
+    ``backend`` is ``torch.compile``'s (tests count compilations with a counting backend).
+    """
+
+    name = "compiled"
+
+    def __init__(self, backend: Any = "inductor") -> None:
+        self._merge = torch.compile(merge_pass, dynamic=True, backend=backend)
+        self._columns = torch.compile(column_pass, dynamic=True, backend=backend)
+
+    def merged(
+        self, scales: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        if _fallback_reason is None:
+            # detached and contiguous: one compiled pass whatever the coefficients' granularity
+            wide = scales.detach().to(accumulation_dtype(scales)).contiguous()
+            try:
+                return self._merge(wide, weights, dtype)
+            except Exception as exc:  # whatever the compiler raised: the eager pass is exact
+                if _allocation_failed(exc):
+                    raise
+                fall_back(_compile_error(exc))
+        return super().merged(scales, weights, dtype)
+
+    def column_grads(
+        self, g2: torch.Tensor, x2: torch.Tensor, scales: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        if _fallback_reason is None:
+            outer = g2.transpose(0, 1) @ x2  # G = gᵀx: one matrix product, out × in
+            try:
+                return self._columns(outer, weights, accumulation_dtype(scales)).to(scales.dtype)
+            except Exception as exc:
+                if _allocation_failed(exc):
+                    raise
+                fall_back(_compile_error(exc))
+        return super().column_grads(g2, x2, scales, weights)
+
+
+_compiled: CompiledPasses | None = None
+
+
+def compiled_passes() -> CompiledPasses:
+    """The process's compiled passes (one instance: its compiled code serves every model)."""
+    global _compiled
+    if _compiled is None:
+        _compiled = CompiledPasses()
+    return _compiled
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why the passes cannot be compiled for ``device`` (None: nothing known against it).
+
+    A missing C++ compiler on a CPU shows only when compiling; that falls back too.
+    """
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python or platform"
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed"
+        if torch.cuda.get_device_capability(device) < (7, 0):
+            return "Triton needs a GPU of compute capability 7.0 or newer"
+    return None
+
+
+def store_passes(choice: KernelChoice, device: torch.device | str) -> StorePasses:
+    """The passes ``training.kernels: choice`` gives on ``device`` (see the module docstring)."""
+    device = torch.device(device)
+    if choice == "eager" or _fallback_reason is not None:
+        return EAGER
+    if choice == "auto" and device.type != "cuda":
+        return EAGER
+    reason = compile_unavailable(device)
+    if reason is None:
+        return compiled_passes()
+    fall_back(reason)
+    return EAGER

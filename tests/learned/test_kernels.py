@@ -1,0 +1,233 @@
+"""The compiled store passes (``training.kernels``) against the eager ones and the definition.
+
+The definition: the merged weight is ``Σ_m W_m · diag(s_m)`` and the coefficient gradient is
+what autograd gives for it in float64 (:func:`naive_merged_linear`). Inductor compiles on a CPU
+with the system's C++ compiler; the shapes are tiny and few (each new number of sources or dtype
+is one more compilation), and leave vector tails (13, 17 columns; 7, 3 rows).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+from dammerge.errors import ConfigError
+from dammerge.learned import kernels
+from dammerge.learned.functional import EAGER, merged_linear, naive_merged_linear
+from dammerge.learned.kernels import CompiledPasses, compiled_passes, store_passes
+from dammerge.learned.model import MergeOptions
+from dammerge.learned.presets import DAM
+from dammerge.learned.run import train_plan
+from dammerge.learned.settings import parse_settings
+
+from .helpers import IDS, build_merged, prepare_recipe
+
+SHAPES = [(7, 13), (3, 17)]  # (out, in): tails for every vector width, two layer shapes
+
+
+@pytest.fixture(autouse=True)
+def no_fallback(monkeypatch):
+    """Each test starts (and leaves) the process without a recorded compile failure."""
+    monkeypatch.setattr(kernels, "_fallback_reason", None)
+
+
+def _layer(n, out, inp, dtype=torch.float64, seed=0, tokens=(2, 3)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*tokens, inp, dtype=dtype, generator=g)
+    scales = torch.randn(n, inp, dtype=dtype, generator=g)
+    weights = torch.randn(n, out, inp, dtype=dtype, generator=g)
+    bias_scales = torch.randn(n, dtype=dtype, generator=g)
+    biases = torch.randn(n, out, dtype=dtype, generator=g)
+    upstream = torch.randn(*tokens, out, dtype=dtype, generator=g)
+    return x, scales, weights, bias_scales, biases, upstream
+
+
+def _definition(scales, weights):
+    """The merged weight written as the formula (a broadcast product summed over sources)."""
+    return (weights * scales[:, None, :]).sum(0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_compiled_passes_equal_eager_and_the_definition(n):
+    compiled = compiled_passes()
+    for out, inp in SHAPES:
+        x, scales, weights, _, _, upstream = _layer(n, out, inp)
+        expected = _definition(scales, weights)
+        for passes in (compiled, EAGER):
+            merged = passes.merged(scales, weights, torch.float64)
+            torch.testing.assert_close(merged, expected, rtol=1e-12, atol=1e-12)
+        # the column gradient: autograd of ⟨upstream, x · W(s)ᵀ⟩ with respect to s
+        leaf = scales.clone().requires_grad_(True)
+        output = x @ _definition(leaf, weights).T
+        (reference,) = torch.autograd.grad(output, leaf, upstream)
+        g2, x2 = upstream.reshape(-1, out), x.reshape(-1, inp)
+        for passes in (compiled, EAGER):
+            grads = passes.column_grads(g2, x2, scales, weights)
+            torch.testing.assert_close(grads, reference, rtol=1e-12, atol=1e-12)
+    assert kernels.fallback_reason() is None
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_merged_linear_with_compiled_passes_and_bias_matches_autograd(n):
+    """Forward values and the gradients of x, the scales and the bias scales, float64."""
+    out, inp = SHAPES[0]
+    x, scales, weights, bias_scales, biases, upstream = _layer(n, out, inp, seed=1)
+    leaves = [t.clone().requires_grad_(True) for t in (x, scales, bias_scales)]
+    results = []
+    for fn in (merged_linear, naive_merged_linear):
+        kwargs = {"passes": compiled_passes()} if fn is merged_linear else {}
+        y = fn(leaves[0], leaves[1], weights, leaves[2], biases, **kwargs)
+        results.append((y, *torch.autograd.grad(y, leaves, upstream)))
+    for ours, reference in zip(*results, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_passes_with_bf16_stores_match_eager():
+    """bf16 weights and activations, float32 coefficients: both accumulate in float32 and
+    round once, so they differ by the order of float32 additions at most."""
+    x, scales, weights, _, _, upstream = _layer(5, 7, 13, dtype=torch.float32, seed=2)
+    weights, x, upstream = weights.bfloat16(), x.bfloat16(), upstream.bfloat16()
+    compiled = compiled_passes()
+    merged = compiled.merged(scales, weights, torch.bfloat16)
+    assert merged.dtype == torch.bfloat16
+    expected = EAGER.merged(scales, weights, torch.bfloat16)
+    torch.testing.assert_close(merged.float(), expected.float(), rtol=8e-3, atol=1e-6)
+    g2, x2 = upstream.reshape(-1, 7), x.reshape(-1, 13)
+    grads = compiled.column_grads(g2, x2, scales, weights)
+    assert grads.dtype == torch.float32
+    torch.testing.assert_close(grads, EAGER.column_grads(g2, x2, scales, weights))
+
+
+def test_compiled_once_per_number_of_sources_whatever_the_shapes_and_tokens():
+    """Layer shapes, token counts, coefficient granularity (an expanded scale row) and
+    requires_grad do not recompile; a different number of sources does, once."""
+    counter = CompileCounter()
+    passes = CompiledPasses(backend=counter)
+    try:
+        for out, inp in [(7, 13), (3, 17), (16, 8)]:
+            for tokens in [(1, 5), (2, 9)]:
+                x, scales, weights, _, _, upstream = _layer(3, out, inp, tokens=tokens)
+                coarse = scales[:, :1].expand(3, inp)
+                for s in (scales, coarse, scales.clone().requires_grad_(True)):
+                    passes.merged(s, weights, torch.float64)
+                    passes.column_grads(upstream.reshape(-1, out), x.reshape(-1, inp), s, weights)
+        assert counter.frame_count == 2  # the merge pass and the column pass
+        x, scales, weights, _, _, upstream = _layer(4, 7, 13)
+        passes.merged(scales, weights, torch.float64)
+        passes.column_grads(upstream.reshape(-1, 7), x.reshape(-1, 13), scales, weights)
+        assert counter.frame_count == 4
+    finally:
+        torch._dynamo.reset()  # leave no counting entries in the shared compile caches
+
+
+def _failing_backend(graph, example_inputs):
+    raise RuntimeError("no C++ compiler found\nsecond line of the compiler's report")
+
+
+def test_a_failed_compilation_falls_back_to_eager_with_one_warning_line(capsys):
+    passes = CompiledPasses(backend=_failing_backend)
+    try:
+        for seed in range(2):
+            x, scales, weights, _, _, upstream = _layer(2, 7, 13, seed=seed)
+            merged = passes.merged(scales, weights, torch.float64)
+            torch.testing.assert_close(merged, _definition(scales, weights))
+            g2, x2 = upstream.reshape(-1, 7), x.reshape(-1, 13)
+            grads = passes.column_grads(g2, x2, scales, weights)
+            torch.testing.assert_close(grads, EAGER.column_grads(g2, x2, scales, weights))
+    finally:
+        torch._dynamo.reset()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("warning: compiled merge kernels unavailable")
+    assert "no C++ compiler found" in lines[0] and "eager" in lines[0]
+    assert "no C++ compiler found" in (kernels.fallback_reason() or "")
+    assert store_passes("compiled", "cpu") is EAGER  # for the rest of the process
+
+
+def test_running_out_of_memory_in_a_compiled_pass_is_not_a_compile_failure():
+    passes = CompiledPasses(backend=CompileCounter())
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    passes._merge = out_of_memory
+    _, scales, weights, _, _, _ = _layer(2, 7, 13)
+    with pytest.raises(torch.OutOfMemoryError):
+        passes.merged(scales, weights, torch.float64)
+    assert kernels.fallback_reason() is None
+
+
+def test_store_passes_by_setting_and_device(monkeypatch, capsys):
+    assert store_passes("eager", "cpu") is EAGER
+    assert store_passes("auto", "cpu") is EAGER  # a CPU keeps its cache-blocked eager passes
+    assert isinstance(store_passes("compiled", "cpu"), CompiledPasses)
+    monkeypatch.setattr(kernels, "compile_unavailable", lambda device: None)
+    assert isinstance(store_passes("auto", "cuda"), CompiledPasses)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(kernels, "compile_unavailable", lambda device: "Triton is not installed")
+    assert store_passes("auto", "cuda") is EAGER
+    assert store_passes("compiled", "cuda") is EAGER
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "Triton is not installed" in err
+
+
+def test_kernels_setting_is_validated():
+    assert parse_settings(None, DAM).kernels == "auto"
+    assert parse_settings({"kernels": "compiled"}, DAM).kernels == "compiled"
+    with pytest.raises(ConfigError, match=r"training\.kernels"):
+        parse_settings({"kernels": "fast"}, DAM)
+
+
+def test_tied_head_with_merged_embeddings_under_compiled_passes(tied_family):
+    """The tied head goes through the merged linear function with the model's passes."""
+    model = build_merged(tied_family, MergeOptions(merge_embeddings=True))
+    results = []
+    for passes in (EAGER, compiled_passes()):
+        model.use_passes(passes)
+        model.zero_grad(set_to_none=True)
+        logits = model(IDS)
+        logits.square().mean().backward()
+        grads = [p.grad.clone() for p in model.coefficient_parameters()]
+        results.append((logits.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for compiled, eager in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+    assert kernels.fallback_reason() is None
+
+
+DOMAINS = ("lang", "math")  # two sources: the compiled passes of the tied-head test serve
+
+
+def _micro_recipe(family, **training) -> dict:
+    return {
+        "merge_method": "dam",
+        "base_model": str(family / "base"),
+        "models": [
+            {
+                "model": str(family / domain),
+                "dataset": {"path": str(family / "data" / domain / "train.jsonl"), "samples": 4},
+            }
+            for domain in DOMAINS
+        ],
+        "training": {"steps": 3, "max_length": 64, **training},
+    }
+
+
+@pytest.mark.slow
+def test_dam_training_with_compiled_kernels_follows_eager(micro_family, tmp_path):
+    states = {}
+    for choice in ("eager", "compiled"):
+        recipe = _micro_recipe(micro_family, kernels=choice)
+        plan = prepare_recipe(recipe, tmp_path / choice / "out")
+        model, result = train_plan(plan, progress=False)
+        assert result.steps == 3
+        expected = CompiledPasses if choice == "compiled" else type(EAGER)
+        assert type(model.model.lm_head.passes) is expected
+        states[choice] = model.coefficient_state()
+    assert kernels.fallback_reason() is None
+    moved = 0.0
+    for name, value in states["eager"].items():
+        torch.testing.assert_close(states["compiled"][name], value, rtol=0, atol=1e-5, msg=name)
+        moved = max(moved, float((value - 1 / 2).abs().max()))
+    assert moved > 1e-3  # training moved the coefficients: the comparison means something
