@@ -69,13 +69,13 @@ def overlapping_texts(figure: Figure, slack: float = 0.5) -> list[tuple[str, str
     return pairs
 
 
-def texts_outside(figure: Figure) -> list[str]:
-    """Texts that reach past the canvas edge (they would be cut off in the PNG)."""
+def texts_outside(figure: Figure, margin: float = 2.0) -> list[str]:
+    """Texts closer than ``margin`` pixels to the canvas edge or past it (cut off in the PNG)."""
     width, height = figure.canvas.get_width_height()
     return [
         text
         for text, box in text_boxes(figure)
-        if box.x0 < -0.5 or box.y0 < -0.5 or box.x1 > width + 0.5 or box.y1 > height + 0.5
+        if min(box.x0, box.y0) < margin or box.x1 > width - margin or box.y1 > height - margin
     ]
 
 

@@ -175,3 +175,9 @@ def test_pairwise_overlap_of_boxes_matches_a_brute_force() -> None:
         cells_a = {(x, y) for x in range(int(a.x0), int(a.x1)) for y in range(int(a.y0), int(a.y1))}
         cells_b = {(x, y) for x in range(int(b.x0), int(b.x1)) for y in range(int(b.y0), int(b.y1))}
         assert a.overlap(b) == len(cells_a & cells_b) == b.overlap(a)
+
+
+def test_a_single_panel_grid_is_wide_enough_for_its_title() -> None:
+    panels = {"DAM": {"lang": [(0, 0.36), (1, 0.34)], "math": [(0, 0.37), (1, 0.34)]}}
+    figure = line_grid(panels, "Learned coefficients over depth (first seed)", "mean coefficient")
+    assert_readable(figure)

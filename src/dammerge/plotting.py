@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DPI = 120
+# Width of one character of a figure title at matplotlib's default size, with a margin.
+TITLE_INCHES_PER_CHAR = 0.12
 # One colour per score column, the same in every score plot.
 COLUMN_COLOURS = {
     "lang": "tab:blue",
@@ -102,8 +104,8 @@ def score_panels(
     """
     labels = [wrap(name, 22) for name in names]
     lines = sum(label.count("\n") + 1 for label in labels)
-    height = 1.3 + 0.24 * max(lines, 2) + 0.06 * len(names)
-    figure, axes = new_figure(2.0 + 2.4 * len(columns), height, 1, len(columns), sharey=True)
+    height = max(3.6, 1.3 + 0.24 * lines + 0.06 * len(names))
+    figure, axes = new_figure(2.0 + 2.1 * len(columns), height, 1, len(columns), sharey=True)
     positions = list(range(len(names)))
     for ax, (column, cells) in zip(axes[0], columns.items(), strict=True):
         means = [cell.mean or 0.0 for cell in cells]
@@ -148,7 +150,8 @@ def line_grid(
     count = len(panels)
     cols = min(columns, count)
     rows = -(-count // cols)
-    figure, axes = new_figure(0.6 + 3.0 * cols, 1.0 + 2.4 * rows, rows, cols)
+    width = max(0.6 + 3.0 * cols, TITLE_INCHES_PER_CHAR * len(title) + 0.6)  # the title fits
+    figure, axes = new_figure(width, 1.0 + 2.4 * rows, rows, cols)
     handles: dict[str, Any] = {}  # one line per series name, for the shared legend
     for index, (ax, (panel, series)) in enumerate(zip(axes.flat, panels.items(), strict=False)):
         layers: set[int] = set()

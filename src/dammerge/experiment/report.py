@@ -181,7 +181,8 @@ def score_vs_compute_figure(rows: list[Row]) -> Figure:
         )
     ax.set_xscale("log")
     top = max((p[1] for p in points), default=0.0)
-    ax.set_ylim(0, (top or 0.1) * 1.25)
+    top = top or 0.1
+    ax.set_ylim(-0.03 * top, top * 1.25)  # 0 in view, a zero score's marker drawn whole
     if points:
         walls = [p[0] for p in points]
         ax.set_xlim(min(walls) / 4, max(walls) * 4)  # room for labels on either side

@@ -175,9 +175,9 @@ def _by_model_figure(block: list[CoefficientRow], participants: list[str], title
         grids.append([[means.get((m, k), float("nan")) for k in layers] for m in modules])
     flat = [v for grid in grids for row in grid for v in row if v == v]
     low, high = (min(flat), max(flat)) if flat else (0.0, 1.0)
-    width = 1.6 + len(participants) * max(1.6, 0.45 * len(layers) + 0.6)
+    width = 1.6 + len(participants) * min(3.2, max(1.6, 0.45 * len(layers) + 0.6))
     figure, axes = new_figure(width, 1.6 + 0.32 * len(modules), 1, len(participants), sharey=True)
-    step = max(1, len(layers) // 8)  # at most ~8 layer labels per heat map
+    step = -(-len(layers) // 6)  # at most 6 layer labels per heat map
     for ax, p, grid in zip(axes[0], participants, grids, strict=True):
         image = ax.imshow(grid, aspect="auto", vmin=low, vmax=high, cmap="viridis")
         ax.set_title(p)
