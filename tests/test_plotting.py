@@ -160,10 +160,14 @@ def test_line_grid_has_one_legend_integer_ticks_and_a_sensible_aspect(tmp_path: 
     assert width / height < 2.5
 
 
-def test_save_png_leaves_no_temporary_file(tmp_path: Path) -> None:
+def test_save_png_leaves_no_temporary_file_and_plain_permissions(tmp_path: Path) -> None:
     figure, _ = new_figure(3, 2)
     save_png(figure, tmp_path / "out" / "plot.png")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["plot.png"]
+    (tmp_path / "out" / "plain.txt").write_text("made by open()")
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["plain.txt", "plot.png"]
+    mode = (tmp_path / "out" / "plot.png").stat().st_mode & 0o777
+    assert mode == (tmp_path / "out" / "plain.txt").stat().st_mode & 0o777
 
 
 def test_pairwise_overlap_of_boxes_matches_a_brute_force() -> None:

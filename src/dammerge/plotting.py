@@ -59,11 +59,19 @@ def save_png(figure: Figure, path: Path) -> Path:
     os.close(fd)
     try:
         figure.savefig(tmp, format="png", dpi=DPI)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the plot from others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it, so it is set back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def integer_ticks(axis: Axis, values: Sequence[int] = ()) -> None:
