@@ -41,7 +41,7 @@ def fitness_figure(records: Sequence[EvalRecord], title: str) -> Figure:
     figure, axes = new_figure(7, 4)
     ax = axes[0][0]
     ax.scatter(xs, ys, s=10, alpha=0.5, label="candidate")
-    ax.plot(xs, best, color="tab:red", linewidth=2, label="best so far")
+    ax.step(xs, best, where="post", color="tab:red", linewidth=2, label="best so far")
     integer_ticks(ax.xaxis)
     ax.set_xlabel("fitness evaluation")
     ax.set_ylabel("fitness (higher is better)")
