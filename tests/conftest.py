@@ -83,3 +83,43 @@ def micro_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("family") / "micro"
     return build_family(root, "micro", 0).root
+
+
+@pytest.fixture(params=["read-only folder", "read-only file system", "folder under a file"])
+def unwritable_folder(request: pytest.FixtureRequest, tmp_path: Path):
+    """A folder in which nothing can be created: a read-only folder (``chmod 555``; skipped as
+    root, whom permissions do not stop), an empty read-only tmpfs (needs the right to mount;
+    stops root too), or a path whose parent is a file (fails for anyone)."""
+    if request.param == "folder under a file":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a folder")
+        yield blocker / "folder"
+    elif request.param == "read-only file system":
+        yield from _read_only_mount(tmp_path / "read-only-fs")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root ignores folder permissions (the other cases cover root)")
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
+
+
+def _read_only_mount(folder: Path):
+    import subprocess
+
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True, check=False)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from dammerge.config import (
     MergeConfig,
-    check_model_reference,
+    ModelReference,
     interpolate_gradient,
     parse_dtype,
     resolve_value,
@@ -144,19 +146,28 @@ def test_recipe_parses_and_paths_resolve_against_its_folder(tmp_path, monkeypatc
     assert again == cfg
 
 
-@pytest.mark.parametrize("key", ["modules", "tokenizer", "chat_template"])
+@pytest.mark.parametrize("key", ["modules"])
 def test_unsupported_mergekit_keys_say_so(key):
     with pytest.raises(ConfigError, match=f"'{key}' is not supported \\(yet\\)") as caught:
         MergeConfig.from_dict({"merge_method": "linear", key: "chatml"})
     assert "spelling" not in (caught.value.hint or "")
 
 
-def test_lora_references_are_refused_as_such(tmp_path):
-    with pytest.raises(ConfigError, match=r"LoRA references \(model\+lora\) are not supported"):
-        check_model_reference(f"{tmp_path}/base+{tmp_path}/adapter")
+def test_tokenizer_block_and_chat_template_are_recipe_keys():
+    cfg = MergeConfig.from_dict(
+        {"merge_method": "linear", "tokenizer": {"source": "union"}, "chat_template": "chatml"}
+    )
+    assert cfg.tokenizer is not None and cfg.tokenizer.source == "union"
+    assert cfg.chat_template == "chatml"
+
+
+def test_lora_references_are_read_as_base_and_adapter(tmp_path):
+    assert ModelReference.parse(f"{tmp_path}/base+{tmp_path}/adapter") == ModelReference(
+        f"{tmp_path}/base", f"{tmp_path}/adapter"
+    )
     folder = tmp_path / "odd+name"
     folder.mkdir()
-    check_model_reference(str(folder))  # an existing folder with a '+' is a folder
+    assert ModelReference.parse(str(folder)).lora is None  # an existing folder is a folder
 
 
 @pytest.mark.parametrize(
@@ -209,3 +220,95 @@ def test_a_model_folder_named_base_is_a_path_not_a_keyword(tmp_path):
     assert cfg.base_model == str(tmp_path / "base")
     assert cfg.models[0].model == str(tmp_path / "union")
     assert cfg.tokenizer_source == "base"  # here it is the keyword
+
+
+PATHS_RECIPE = """\
+merge_method: dam
+base_model: base
+models:
+  - model: math
+    dataset: {path: data/math.jsonl}
+  - model: sql
+    dataset: {path: data/sql.jsonl}
+tokenizer_source: tok
+training: {family: fam}
+"""
+
+
+def _make(root, *names):
+    for name in names:
+        (root / name).mkdir(parents=True, exist_ok=True)
+
+
+def _all_paths(cfg: MergeConfig) -> list[str]:
+    return [
+        cfg.base_model,
+        *(m.model for m in cfg.models),
+        *(m.dataset.path for m in cfg.models),
+        cfg.tokenizer_source,
+        cfg.training["family"],
+    ]
+
+
+def test_relative_paths_resolve_from_the_recipe_folder_first_then_the_current_one(
+    tmp_path, monkeypatch
+):
+    recipes, cwd = tmp_path / "recipes", tmp_path / "work"
+    _make(recipes, "base", "math", "sql", "tok", "fam", "data")
+    _make(cwd, "base", "math", "elsewhere-only")  # decoys with the same names
+    (recipes / "r.yml").write_text(PATHS_RECIPE.replace("model: sql", "model: elsewhere-only"))
+    monkeypatch.chdir(cwd)
+    cfg = MergeConfig.from_yaml(recipes / "r.yml")
+    assert cfg.base_model == str(recipes / "base")  # the recipe's folder wins over the decoy
+    assert cfg.models[0].model == str(recipes / "math")
+    assert cfg.models[1].model == "elsewhere-only"  # only in the current folder: taken there
+    assert cfg.models[0].dataset.path == str(recipes / "data/math.jsonl")  # missing: named there
+
+
+def test_a_saved_recipe_names_the_same_folders_from_any_working_folder(tmp_path, monkeypatch):
+    inputs, saved_in, elsewhere = tmp_path / "in", tmp_path / "runs" / "out", tmp_path / "x"
+    _make(inputs, "base", "math", "sql", "tok", "fam", "data")
+    _make(saved_in, ".")
+    _make(elsewhere, "base", "math", "sql")  # decoys beside the working folder
+    for name in ("math", "sql"):
+        (inputs / "data" / f"{name}.jsonl").write_text("{}\n")
+    (inputs / "r.yml").write_text(PATHS_RECIPE)
+    monkeypatch.chdir(inputs)
+    cfg = MergeConfig.from_yaml("r.yml")  # paths relative to the working folder, as users write
+    expected = [str(inputs / p) for p in _all_paths(cfg)]
+    assert all(not Path(p).is_absolute() for p in _all_paths(cfg))
+
+    text = cfg.to_yaml(saved_in)
+    assert text.startswith("# Paths are relative to the folder of this file")
+    written = yaml.safe_load(text)
+    assert written["base_model"] == "../../in/base"
+    assert written["models"][1]["dataset"] == {"path": "../../in/data/sql.jsonl"}
+    assert written["tokenizer_source"] == "../../in/tok"
+    (saved_in / "dammerge_config.yml").write_text(text)
+
+    monkeypatch.chdir(elsewhere)
+    again = MergeConfig.from_yaml(saved_in / "dammerge_config.yml")
+    assert [str(Path(p).resolve()) for p in _all_paths(again)] == expected
+    # and nothing but the paths' spelling changed
+    assert again.map_paths(lambda p: str(Path(p).resolve())) == cfg.map_paths(
+        lambda p: str(inputs / p)
+    )
+
+
+def test_saved_keywords_stay_keywords_and_absolute_paths_work_too(tmp_path):
+    cfg = MergeConfig.from_dict(
+        {
+            "merge_method": "linear",
+            "models": [{"model": str(tmp_path / "a")}],
+            "tokenizer_source": "base",
+        }
+    )
+    written = yaml.safe_load(cfg.to_yaml(tmp_path / "out"))
+    assert written["tokenizer_source"] == "base"
+    assert written["models"] == [{"model": "../a", "parameters": {}}]
+    assert yaml.safe_load(cfg.to_yaml()) == {  # without a folder: as the recipe holds them
+        "merge_method": "linear",
+        "models": [{"model": str(tmp_path / "a"), "parameters": {}}],
+        "parameters": {},
+        "tokenizer_source": "base",
+    }

@@ -37,7 +37,22 @@ METHODS = (
     "della_linear",
     "slerp",
     "model_stock",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "nearswap",
+    "arcee_fusion",
+    "ram",
+    "ramplus_tl",
 )
+# methods that take only global parameters: (models merged, parameters); the base is given
+SPHERE_AND_SELECTIVE = {
+    "karcher": (2, {"max_iter": 5}),
+    "nearswap": (1, {"t": 0.01}),
+    "arcee_fusion": (1, {}),
+    "ram": (2, {"epsilon": 0.01}),
+    "ramplus_tl": (2, {"epsilon": 0.01, "r": 0.5, "alpha": 1.0}),
+}
 
 
 def recipe_for(method: str, base: Path, variants: list[Path]) -> dict:
@@ -55,6 +70,24 @@ def recipe_for(method: str, base: Path, variants: list[Path]) -> dict:
                     {"value": 0.5},
                 ]
             },
+        }
+    if method in SPHERE_AND_SELECTIVE:
+        count, params = SPHERE_AND_SELECTIVE[method]
+        return {
+            "merge_method": method,
+            "base_model": str(base),
+            "models": [{"model": m} for m in models[:count]],
+            "parameters": params,
+        }
+    if method in ("nuslerp", "multislerp"):
+        return {
+            "merge_method": method,
+            "base_model": str(base),
+            "models": [
+                {"model": models[0], "parameters": {"weight": [0.3, 0.7]}},
+                {"model": models[1], "parameters": {"weight": 0.5}},
+            ],
+            "parameters": {"nuslerp_flatten": False} if method == "nuslerp" else {},
         }
     if method == "model_stock":
         return {

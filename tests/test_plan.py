@@ -9,6 +9,7 @@ import torch
 import dammerge
 from dammerge.config import MergeConfig
 from dammerge.errors import CheckpointError, ConfigError
+from dammerge.methods import METHODS
 from dammerge.plan import UnusedParameterWarning, build_plan, describe
 
 LAYERS = 3  # the tiny Llama of the llama_family fixture
@@ -155,7 +156,6 @@ def test_plan_describes_itself(llama_family):
         ({"merge_method": "model_stock", "base_model": "B", "models": "A"}, "at least 2"),
         ({"merge_method": "linear", "models": "A", "no_weight": True}, "needs parameter 'weight'"),
         ({"merge_method": "slerp", "base_model": "B", "models": "A"}, "global parameter 't'"),
-        ({"merge_method": "linear", "models": "A", "tokenizer_source": "union"}, "union"),
     ],
 )
 def test_recipe_problems_are_config_errors(llama_family, recipe, match):
@@ -234,6 +234,7 @@ def test_a_parameter_another_method_takes_is_ignored_with_a_warning(
         ("dare_ties", {"density": 0.5}, {"rescale_mode": "l2"}, "'rescale_mode' is 'l2'"),
         ("task_arithmetic", {"weight": "half"}, {}, "'weight' is 'half'"),
         ("task_arithmetic", {}, {"lambda": True}, "'lambda' is True"),
+        ("ties", {}, {"normalize": "no"}, "'normalize' is 'no'.*true or false"),
     ],
 )
 def test_parameter_values_are_checked_before_compute(
@@ -254,7 +255,7 @@ def test_parameter_values_are_checked_before_compute(
     assert not (tmp_path / "out").exists()
 
 
-def test_lora_reference_is_refused_before_compute(llama_family, tmp_path):
+def test_lora_reference_to_a_missing_adapter_is_refused_before_compute(llama_family, tmp_path):
     base, (a, _, _) = llama_family
     recipe = {
         "merge_method": "linear",
@@ -263,8 +264,9 @@ def test_lora_reference_is_refused_before_compute(llama_family, tmp_path):
             {"model": str(base), "parameters": {"weight": 1.0}},
         ],
     }
-    with pytest.raises(ConfigError, match="LoRA references"):
+    with pytest.raises(CheckpointError, match="LoRA adapter folder not found"):
         dammerge.merge(recipe, tmp_path / "out", dry_run=True, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_true_typo_stays_an_error_with_a_suggestion(llama_family):
@@ -367,3 +369,60 @@ def test_integer_buffers_keep_their_dtype_under_out_dtype(llama_family, tmp_path
     assert plan.output_dtype(buffer) is torch.int64
     weight = next(t for t in plan.tensors if t.name.endswith("q_proj.weight"))
     assert plan.output_dtype(weight) is torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("method", "models", "global_params", "match"),
+    [
+        ("nuslerp", 2, {"nuslerp_flatten": "no"}, "'nuslerp_flatten' is 'no'.*true or false"),
+        ("multislerp", 2, {"eps": 0.0}, "'eps' is 0.0.*> 0"),
+        ("karcher", 2, {"max_iter": [1, 4]}, "'max_iter' is 2.5.*a whole number >= 0"),
+        ("karcher", 2, {"tol": -1e-5}, "'tol' is -1e-05"),
+        ("nearswap", 1, {"t": -0.5}, "'t' is -0.5.*>= 0"),
+        ("ram", 2, {"epsilon": -1.0}, "'epsilon' is -1.0"),
+        ("ramplus_tl", 2, {"epsilon": 0.0}, "'epsilon' is 0.0.*> 0"),
+        ("ramplus_tl", 2, {"alpha": "big"}, "'alpha' is 'big'"),
+    ],
+)
+def test_method_value_ranges_are_checked_before_compute(
+    llama_family, tmp_path, method, models, global_params, match
+):
+    """Each method's own ranges (its catalogue row) fail the dry run too; a gradient is
+    checked at every depth it resolves to."""
+    base, variants = llama_family
+    own = {"weight": 0.5} if "weight" in METHODS[method].model_params else {}
+    recipe = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(m), "parameters": own} for m in variants[:models]],
+        "parameters": global_params,
+    }
+    with pytest.raises(ConfigError, match=match):
+        dammerge.merge(recipe, tmp_path / "out", dry_run=True, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_optional_base_is_used_when_given(llama_family):
+    """nuslerp and multislerp work on task vectors with a base_model, listed among the models
+    or not, and on the models themselves without one."""
+    base, (a, b, _) = llama_family
+    models = [{"model": str(m), "parameters": {"weight": 0.5}} for m in (base, a, b)]
+    with_base = plan_for({"merge_method": "nuslerp", "base_model": str(base), "models": models})
+    assert with_base.base is not None and with_base.base.path == base.resolve()
+    assert [ck.path for ck in with_base.participants] == [a.resolve(), b.resolve()]
+    assert all(t.base_source is not None for t in with_base.tensors if not t.copy_from_reference)
+    without = plan_for({"merge_method": "multislerp", "models": models[1:]})
+    assert without.base is None
+    assert all(t.base_source is None for t in without.tensors)
+
+
+def test_a_base_joins_the_models_of_karcher_as_in_mergekit(llama_family):
+    """mergekit 0.1.5 merges a base_model not listed among the models as the last model of a
+    method that takes no base; listed, it is merged once."""
+    base, (a, b, _) = llama_family
+    recipe = {"merge_method": "karcher", "base_model": str(base), "models": [{"model": str(a)}]}
+    plan = plan_for({**recipe, "models": [{"model": str(a)}, {"model": str(b)}]})
+    assert plan.base is None
+    assert [ck.path for ck in plan.participants] == [a.resolve(), b.resolve(), base.resolve()]
+    listed = plan_for({**recipe, "models": [{"model": str(base)}, {"model": str(a)}]})
+    assert [ck.path for ck in listed.participants] == [base.resolve(), a.resolve()]

@@ -107,6 +107,7 @@ def methods_command() -> None:
         if entry.data_free is not None:
             method = entry.data_free
             base = "base_model; " if method.requires_base else ""
+            base = "base_model optional; " if method.optional_base else base
             models = fmt(method.model_params)
             params = f"{base}per model: {models or '-'}; global: {fmt(method.global_params) or '-'}"
         else:

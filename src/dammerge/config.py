@@ -23,6 +23,8 @@ the result is rounded once to the output dtype; ``compute_dtype:`` overrides tha
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -41,8 +43,11 @@ from pydantic import (
     model_validator,
 )
 
+from dammerge.checkpoint.lora import lora_reference_path
 from dammerge.data.spec import DatasetSpec
 from dammerge.errors import ConfigError
+from dammerge.vocabulary.settings import KEYWORDS as TOKENIZER_KEYWORDS
+from dammerge.vocabulary.settings import TokenizerSettings
 
 DEFAULT_SHARD_SIZE = 5 * 2**30
 Scalar = float | int | bool | str
@@ -88,21 +93,43 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 # mergekit 0.1.5 recipe keys dammerge does not implement yet, with what to do instead.
 NOT_SUPPORTED_KEYS = {
     "modules": "list whole models under 'models:' (per-module recipes are not supported yet)",
-    "tokenizer": "use tokenizer_source: base or a model path (the tokenizer block and vocabulary "
-    "union are not supported yet)",
-    "chat_template": "set the chat template in the output's tokenizer_config.json after merging",
 }
 
 
-def check_model_reference(reference: str) -> None:
-    """Refuse mergekit's ``model+lora`` reference (a base plus a LoRA adapter folder) with a
-    message saying so, rather than 'folder not found'. A folder whose name has a ``+`` is
-    still a folder."""
-    if "+" in reference and not Path(reference).expanduser().exists():
-        raise ConfigError(
-            f"{reference}: LoRA references (model+lora) are not supported yet",
-            "merge the adapter into its base first (peft's merge_and_unload) and list that folder",
-        )
+@dataclass(frozen=True)
+class ModelReference:
+    """A recipe's model entry: a model folder, or mergekit's ``BASE+ADAPTER``, a base folder
+    with a PEFT LoRA adapter folder applied to it (folded in as its tensors are read)."""
+
+    model: str
+    lora: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelReference:
+        """Read a reference as mergekit does (one ``+`` separates base and adapter), except that
+        an existing path is a folder even when its name has a ``+``."""
+        if "+" not in text or Path(text).expanduser().exists():
+            return cls(text)
+        parts = text.split("+")
+        if len(parts) != 2 or not all(part.strip() for part in parts):
+            raise ConfigError(
+                f"cannot read model reference {text!r}",
+                "write a model folder, or BASE+ADAPTER (a base folder, one '+', a PEFT LoRA "
+                "adapter folder)",
+            )
+        return cls(parts[0], parts[1])
+
+    @property
+    def key(self) -> Path:
+        """The identity of the model this names: its resolved folder, or the resolved base and
+        adapter folders joined by ``+`` (the ``path`` of the checkpoint it opens)."""
+        if self.lora is None:
+            return Path(self.model).expanduser().resolve()
+        base, adapter = (Path(p).expanduser() for p in (self.model, self.lora))
+        return lora_reference_path(base, adapter)
+
+    def __str__(self) -> str:
+        return self.model if self.lora is None else f"{self.model}+{self.lora}"
 
 
 class InputModel(BaseModel):
@@ -198,7 +225,9 @@ class MergeConfig(BaseModel):
     dtype: str | None = None  # inputs rounded to it when read; None keeps each stored dtype
     out_dtype: str | None = None  # written dtype; None: dtype, else each stored dtype
     compute_dtype: str | None = None  # arithmetic dtype; None: float32 (float64 for float64)
-    tokenizer_source: str | None = None
+    tokenizer_source: str | None = None  # union | base | a model folder (the older form)
+    tokenizer: TokenizerSettings | None = None  # the tokenizer block: source, tokens, padding
+    chat_template: str | None = None  # a template name, a Jinja template, or auto
     training: dict[str, Any] | None = None  # learned methods' settings (DAM, AdaMerging)
     name: str | None = None
 
@@ -215,6 +244,10 @@ class MergeConfig(BaseModel):
             raise ValueError("'slices' is empty: list at least one slice, or use 'models:'")
         if self.slices and self.models:
             raise ValueError("give either 'models' or 'slices', not both")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError(
+                "give either 'tokenizer_source' or a 'tokenizer' block (its 'source'), not both"
+            )
         return self
 
     @classmethod
@@ -242,16 +275,23 @@ class MergeConfig(BaseModel):
                 hint = "see docs/recipes.md for the recipe's keys"
             raise ConfigError(f"{source}: {where}: {message}", hint) from None
 
-    def relative_to(self, folder: Path) -> MergeConfig:
-        """Resolve relative model and dataset paths against the recipe's folder."""
+    def map_paths(self, fix: Callable[[str], str]) -> MergeConfig:
+        """A copy with every path of the recipe passed through ``fix``: base and source models
+        (both folders of a BASE+ADAPTER reference), slice sources, datasets, the tokenizer's
+        folders (``tokenizer_source``, the ``tokenizer`` block) and evolve's
+        ``training.family``."""
 
-        def fix(path: str | None) -> str | None:
-            if path is None:
-                return path
-            candidate = Path(path).expanduser()
-            if not candidate.is_absolute() and not candidate.exists():
-                candidate = folder / candidate
-            return str(candidate)
+        def fix_reference(reference: str | None) -> str | None:
+            """A model reference with each folder fixed (both halves of BASE+ADAPTER)."""
+            if reference is None:
+                return None
+            whole = fix(reference)
+            if Path(whole).exists():
+                return whole
+            parsed = ModelReference.parse(reference)
+            if parsed.lora is None:
+                return whole
+            return str(ModelReference(fix(parsed.model), fix(parsed.lora)))
 
         def fix_dataset(dataset: DatasetSpec | None) -> DatasetSpec | None:
             if dataset is None:
@@ -264,32 +304,78 @@ class MergeConfig(BaseModel):
             return {**training, "family": fix(training["family"])}  # evolve's task fitness
 
         def fix_slice(out_slice: OutputSlice) -> OutputSlice:
-            sources = [s.model_copy(update={"model": fix(s.model)}) for s in out_slice.sources]
+            sources = [
+                s.model_copy(update={"model": fix_reference(s.model)}) for s in out_slice.sources
+            ]
             return out_slice.model_copy(
-                update={"sources": sources, "base_model": fix(out_slice.base_model)}
+                update={"sources": sources, "base_model": fix_reference(out_slice.base_model)}
             )
 
         # 'base' and 'union' are keywords only for tokenizer_source; a model folder may well be
         # called 'base'
         tokenizer = self.tokenizer_source
+        if tokenizer is not None and tokenizer not in TOKENIZER_KEYWORDS:
+            tokenizer = fix(tokenizer)
+        block = self.tokenizer
         return self.model_copy(
             update={
-                "base_model": fix(self.base_model),
+                "base_model": fix_reference(self.base_model),
                 "models": [
-                    m.model_copy(update={"model": fix(m.model), "dataset": fix_dataset(m.dataset)})
+                    m.model_copy(
+                        update={"model": fix_reference(m.model), "dataset": fix_dataset(m.dataset)}
+                    )
                     for m in self.models
                 ],
                 "slices": None if self.slices is None else [fix_slice(s) for s in self.slices],
-                "tokenizer_source": tokenizer if tokenizer in ("base", "union") else fix(tokenizer),
+                "tokenizer_source": tokenizer,
+                "tokenizer": None if block is None else block.with_paths(fix),
                 "training": fix_training(self.training),
             }
         )
 
-    def to_yaml(self) -> str:
-        data = self.model_dump(mode="json", exclude_none=True)  # tuples as lists
-        if self.slices:
+    def relative_to(self, folder: Path) -> MergeConfig:
+        """Resolve the recipe's relative paths: from the recipe's folder, or, where nothing is
+        there, from the current folder (mergekit's habit, and how ``examples/`` reach
+        ``./family`` from the repository root)."""
+
+        def fix(path: str) -> str:
+            candidate = Path(path).expanduser()
+            if candidate.is_absolute():
+                return str(candidate)
+            beside_recipe = folder / candidate
+            if not beside_recipe.exists() and candidate.exists():
+                return str(candidate)
+            return str(beside_recipe)
+
+        return self.map_paths(fix)
+
+    def to_yaml(self, folder: Path | None = None) -> str:
+        """The recipe as YAML. With ``folder`` (where the file is saved), every path is
+        written relative to that folder, so the file works from anywhere
+        (:func:`relative_to` reads it back from the file's folder), and a comment says so."""
+        config = self if folder is None else self.map_paths(lambda p: path_from(folder, p))
+        data = config.model_dump(mode="json", exclude_none=True)  # tuples as lists
+        if config.slices:
             del data["models"]  # mergekit reads exactly one of the two
-        return yaml.safe_dump(data, sort_keys=False)
+        text = yaml.safe_dump(data, sort_keys=False)
+        return text if folder is None else PORTABLE_PATHS_NOTE + text
+
+
+PORTABLE_PATHS_NOTE = (
+    "# Paths are relative to the folder of this file (absolute where none exists), so\n"
+    "# `dammerge merge` reads this recipe from any working folder.\n"
+)
+
+
+def path_from(folder: Path, path: str) -> str:
+    """``path`` as seen from ``folder``: relative when both are on one file system tree,
+    absolute otherwise (another drive on Windows). Both are resolved first (symbolic links
+    followed), so the relative path walks the real folders, as the operating system does."""
+    target = Path(path).expanduser().resolve()
+    try:
+        return Path(os.path.relpath(target, Path(folder).resolve())).as_posix()
+    except ValueError:
+        return str(target)
 
 
 def load_config(config: MergeConfig | dict[str, Any] | str | Path) -> MergeConfig:

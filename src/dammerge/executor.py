@@ -17,13 +17,12 @@ import zlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from dammerge import __version__
+from dammerge.checkpoint.card import CardFacts, card_text
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.checkpoint.writer import CheckpointWriter, check_output_location
 from dammerge.config import DEFAULT_SHARD_SIZE, MergeConfig, RunOptions
@@ -32,6 +31,7 @@ from dammerge.errors import ConfigError, DammergeError
 from dammerge.methods import MergeInputs
 from dammerge.plan import MergePlan, TensorPlan, build_plan, describe
 from dammerge.terminal import console, print_lines
+from dammerge.vocabulary.output import write_tokenizer
 
 
 def merge_data_free(config: MergeConfig, out: Path, options: RunOptions) -> Path | None:
@@ -94,6 +94,8 @@ def merge_tensor(
     for k, raw in enumerate(loaded):
         loaded[k] = to_device(raw, device, plan.compute_dtype, plan.input_dtype)
         del raw
+    if tensor.rows is not None:  # embeddings and lm_head: each input in the output vocabulary
+        loaded[:] = tensor.rows.apply(loaded)
     generator = None
     if plan.method.stochastic:
         generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, tensor.name))
@@ -196,7 +198,8 @@ def execute(
     """Merge ``plan`` into ``out``; ``read_ahead`` defaults to 1 on a GPU, 0 on a CPU."""
     if read_ahead is None:
         read_ahead = 0 if device.type == "cpu" else 1
-    out = check_output_location(out, [ck.path for ck in plan.inputs], overwrite=overwrite)
+    folders = [folder for ck in plan.inputs for folder in ck.source_folders()]
+    out = check_output_location(out, folders, overwrite=overwrite)
     workers = (read_ahead + 1) * (len(plan.participants) + 1)
     with (
         CheckpointWriter(out, shard_size=shard_size, overwrite=overwrite) as writer,
@@ -217,27 +220,29 @@ def execute(
 
 
 def write_side_files(writer: CheckpointWriter, plan: MergePlan, seed: int) -> None:
-    """config.json (dtype updated), generation config, tokenizer, recipe and model card."""
+    """config.json (dtype and vocabulary size updated), generation config, tokenizer (with
+    the merged vocabulary and chat template), recipe and model card."""
     dtypes = {plan.output_dtype(t) for t in plan.tensors if t.dtype.is_floating_point}
     out_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     writer.write_config(plan.output_config(), out_dtype)
-    generation = plan.reference.path / "generation_config.json"
+    generation = plan.reference.folder / "generation_config.json"
     if generation.is_file():
         writer.copy_file(generation)
-    writer.copy_tokenizer(plan.tokenizer_folder())
-    recipe = plan.config.to_yaml()
+    write_tokenizer(writer, plan.tokenizer_folder(), plan.vocabulary, plan.chat_template)
+    recipe = plan.config.to_yaml(writer.out)
     writer.write_text("dammerge_config.yml", recipe)
     writer.write_text("README.md", model_card(plan, recipe, seed))
 
 
 def model_card(plan: MergePlan, recipe: str, seed: int) -> str:
-    models = "\n".join(f"- `{ck.path}`" for ck in plan.participants)
-    base = f"`{plan.base.path}`" if plan.base else "none"
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (
-        "---\nlibrary_name: transformers\ntags:\n- merge\n- dammerge\n---\n\n"
-        f"# Merged model\n\nMade with dammerge {__version__} on {when} using "
-        f"**{plan.method.name}** ({plan.method.summary}).\n\n"
-        f"Base model: {base}\n\nMerged models:\n{models}\n\nSeed: {seed}\n\n"
-        f"## Recipe\n\n```yaml\n{recipe}```\n"
+    """The model card of a data-free merge (metadata by ``huggingface_hub``)."""
+    return card_text(
+        CardFacts(
+            method=plan.method.name,
+            description=plan.method.summary,
+            base=plan.base.path if plan.base else None,
+            sources=[ck.path for ck in plan.participants],
+            recipe=recipe,
+            seed=seed,
+        )
     )

@@ -18,16 +18,21 @@ from typing import Any
 import torch
 
 from dammerge.checkpoint.architecture import TensorInfo, TensorKind
+from dammerge.checkpoint.lora import open_model
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.config import (
     MergeConfig,
-    check_model_reference,
+    ModelReference,
     compute_dtype_of,
     parse_dtype,
     resolve_value,
 )
 from dammerge.errors import CheckpointError, ConfigError
 from dammerge.methods import METHODS, REQUIRED, MergeMethod, get_method
+from dammerge.vocabulary.build import OutputVocabulary, build_vocabulary, has_tokenizer
+from dammerge.vocabulary.chat import chat_template_text
+from dammerge.vocabulary.rows import RowAlignment, plan_rows, resolve_fill_sources
+from dammerge.vocabulary.settings import TokenizerSettings, reference_key, tokenizer_settings
 
 MAX_LISTED_MISMATCHES = 8
 
@@ -56,6 +61,7 @@ class TensorPlan:
     sources: list[TensorSource]  # the participating models' tensors, in recipe order
     base_source: TensorSource | None = None
     copy_from_reference: bool = False  # non-float tensors (buffers): sources[0], unchanged
+    rows: RowAlignment | None = None  # a vocabulary tensor's inputs rebuilt in the output vocab
 
 
 @dataclass
@@ -71,6 +77,8 @@ class MergePlan:
     out_dtype: torch.dtype | None = None
     # with slices: per output layer, the config.json of the model it comes from and its index
     layer_origins: list[tuple[dict[str, Any], int]] | None = None
+    vocabulary: OutputVocabulary | None = None  # with a tokenizer source or block
+    chat_template: str | None = None  # the Jinja text written into the output's tokenizer
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -111,16 +119,31 @@ class MergePlan:
     def output_config(self) -> dict[str, Any]:
         """The output's ``config.json`` (before its dtype is set): the reference's, with the
         layer count and per-layer lists rewritten when slices restack the layers."""
-        if self.layer_origins is None:
-            return dict(self.reference.config)
-        keys = self.reference.architecture.spec.num_layers_keys
-        return restacked_config(self.reference.config, keys, self.layer_origins)
+        config = dict(self.reference.config)
+        if self.layer_origins is not None:
+            keys = self.reference.architecture.spec.num_layers_keys
+            config = restacked_config(config, keys, self.layer_origins)
+        if self.vocabulary is not None:
+            config = with_vocab_size(config, self.vocabulary.padded_size)
+        return config
 
     def tokenizer_folder(self) -> Path:
+        """The folder whose tokenizer the output gets (before any tokens are added)."""
+        if self.vocabulary is not None:
+            return self.vocabulary.source_folder
         source = self.config.tokenizer_source
-        if source in (None, "base"):
-            return self.reference.path
+        if source in (None, "base", "union"):
+            return self.reference.folder
         return Path(source)
+
+
+def with_vocab_size(config: dict[str, Any], size: int) -> dict[str, Any]:
+    """``config`` with its ``vocab_size`` (top level, else its ``text_config``'s) set."""
+    config = copy.deepcopy(config)
+    text = config.get("text_config")
+    section = text if "vocab_size" not in config and isinstance(text, dict) else config
+    section["vocab_size"] = size
+    return config
 
 
 # config.json entries holding one value per layer, rebuilt from each output layer's origin
@@ -198,18 +221,20 @@ def renumber_layer(name: str, layer_pattern: str, index: int) -> str:
 
 
 class _Loader:
-    """Opens each model folder once."""
+    """Opens each model reference once: a folder, or a base with a LoRA adapter folded in
+    (whose adapter is checked against the base here, before any compute)."""
 
     def __init__(self, allow_pickle: bool) -> None:
         self.allow_pickle = allow_pickle
         self.cache: dict[Path, Checkpoint] = {}
 
-    def __call__(self, path: str) -> Checkpoint:
-        check_model_reference(path)
-        key = Path(path).resolve()
-        if key not in self.cache:
-            self.cache[key] = Checkpoint(path, allow_pickle=self.allow_pickle)
-        return self.cache[key]
+    def __call__(self, reference: str) -> Checkpoint:
+        parsed = ModelReference.parse(reference)
+        if parsed.key not in self.cache:
+            self.cache[parsed.key] = open_model(
+                parsed.model, parsed.lora, allow_pickle=self.allow_pickle
+            )
+        return self.cache[parsed.key]
 
 
 def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
@@ -220,26 +245,60 @@ def build_plan(config: MergeConfig, *, allow_pickle: bool = False) -> MergePlan:
     slice_bases = bool(config.slices) and all(s.base_model for s in config.slices or [])
     if method.requires_base and not config.base_model and not slice_bases:
         raise ConfigError(f"{method.name} needs a base_model", "set base_model: PATH")
-    if config.tokenizer_source == "union":
-        raise ConfigError(
-            "tokenizer_source: union is not supported",
-            "merge models that share one tokenizer; use 'base' or a model path",
-        )
+    vocabulary = tokenizer_settings(config.tokenizer, config.tokenizer_source)
     load = _Loader(allow_pickle)
+    # with a tokenizer source, vocabulary tensors may differ in rows: they are rebuilt
+    free_rows = vocabulary is not None
     if config.slices:
-        plan = _sliced_plan(config, method, load)
+        plan = _sliced_plan(config, method, load, free_rows)
     else:
-        plan = _whole_model_plan(config, method, load)
-    if config.tokenizer_source not in (None, "base"):
-        folder = plan.tokenizer_folder()
-        if (
-            not (folder / "tokenizer.json").is_file()
-            and not (folder / "tokenizer_config.json").is_file()
-        ):
-            raise ConfigError(f"tokenizer_source {folder} holds no tokenizer files")
+        plan = _whole_model_plan(config, method, load, free_rows)
+    if vocabulary is not None:
+        attach_vocabulary(plan, vocabulary, load)
+    if config.chat_template is not None:
+        attach_chat_template(plan, config.chat_template)
     for tensor in plan.tensors:
         check_values(method, tensor)
     return plan
+
+
+def attach_vocabulary(plan: MergePlan, settings: TokenizerSettings, load: _Loader) -> None:
+    """Build the output vocabulary and plan each vocabulary tensor's rows in it."""
+    vocabulary = build_vocabulary(settings, plan.reference, plan.inputs)
+    recipe_models = {reference_key(ref): load(ref).path for ref in recipe_references(plan.config)}
+    fills = resolve_fill_sources(vocabulary, recipe_models)
+    base_model = plan.config.base_model
+    base = recipe_models[reference_key(base_model)] if base_model else None
+    by_path = {ck.path: ck for ck in plan.inputs}
+    for tensor in plan.tensors:
+        if tensor.copy_from_reference or not plan.reference.architecture.is_vocabulary(tensor.name):
+            continue
+        sources = [*tensor.sources, *([tensor.base_source] if tensor.base_source else [])]
+        inputs = [(s.model, by_path[s.model].shape(s.tensor)[0]) for s in sources]
+        tensor.rows = plan_rows(vocabulary, fills, inputs, base, tensor.name)
+        tensor.shape = (vocabulary.padded_size, *tensor.shape[1:])
+    plan.vocabulary = vocabulary
+
+
+def attach_chat_template(plan: MergePlan, spec: str) -> None:
+    """Resolve the recipe's ``chat_template`` (a name, Jinja, or ``auto``) for the output."""
+    folder = plan.tokenizer_folder()
+    if not has_tokenizer(folder):
+        raise CheckpointError(
+            f"chat_template needs a tokenizer to write it into, and {folder} has none",
+            "copy the model's tokenizer files into its folder",
+        )
+    plan.chat_template = chat_template_text(spec, [ck.folder for ck in plan.inputs])
+
+
+def recipe_references(config: MergeConfig) -> list[str]:
+    """Every model reference of the recipe: the base, the models, the slices' sources."""
+    references = [config.base_model] if config.base_model else []
+    references += [m.model for m in config.models]
+    for out_slice in config.slices or []:
+        references += [s.model for s in out_slice.sources]
+        references += [out_slice.base_model] if out_slice.base_model else []
+    return list(dict.fromkeys(references))
 
 
 def _new_plan(
@@ -261,21 +320,25 @@ def _new_plan(
     )
 
 
-def _whole_model_plan(config: MergeConfig, method: MergeMethod, load: _Loader) -> MergePlan:
+def _whole_model_plan(
+    config: MergeConfig, method: MergeMethod, load: _Loader, free_rows: bool = False
+) -> MergePlan:
     """Every tensor of the reference, merged from the same tensor of every model."""
     base = load(config.base_model) if config.base_model else None
-    entries = [(m, load(m.model)) for m in config.models]
-    if method.requires_base and base is not None:
-        entries = [(m, ck) for m, ck in entries if ck.path != base.path]
+    entries = [(m.parameters, load(m.model)) for m in config.models]
+    listed = base is not None and any(ck.path == base.path for _, ck in entries)
+    if method.takes_base and base is not None:
+        entries = [(params, ck) for params, ck in entries if ck.path != base.path]
+    elif method.base_joins_models and base is not None and not listed:
+        entries.append(({}, base))  # mergekit merges an unlisted base as the last model
     _check_model_count(method, len(entries))
     participants = [ck for _, ck in entries]
     reference = base or participants[0]
-    check_compatible(reference, [ck for ck in load.cache.values() if ck is not reference])
-    plan = _new_plan(
-        config, method, reference, base if method.requires_base else None, participants
-    )
+    others = [ck for ck in load.cache.values() if ck is not reference]
+    check_compatible(reference, others, free_rows=free_rows)
+    plan = _new_plan(config, method, reference, base if method.takes_base else None, participants)
     whole = PlannedSlice(
-        participants=[SliceInput(ck, 0, m.parameters) for m, ck in entries],
+        participants=[SliceInput(ck, 0, params) for params, ck in entries],
         base=SliceInput(base, 0, {}) if plan.base is not None and base is not None else None,
         copy_from=SliceInput(reference, 0, {}),
         length=reference.architecture.num_layers or 0,
@@ -291,7 +354,9 @@ def _whole_model_plan(config: MergeConfig, method: MergeMethod, load: _Loader) -
     return plan
 
 
-def _sliced_plan(config: MergeConfig, method: MergeMethod, load: _Loader) -> MergePlan:
+def _sliced_plan(
+    config: MergeConfig, method: MergeMethod, load: _Loader, free_rows: bool = False
+) -> MergePlan:
     """mergekit's ``slices``: the tensors outside the blocks from the first slice (embeddings)
     and the last (final norm, ``lm_head``), then each slice's layers in turn, renumbered; a
     gradient restarts in every slice (``t = i / (length - 1)``, 1 for a one-layer slice)."""
@@ -300,7 +365,7 @@ def _sliced_plan(config: MergeConfig, method: MergeMethod, load: _Loader) -> Mer
     first = planned[0]
     global_base = load(config.base_model) if config.base_model else None
     reference = global_base or first.copy_from.checkpoint
-    base = global_base if method.requires_base else None
+    base = global_base if method.takes_base else None
     others: dict[Path, Checkpoint] = {}
     for out_slice in planned:
         for item in [*out_slice.participants, *([out_slice.base] if out_slice.base else [])]:
@@ -326,7 +391,7 @@ def _sliced_plan(config: MergeConfig, method: MergeMethod, load: _Loader) -> Mer
             plan.layer_origins.append((template.checkpoint.config, template.start + offset))
     last = planned[-1]
     plan.tensors.extend(_tensor_plan(plan, last, n, reference.info(n), None, 0.0) for n in post)
-    _check_sources(plan)
+    _check_sources(plan, free_rows)
     return plan
 
 
@@ -353,8 +418,8 @@ def _plan_slice(
     if len(set(paths)) != len(paths):
         raise ConfigError(f"{where} lists the same model twice", "give each model once per slice")
     base = None
-    if method.requires_base:
-        base_path = out_slice.base_model or config.base_model
+    base_path = out_slice.base_model or config.base_model
+    if method.requires_base or (method.optional_base and base_path is not None):
         assert base_path is not None  # build_plan checked it
         base_ck = load(base_path)
         base = next((i for i in inputs if i.checkpoint.path == base_ck.path), None)
@@ -437,9 +502,10 @@ def _tensor_plan(
     )
 
 
-def _check_sources(plan: MergePlan) -> None:
+def _check_sources(plan: MergePlan, free_rows: bool = False) -> None:
     """Every source tensor of a sliced plan exists with its output's shape (slices may mix
-    models of different depths, so names are checked tensor by tensor)."""
+    models of different depths, so names are checked tensor by tensor); with ``free_rows``
+    the vocabulary tensors' rows may differ."""
     by_path = {ck.path: ck for ck in plan.inputs}
     problems: list[str] = []
     for tensor in plan.tensors:
@@ -448,7 +514,9 @@ def _check_sources(plan: MergePlan) -> None:
             ck = by_path[source.model]
             if source.tensor not in ck:
                 problems.append(f"{ck.name} lacks {source.tensor}")
-            elif ck.shape(source.tensor) != tensor.shape:
+            elif not _same_shape(
+                ck.shape(source.tensor), tensor.shape, free_rows and _is_vocabulary(ck, tensor.name)
+            ):
                 problems.append(
                     f"{source.tensor}: {ck.name} {list(ck.shape(source.tensor))} vs "
                     f"{list(tensor.shape)} for {tensor.name}"
@@ -540,7 +608,8 @@ RESCALE_MODES = {"l1", "density", "probability"}
 
 def check_values(method: MergeMethod, tensor: TensorPlan) -> None:
     """The resolved parameters of one tensor are values its method can use, so a bad value
-    fails ``--dry-run`` rather than the merge halfway through."""
+    fails ``--dry-run`` rather than the merge halfway through: the shared rules by name below,
+    then the method's own :class:`~dammerge.methods.base.ValueRange` of each parameter."""
     for params in [*tensor.model_params, tensor.params]:
         for key, value in params.items():
             if key in NUMERIC_PARAMETERS and not _is_number(value):
@@ -549,7 +618,10 @@ def check_values(method: MergeMethod, tensor: TensorPlan) -> None:
                 _bad_value(method, tensor, key, value, "in [0, 1]")
             if key == "rescale_mode" and value not in RESCALE_MODES:
                 _bad_value(method, tensor, key, value, f"one of {sorted(RESCALE_MODES)}")
-        if "epsilon" in params:
+            allowed = method.ranges.get(key)
+            if allowed is not None and not allowed.admits(value):
+                _bad_value(method, tensor, key, value, allowed.describe())
+        if "epsilon" in params and "density" in params:
             _check_epsilon(method, tensor, float(params["density"]), float(params["epsilon"]))
 
 
@@ -579,6 +651,9 @@ def _bad_value(method: MergeMethod, tensor: TensorPlan, key: str, value: Any, wa
 MODEL_COUNT_HINTS = {
     "slerp": "slerp interpolates between base_model and exactly one other model",
     "passthrough": "passthrough copies one model per slice; stack models with several slices",
+    "nuslerp": "nuslerp interpolates between exactly two models (base_model optional)",
+    "nearswap": "nearswap moves base_model toward exactly one other model",
+    "arcee_fusion": "arcee_fusion fuses exactly one other model into base_model",
 }
 
 
@@ -596,7 +671,20 @@ def _check_model_count(method: MergeMethod, count: int, where: str = "") -> None
         )
 
 
-def check_compatible(reference: Checkpoint, others: list[Checkpoint]) -> None:
+def _is_vocabulary(ck: Checkpoint, name: str) -> bool:
+    return ck.architecture.is_vocabulary(name)
+
+
+def _same_shape(a: tuple[int, ...], b: tuple[int, ...], free_rows: bool) -> bool:
+    """Equal shapes; with ``free_rows``, equal but for the first dimension."""
+    return (len(a) == len(b) and a[1:] == b[1:]) if free_rows else a == b
+
+
+def check_compatible(
+    reference: Checkpoint, others: list[Checkpoint], *, free_rows: bool = False
+) -> None:
+    """Every model has the reference's tensor names and shapes (all problems listed at once);
+    with ``free_rows`` its vocabulary tensors may have another number of rows."""
     problems: list[str] = []
     ref_names = set(reference.names())
     for other in others:
@@ -606,7 +694,8 @@ def check_compatible(reference: Checkpoint, others: list[Checkpoint]) -> None:
         for name in sorted(names - ref_names):
             problems.append(f"{other.name} has extra tensor {name}")
         for name in sorted(ref_names & names):
-            if reference.shape(name) != other.shape(name):
+            free = free_rows and _is_vocabulary(reference, name)
+            if not _same_shape(reference.shape(name), other.shape(name), free):
                 problems.append(
                     f"{name}: {reference.name} {list(reference.shape(name))} vs "
                     f"{other.name} {list(other.shape(name))}"
@@ -697,6 +786,25 @@ def _slice_lines(plan: MergePlan) -> list[str]:
     return lines
 
 
+def _tokenizer_lines(plan: MergePlan) -> list[str]:
+    """The output vocabulary and chat template, when the recipe sets them."""
+    lines = []
+    vocabulary = plan.vocabulary
+    if vocabulary is not None:
+        rebuilt = [t.name for t in plan.tensors if t.rows is not None]
+        lines.append(
+            f"vocabulary  {vocabulary.settings.source}: {vocabulary.size} tokens "
+            f"({len(vocabulary.added)} added), {vocabulary.padded_size} rows; rows rebuilt in "
+            + (", ".join(rebuilt) or "no tensor (every model already has them)")
+        )
+    if plan.config.chat_template is not None:
+        spec = plan.config.chat_template
+        shown = spec if "{" not in spec else "the recipe's Jinja template"
+        found = "" if plan.chat_template is not None else " (none found: kept)"
+        lines.append(f"chat        {shown}{found}")
+    return lines
+
+
 def describe(plan: MergePlan) -> list[str]:
     """Human-readable lines summarising a plan (for --dry-run)."""
     kinds: dict[TensorKind, int] = {}
@@ -711,6 +819,7 @@ def describe(plan: MergePlan) -> list[str]:
         + ")",
         f"layers      {plan.num_layers}",
         *_slice_lines(plan),
+        *_tokenizer_lines(plan),
         f"dtypes      {_dtype_line(plan)}",
         f"output size {plan.output_bytes() / 2**20:.1f} MiB",
     ]

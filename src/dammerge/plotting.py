@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,18 +51,14 @@ def new_figure(
 
 
 def save_png(figure: Figure, path: Path) -> Path:
-    """Write ``figure`` to ``path`` at :data:`DPI`, atomically (a temporary sibling, a rename)."""
+    """Write ``figure`` to ``path`` at :data:`DPI`, atomically (a temporary sibling, a rename;
+    a full disk or a refused write is an ``OutputError``), readable as a plain file would be."""
+    from dammerge.outputs import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         figure.savefig(tmp, format="png", dpi=DPI)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the plot from others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        os.chmod(tmp, 0o666 & ~_umask())  # the temporary file's 0600 would hide the plot
     return path
 
 

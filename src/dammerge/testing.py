@@ -131,3 +131,33 @@ def make_family(folder: str | Path, model_type: str = "llama", n: int = 3, **kwa
     base = make_tiny_model(folder / "base", model_type, **kwargs)
     variants = [make_variant(base, folder / f"ft{i}", seed=100 + i) for i in range(n)]
     return base, variants
+
+
+def make_lora_adapter(
+    base: str | Path,
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    scale: float = 0.1,
+    safe_serialization: bool = True,
+    **lora_config: Any,
+) -> Path:
+    """A PEFT LoRA adapter of ``base`` saved by peft itself into ``folder``, its factors A and B
+    both seeded Gaussian noise (peft initialises B to zero, which would make the update
+    vanish); ``lora_config`` goes to ``peft.LoraConfig`` (``r``, ``lora_alpha``,
+    ``use_rslora``, ``modules_to_save``, ...)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(target_modules=list(target_modules), **lora_config)
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".lora_" in name:
+                noise = torch.randn(param.shape, generator=generator) * scale
+                param.copy_(noise.to(param.dtype))
+    folder = Path(folder)
+    peft_model.save_pretrained(folder, safe_serialization=safe_serialization)
+    return folder

@@ -62,6 +62,19 @@ def test_every_parameter_is_classified_like_its_module(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_vocabulary_tensors_are_the_input_and_output_embeddings(arch):
+    """The tensors with one row per token are the ones transformers resizes with the vocabulary
+    (GPT-2's position embedding ``wpe`` is an embedding, not one of them)."""
+    config = AutoConfig.for_model(arch, **TINY_CONFIGS[arch], vocab_size=VOCAB)
+    config.tie_word_embeddings = False
+    model = AutoModelForCausalLM.from_config(config)
+    architecture = Architecture.from_config(config.to_dict())
+    token_indexed = {model.get_input_embeddings().weight, model.get_output_embeddings().weight}
+    for name, param in model.named_parameters():
+        assert architecture.is_vocabulary(name) == any(param is p for p in token_indexed), name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("tie", [True, False])
 def test_tie_word_embeddings_is_read_from_the_config(arch, tie):
     config = AutoConfig.for_model(

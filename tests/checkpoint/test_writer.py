@@ -122,9 +122,11 @@ def test_side_files_tokenizer_recipe_and_card(llama_family, tmp_path):
     assert AutoTokenizer.from_pretrained(out).model_max_length == 4321
     written = yaml.safe_load((out / "dammerge_config.yml").read_text())
     assert written["merge_method"] == "task_arithmetic"
-    assert written["tokenizer_source"] == str(source)
+    # saved paths resolve from the recipe's own folder (the checkpoint)
+    assert (out / written["tokenizer_source"]).resolve() == source.resolve()
+    assert (out / written["models"][0]["model"]).resolve() == variants[0].resolve()
     card = (out / "README.md").read_text()
-    assert "task_arithmetic" in card and "Seed: 7" in card and str(variants[0]) in card
+    assert "task_arithmetic" in card and "Seed: 7" in card and f"`{variants[0].name}`" in card
 
 
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
@@ -297,3 +299,41 @@ def test_killed_merge_leaves_no_output_and_the_next_run_cleans_up(llama_family, 
     assert not stale.exists()
     assert leftovers(out) == ["merged"]
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_an_unwritable_output_is_refused_before_compute(
+    llama_family, unwritable_folder, monkeypatch
+):
+    def no_compute(*args, **kwargs):
+        raise AssertionError("a tensor was merged before the output was checked")
+
+    monkeypatch.setattr(merge_module, "merge_tensor", no_compute)
+    with pytest.raises(OutputError, match="cannot write") as info:
+        dammerge.merge(recipe(llama_family), unwritable_folder / "merged", progress=False)
+    assert info.value.hint
+
+
+def test_the_saved_recipe_rebuilds_the_checkpoint_from_another_folder(
+    llama_family, tmp_path, monkeypatch
+):
+    """A recipe with paths relative to the working folder (as users write them) is saved as
+    ``dammerge_config.yml`` with paths relative to the checkpoint; merged from an unrelated
+    working folder, it rebuilds the same checkpoint, every tensor equal."""
+    base, variants = llama_family
+    monkeypatch.chdir(base.parent)
+    relative = {
+        "merge_method": "dare_ties",
+        "base_model": base.name,
+        "models": [
+            {"model": v.name, "parameters": {"weight": 0.5, "density": 0.6}} for v in variants
+        ],
+    }
+    out = dammerge.merge(relative, tmp_path / "merged", progress=False, seed=5)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = dammerge.merge(out / "dammerge_config.yml", tmp_path / "again", progress=False, seed=5)
+    first, second = tensors_of(out), tensors_of(again)
+    assert first.keys() == second.keys()
+    for name, tensor in second.items():
+        assert torch.equal(tensor, first[name]), name

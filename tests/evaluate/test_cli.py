@@ -66,7 +66,7 @@ def cli_outputs(fake_family, tmp_path_factory):
 
 def test_json_has_exactly_the_documented_schema(cli_outputs, fake_family):
     data = json.loads((cli_outputs / "scores.json").read_text())
-    assert list(data) == ["models"]
+    assert list(data) == ["models", "labels", "settings"]
     assert list(data["models"]) == ["base", str(fake_family / "lang")]
     for entry in data["models"].values():
         assert list(entry) == [*DOMAINS, "average"]
@@ -79,6 +79,24 @@ def test_json_has_exactly_the_documented_schema(cli_outputs, fake_family):
         mean = sum(entry[d]["score"] for d in DOMAINS[:3]) / 3
         assert entry["average"] == pytest.approx(mean)
     assert data["models"][str(fake_family / "lang")]["lang"]["kl"] == 0.0
+
+
+def test_json_names_the_labels_and_the_settings(cli_outputs, fake_family):
+    from dammerge import __version__
+
+    data = json.loads((cli_outputs / "scores.json").read_text())
+    assert data["labels"] == {"base": "base", str(fake_family / "lang"): "lang"}  # --names
+    settings = data["settings"]
+    assert Path(settings.pop("family")).resolve() == fake_family.resolve()
+    assert settings == {
+        "limit": 3,
+        "batch_size": 2,
+        "max_new_tokens": 4,
+        "device": "cpu",
+        "dtype": "float32",
+        "decoding": "greedy",
+        "dammerge_version": __version__,
+    }
 
 
 def test_markdown_png_and_responses_are_written(cli_outputs):
@@ -183,3 +201,28 @@ def test_export_lm_eval_writes_tasks_scored_by_a_verbatim_metrics_copy(
         == 0
     )
     assert len(read_jsonl(export / "data" / "math.jsonl")) == 6
+
+
+def test_unwritable_outputs_are_refused_before_any_compute(
+    fake_family, unwritable_folder, monkeypatch, capsys
+):
+    import dammerge.evaluate.evaluator as evaluator
+    import dammerge.evaluate.lm_eval_bridge as bridge
+
+    computed = []
+    monkeypatch.setattr(evaluator, "evaluate_models", lambda *a, **k: computed.append("scores"))
+    monkeypatch.setattr(bridge, "load_domains", lambda *a, **k: computed.append("export"))
+    for option, name in (
+        ("--json", "scores.json"),
+        ("--markdown", "scores.md"),
+        ("--responses", "responses.jsonl"),
+        ("--plot", "scores.png"),
+    ):
+        target = unwritable_folder / name
+        code = run_cli(monkeypatch, "evaluate", "base", "--family", fake_family, option, target)
+        _one_line_error(capsys, code, "cannot write")
+    export = unwritable_folder / "tasks"
+    code = run_cli(monkeypatch, "evaluate", "--export-lm-eval", export, "--family", fake_family)
+    _one_line_error(capsys, code, "cannot write")
+    assert computed == []
+    assert not unwritable_folder.exists() or not any(unwritable_folder.iterdir())

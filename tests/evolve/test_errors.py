@@ -54,6 +54,11 @@ CASES = {
     "slerp with two models": (_set("parameters", {"method": "slerp"}), "slerp takes at most 1"),
     "task fitness without family": (_set("training.fitness", "task"), "needs training.family"),
     "model folder missing": (_set("models.1.model", "/nonexistent/model"), "not found"),
+    "unknown chat template": (_set("chat_template", "chatmll"), "unknown chat_template"),
+    "tokenizer padding": (
+        _set("tokenizer", {"source": "union", "pad_to_multiple_of": 100}),
+        "changes the embedding rows",
+    ),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,10 @@ def _tensors(folder):
     return load_file(folder / "model.safetensors")
 
 
+def _resolved(path: str) -> str:
+    return str(Path(path).resolve())
+
+
 @pytest.mark.parametrize(
     ("method", "seed"),
     [("linear", 0), ("dare_ties", 7)],  # dare_ties: the seed must reach the same Bernoulli masks
@@ -37,7 +42,9 @@ def test_exported_recipe_reproduces_the_best_candidate(sources, tmp_path, method
     assert result is not None and result.output == out.resolve()
 
     evolved = MergeConfig.from_yaml(out / "evolved_recipe.yml")
-    assert evolved == result.recipe and evolved.merge_method == method
+    # the same recipe, its paths spelt from the file's folder
+    assert evolved.map_paths(_resolved) == result.recipe.map_paths(_resolved)
+    assert evolved.merge_method == method
     written = _tensors(out)
 
     # 1. the ordinary data-free merge of the exported recipe gives the same checkpoint
@@ -102,3 +109,49 @@ def test_output_folder_contents_and_stats(sources, tmp_path):
     lines = (out / "evolve_log.jsonl").read_text().splitlines()
     assert len(lines) == 17 and json.loads(lines[0])["kind"] == "header"
     assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_saved_recipes_rebuild_the_checkpoint_from_another_folder(sources, tmp_path, monkeypatch):
+    """The search runs with paths relative to its working folder, as a user writes them; its
+    ``evolved_recipe.yml`` and ``dammerge_config.yml`` then rebuild the same checkpoint (every
+    tensor equal) when merged from an unrelated working folder."""
+    root = sources.base.parent
+    recipe = evolve_recipe(sources, budget=4, popsize=2, layer_groups=1)
+    recipe["base_model"] = sources.base.name
+    for model, path, data in zip(
+        recipe["models"], (sources.a, sources.b), (sources.data_a, sources.data_b), strict=True
+    ):
+        model["model"] = path.name
+        model["dataset"]["path"] = data.name
+    monkeypatch.chdir(root)
+    out = tmp_path / "out"
+    evolve_merge(recipe, out, fitness=logits_mse_fitness(sources.target), seed=3, progress=False)
+    written = _tensors(out)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for saved in ("evolved_recipe.yml", "dammerge_config.yml"):
+        assert "relative to the folder of this file" in (out / saved).read_text()
+        again = merge(out / saved, tmp_path / f"again-{saved}", seed=3, progress=False)
+        rebuilt = _tensors(again)
+        assert rebuilt.keys() == written.keys()
+        for name, tensor in rebuilt.items():
+            assert torch.equal(tensor, written[name]), (saved, name)
+
+
+def test_chat_template_and_tokenizer_reach_the_output(sources, tmp_path):
+    from transformers import AutoTokenizer
+
+    recipe = {
+        **evolve_recipe(sources, budget=8, popsize=8),
+        "tokenizer_source": "union",
+        "chat_template": "chatml",
+    }
+    out = tmp_path / "out"
+    evolve_merge(recipe, out, fitness=logits_mse_fitness(sources.target), progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "w5"}], tokenize=False)
+    assert rendered == "<|im_start|>user\nw5<|im_end|>\n"
+    written = MergeConfig.from_yaml(out / "evolved_recipe.yml")
+    assert written.tokenizer_source == "union" and written.chat_template == "chatml"

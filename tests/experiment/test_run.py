@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -158,3 +159,80 @@ def test_missing_dataset_and_unloadable_model_are_named(micro_family: Path, tmp_
     with pytest.raises(DammergeError, match="math"):
         run_experiment(config, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "cells").exists()
+
+
+class _Computed(Exception):
+    """Raised by the stand-in for the first compute step: the output checks let the run go."""
+
+
+def _run_cli(monkeypatch, *args: object) -> int:
+    from dammerge.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["dammerge", *map(str, args)])
+    try:
+        main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.fixture
+def experiment_file(tmp_path: Path, monkeypatch) -> tuple[Path, list[str]]:
+    """An experiment file, with the run's first compute step (the family) replaced by a
+    recorder that stops the run: the list says whether the run got past its output checks."""
+    import dammerge.experiment.runner as runner
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment(tmp_path / "family", [SOUPS])))
+    computed: list[str] = []
+
+    def family(config):
+        computed.append(config.family)
+        raise _Computed
+
+    monkeypatch.setattr(runner, "_family", family)
+    return path, computed
+
+
+def test_unwritable_output_folders_are_refused_before_compute(
+    experiment_file, unwritable_folder, monkeypatch, capsys
+) -> None:
+    path, computed = experiment_file
+    for out in (unwritable_folder, unwritable_folder / "new"):
+        code = _run_cli(monkeypatch, "experiment", path, "-o", out)
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "cannot write" in errors[0], err
+    assert computed == []
+
+
+def test_a_folder_of_something_else_is_refused_and_left_alone(
+    experiment_file, tmp_path, monkeypatch, capsys
+) -> None:
+    path, computed = experiment_file
+    checkpoint = tmp_path / "merged-model"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    code = _run_cli(monkeypatch, "experiment", path, "-o", checkpoint)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "error:" in err and "not an experiment's folder" in err
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["config.json", "model.safetensors"]
+    assert computed == []
+
+
+def test_new_empty_and_earlier_experiment_folders_are_accepted(experiment_file, tmp_path) -> None:
+    path, computed = experiment_file
+    config = ExperimentConfig.from_yaml(path)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "experiment.json").write_text(json.dumps(config.model_dump(mode="json")))
+    (earlier / "cells").mkdir()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "new" / "run", empty, earlier):
+        with pytest.raises(_Computed):
+            run_experiment(config, out, progress=False)
+    assert len(computed) == 3

@@ -135,7 +135,7 @@ def test_one_process_context_is_the_identity():
     ranks = Distributed(torch.device("cpu"))
     param = torch.nn.Parameter(torch.ones(3))
     param.grad = torch.full((3,), 2.0)
-    assert ranks.reduce_step([param], [0.5, 1.5]) == [0.5, 1.5]
+    assert ranks.reduce_step([param], [0.5, 1.5]).losses == [0.5, 1.5]
     assert torch.equal(param.grad, torch.full((3,), 2.0))
     assert ranks.from_main(lambda: 7) == 7 and ranks.gather(5) == [5]
 

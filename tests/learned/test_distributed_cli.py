@@ -55,10 +55,12 @@ def _torchrun(ranks: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def _launch_ranks(ranks: int, *args: str, cwd: Path, **variables: str) -> list[tuple[int, str]]:
+def _launch_ranks(
+    ranks: int, *args: str, cwd: Path, launcher: Path | None = None, **variables: str
+) -> list[tuple[int, str]]:
     """The command on ``ranks`` processes given torchrun's variables by hand (rank 0 hosts the
     rendezvous), so that each rank's own exit code and output can be checked; returns
-    ``(exit code, stderr)`` per rank."""
+    ``(exit code, stderr)`` per rank. ``launcher``: a script run instead of ``-m dammerge``."""
     port = variables.pop("MASTER_PORT", None) or str(_free_port())
     launches, logs = [], []
     for rank in range(ranks):
@@ -73,7 +75,8 @@ def _launch_ranks(ranks: int, *args: str, cwd: Path, **variables: str) -> list[t
         }
         logs.append(cwd / f"rank{rank}.stderr")
         with logs[-1].open("w") as log:  # a file, not a pipe: a full pipe would block a rank
-            command = [sys.executable, "-m", "dammerge", *args]
+            entry = [str(launcher)] if launcher else ["-m", "dammerge"]
+            command = [sys.executable, *entry, *args]
             launches.append(
                 subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=log)
             )
@@ -175,11 +178,16 @@ def test_replicate_on_two_ranks_matches_one_process_and_only_rank_0_writes(
     assert done.stderr.count("merged model written to") == 1
 
 
-@pytest.mark.parametrize(("ranks", "teacher"), [(2, "on_the_fly"), (3, "precomputed")])
+@pytest.mark.parametrize(
+    ("ranks", "teacher", "offload"),
+    [(2, "on_the_fly", "none"), (3, "precomputed", "none"), (2, "precomputed", "layers")],
+)
 def test_shard_matches_one_process_with_a_kth_of_every_store_on_each_rank(
-    micro_family, references, tmp_path, ranks, teacher
+    micro_family, references, tmp_path, ranks, teacher, offload
 ):
-    recipe = _micro_recipe(micro_family, distributed="shard", keep_work=True, **TEACHERS[teacher])
+    recipe = _micro_recipe(
+        micro_family, distributed="shard", keep_work=True, offload=offload, **TEACHERS[teacher]
+    )
     _write(recipe, tmp_path)
     done = _torchrun(ranks, "merge", "dam.yaml", "out", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -269,6 +277,46 @@ def test_nan_on_one_rank_stops_every_rank_with_one_message(micro_family, derive,
     ]
     assert _errors(results[1][1]) == []
     assert all("Traceback" not in err for _, err in results)
+    assert not (tmp_path / "out").exists()
+
+
+# Runs the command line with rank 1 out of memory in step 3's forward and backward.
+OOM_ON_RANK_1 = """
+import os
+import sys
+
+import torch
+
+from dammerge.cli import main
+from dammerge.learned import train
+
+compute = train.Trainer._fused_losses
+
+
+def out_of_memory_on_rank_1(self, portions):
+    if self.step == 2 and os.environ["RANK"] == "1":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return compute(self, portions)
+
+
+train.Trainer._fused_losses = out_of_memory_on_rank_1
+sys.exit(main())
+"""
+
+
+def test_out_of_memory_on_one_rank_stops_every_rank_with_one_message(micro_family, tmp_path):
+    _write(_micro_recipe(micro_family, checkpoint_every=2, max_length=64), tmp_path)
+    launcher = tmp_path / "oom_on_rank_1.py"
+    launcher.write_text(OOM_ON_RANK_1)
+    results = _launch_ranks(2, "merge", "dam.yaml", "out", cwd=tmp_path, launcher=launcher)
+    assert [code for code, _ in results] == [2, 2]
+    work = tmp_path / "out.dammerge-work"
+    [error] = _errors(results[0][1])
+    assert error.startswith("error: out of memory on 1 of 2 ranks at step 3 (examples of up to ")
+    assert error.endswith(f"tokens); the last checkpoint (step 2) is kept in {work}")
+    assert _errors(results[1][1]) == []
+    assert all("Traceback" not in err for _, err in results)
+    assert _checkpoint_step(work / CHECKPOINT) == 2
     assert not (tmp_path / "out").exists()
 
 

@@ -221,7 +221,7 @@ def test_host_arena_hands_out_disjoint_views_of_power_of_two_segments():
     assert arena.reserved < 1.5 * sum(sizes)
 
 
-def test_offload_with_a_sharded_strategy_is_one_line_error(
+def test_offload_under_shard_plans_a_kth_of_the_layers_in_host_memory(
     untied_family, datasets_dir, dam_recipe, tmp_path
 ):
     from dammerge.learned.distributed import Distributed
@@ -230,10 +230,11 @@ def test_offload_with_a_sharded_strategy_is_one_line_error(
     plan = training_plan(
         dam_recipe, untied_family, datasets_dir, tmp_path / "out", offload="layers"
     )
-    sharded = Distributed(torch.device("cpu"), world_size=2, backend="gloo", strategy="shard")
-    with pytest.raises(ConfigError, match=r"does not combine with training\.distributed: shard"):
-        memory_plan(plan, sharded)
-    replicated = Distributed(
-        torch.device("cpu"), world_size=2, backend="gloo", strategy="replicate"
+    one = memory_plan(plan, Distributed(torch.device("cpu")))
+    sharded = memory_plan(
+        plan, Distributed(torch.device("cpu"), world_size=2, backend="gloo", strategy="shard")
     )
-    assert memory_plan(plan, replicated).strategy == "replicate"
+    stores = {p.strategy: next(i for i in p.items if i.name == "stores") for p in (one, sharded)}
+    assert sharded.strategy == "shard"
+    assert stores["shard"].host == pytest.approx(stores["single"].host / 2, rel=0.01)
+    assert stores["shard"].device == stores["single"].device  # two whole layers while computing

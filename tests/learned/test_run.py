@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import dammerge
+from dammerge.config import MergeConfig
 from dammerge.errors import DammergeError
 from dammerge.learned import run as run_module
 from dammerge.learned.export import COEFFICIENTS_FILE, STATS_FILE
@@ -45,6 +48,32 @@ def test_missing_field(untied_family, tmp_path, dam_recipe, datasets_dir, monkey
     recipe["models"][1]["dataset"]["fields"] = {"instruction": "question", "output": "answer"}
     monkeypatch.undo()
     prepare_recipe(recipe, tmp_path / "out")  # mapped: accepted
+
+
+@pytest.mark.parametrize(
+    "tokenizer", [{"tokenizer_source": "union"}, {"tokenizer": {"source": "base"}}]
+)
+def test_vocabulary_changes_are_refused(
+    untied_family, tmp_path, dam_recipe, datasets_dir, monkeypatch, tokenizer
+):
+    recipe = {**dam_recipe(*untied_family, datasets_dir), **tokenizer}
+    _expect_error(recipe, tmp_path / "out", "for data-free methods", monkeypatch)
+
+
+def test_chat_template_is_written_into_the_output(
+    untied_family, tmp_path, dam_recipe, datasets_dir
+):
+    from transformers import AutoTokenizer
+
+    recipe = {**dam_recipe(*untied_family, datasets_dir, steps=1), "chat_template": "chatml"}
+    out = dammerge.merge(recipe, tmp_path / "out", progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    conversation = [{"role": "user", "content": "w5"}]
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    assert rendered == "<|im_start|>user\nw5<|im_end|>\n"
+    bad = {**recipe, "chat_template": "chatmll"}
+    with pytest.raises(DammergeError, match="unknown chat_template"):
+        dammerge.merge(bad, tmp_path / "bad", progress=False)
 
 
 def test_weights_dtype_follows_training_then_recipe_then_base(
@@ -133,6 +162,10 @@ def test_bad_init_for_activation(untied_family, tmp_path, dam_recipe, datasets_d
     _expect_error(recipe, tmp_path / "out", "outside sigmoid's range", monkeypatch)
 
 
+def _resolved(path: str) -> str:
+    return str(Path(path).resolve())
+
+
 def _cli(capsys, monkeypatch, *args: str) -> tuple[int, str]:
     """Run ``dammerge ARGS`` in-process (as the console script does); returns (code, stderr)."""
     from dammerge.cli import main
@@ -163,7 +196,18 @@ def test_cli_end_to_end(untied_family, tmp_path, dam_recipe, datasets_dir, capsy
     assert torch.isfinite(model(torch.tensor([[1, 5, 7]])).logits).all()
     assert (out / COEFFICIENTS_FILE).is_file() and (out / "train_log.jsonl").is_file()
     assert "merge_method: dam" in (out / "dammerge_config.yml").read_text()
-    assert "dam" in (out / "README.md").read_text()
+    card = ModelCard.load(out / "README.md").data.to_dict()
+    assert card["base_model_relation"] == "merge" and card["tags"] == ["merge", "dammerge", "dam"]
+    assert card["base_model"] == [Path(recipe["base_model"]).name] + [
+        Path(m["model"]).name for m in recipe["models"]
+    ]
+    # the saved recipe names the same inputs when read from another working folder
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    saved = MergeConfig.from_yaml(out / "dammerge_config.yml")
+    monkeypatch.chdir(tmp_path)
+    original = MergeConfig.from_yaml("dam.yaml")
+    assert saved.map_paths(_resolved) == original.map_paths(_resolved)
     assert (tmp_path / "out.dammerge-work" / "checkpoint.pt").is_file()  # keep_work: true
     stats = json.loads((out / STATS_FILE).read_text())
     trained = 3 * 1 * len(recipe["models"])  # steps x batch size x sources
@@ -208,3 +252,27 @@ def test_work_folder_is_reused_only_by_the_same_recipe(
     with pytest.raises(DammergeError, match="belongs to a different recipe"):
         dammerge.merge(changed, out, progress=False)
     assert not out.exists()
+
+
+def test_unwritable_output_refused_before_training(
+    untied_family, unwritable_folder, dam_recipe, datasets_dir, monkeypatch
+):
+    recipe = dam_recipe(*untied_family, datasets_dir)
+    _expect_error(recipe, unwritable_folder / "out", "cannot write", monkeypatch)
+
+
+def test_inspect_refuses_unwritable_plots_before_reading(
+    unwritable_folder, tmp_path, capsys, monkeypatch
+):
+    from dammerge.learned import inspect as inspect_module
+
+    read = []
+    monkeypatch.setattr(inspect_module, "coefficient_rows", lambda folder: read.append(folder))
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    for plots in (unwritable_folder, unwritable_folder / "plots"):
+        code, err = _cli(capsys, monkeypatch, "inspect", str(merged), "--plots", str(plots))
+        assert code == 2 and "Traceback" not in err, err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "cannot write plots folder" in errors[0], err
+    assert read == []

@@ -198,3 +198,116 @@ def sce(base: np.ndarray, xs: Sequence[np.ndarray], select_topk: float) -> np.nd
         numerator = sum(w * v for w, v in counted)
         out[j] += numerator / max(sum(w for w, _ in counted), 1e-6)
     return out.reshape(base.shape)
+
+
+def _slerp_pair(t: float, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """SLERP of two vectors by the textbook formula; the straight line when exactly
+    (anti-)parallel (NuSLERP has no threshold)."""
+    na, nb = max(float(np.linalg.norm(a)), 1e-7), max(float(np.linalg.norm(b)), 1e-7)
+    cos = max(-1.0, min(1.0, float(a @ b) / (na * nb)))
+    if 1 - cos * cos <= 1e-16:
+        return (1 - t) * a + t * b
+    theta = math.acos(cos)
+    return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
+
+
+def nuslerp(t: float, v0: np.ndarray, v1: np.ndarray, flatten: bool, row_wise: bool) -> np.ndarray:
+    """NuSLERP: one SLERP of the flattened tensors, or one per vector along the last axis
+    (``row_wise``: along the first axis), each vector taken out with explicit indexing."""
+    if flatten:
+        return _slerp_pair(t, v0.ravel(), v1.ravel()).reshape(v0.shape)
+    axis = 0 if row_wise else v0.ndim - 1
+    out = np.empty_like(v0, dtype=np.float64)
+    others = [range(size) for k, size in enumerate(v0.shape) if k != axis]
+    for index in np.ndindex(*[len(r) for r in others]):
+        where = list(index)
+        where.insert(axis, slice(None))
+        out[tuple(where)] = _slerp_pair(t, v0[tuple(where)], v1[tuple(where)])
+    return out
+
+
+def karcher_by_descent(
+    xs: Sequence[np.ndarray], weights: Sequence[float], steps: int = 4000, rate: float = 0.3
+) -> np.ndarray:
+    """The weighted Karcher mean of the directions at the weighted mean norm, by brute force:
+    many short Riemannian gradient steps on Σ wᵢ arccos(μ·uᵢ)², starting from the first
+    direction (not from the chordal mean, as the library does)."""
+    total = sum(weights)
+    w = [v / total for v in weights]
+    norms = [float(np.linalg.norm(x)) for x in xs]
+    units = [x.ravel() / n for x, n in zip(xs, norms, strict=True)]
+    mu = units[0].copy()
+    for _ in range(steps):
+        gradient = np.zeros_like(mu)
+        for wi, u in zip(w, units, strict=True):
+            cos = max(-1.0, min(1.0, float(mu @ u)))
+            theta = math.acos(cos)
+            if theta > 1e-15:
+                gradient += wi * theta / math.sin(theta) * (u - cos * mu)
+        step = rate * gradient
+        length = float(np.linalg.norm(step))
+        if length < 1e-16:
+            break
+        mu = math.cos(length) * mu + math.sin(length) * step / length
+        mu /= np.linalg.norm(mu)
+    return sum(wi * n for wi, n in zip(w, norms, strict=True)) * mu.reshape(xs[0].shape)
+
+
+def nearswap(t: float, base: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """NearSwap entry by entry: weight min(1, max(0, t / max(|a − b|, 1e-6)))."""
+    out = np.empty(base.size)
+    for j, (a, b) in enumerate(zip(base.ravel(), other.ravel(), strict=True)):
+        w = min(1.0, max(0.0, t / max(abs(a - b), 1e-6)))
+        out[j] = w * b + (1 - w) * a
+    return out.reshape(base.shape)
+
+
+def arcee_fusion(base: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Arcee Fusion: importance |W − B| · KL(softmax(W row) + 1e-8 ‖ softmax(B row) + 1e-8) per
+    entry, the fence median + 1.5 (Q3 − Q1) with Q at sorted index ⌊q (n − 1)⌋, W at or above
+    it, B elsewhere."""
+    b2 = base.reshape(-1, base.shape[-1])
+    w2 = other.reshape(b2.shape)
+    importance = np.empty(b2.shape)
+    for i in range(b2.shape[0]):
+        p = np.exp(w2[i] - w2[i].max())
+        p = p / p.sum() + 1e-8
+        q = np.exp(b2[i] - b2[i].max())
+        q = q / q.sum() + 1e-8
+        kl = sum(pj * math.log(pj / qj) for pj, qj in zip(p, q, strict=True))
+        for j in range(b2.shape[1]):
+            importance[i, j] = abs(w2[i, j] - b2[i, j]) * kl
+    ranked = sorted(importance.ravel())
+    n = len(ranked)
+    q1, median, q3 = (ranked[int(f * (n - 1))] for f in (0.25, 0.5, 0.75))
+    fence = median + 1.5 * (q3 - q1)
+    return np.where(importance >= fence, w2, b2).reshape(base.shape)
+
+
+def ram(
+    base: np.ndarray,
+    xs: Sequence[np.ndarray],
+    epsilon: float,
+    r: float = 0.0,
+    alpha: float = 0.0,
+) -> np.ndarray:
+    """RAM (r = 0) and tensor-local RAM+, entry by entry: the models whose |δ| exceeds epsilon
+    at an entry are its contributors; one contributor adds λᵢδᵢ (λᵢ = 1 + r·min(max(ρᵢ, 0),
+    alpha), ρᵢ = #shared / max(#unique, epsilon) over model i's entries), several add their
+    mean, none leave the base."""
+    deltas = [(x - base).ravel() for x in xs]
+    size = deltas[0].size
+    contributors = [[i for i, d in enumerate(deltas) if abs(d[j]) > epsilon] for j in range(size)]
+    boosts = []
+    for i in range(len(deltas)):
+        shared = sum(1 for c in contributors if i in c and len(c) > 1)
+        unique = sum(1 for c in contributors if c == [i])
+        rho = shared / max(unique, epsilon) if r else 0.0
+        boosts.append(1.0 + r * min(max(rho, 0.0), alpha))
+    out = base.ravel().astype(np.float64).copy()
+    for j, c in enumerate(contributors):
+        if len(c) == 1:
+            out[j] += boosts[c[0]] * deltas[c[0]][j]
+        elif c:
+            out[j] += sum(deltas[i][j] for i in c) / len(c)
+    return out.reshape(base.shape)

@@ -29,11 +29,53 @@ EXPECTED = {  # name: (per-model parameters, global parameters), defaults in lis
     ),
     "della_linear": ({"weight": R, "density": 1.0, "epsilon": 0.15}, {**DROPS, "int8_mask": False}),
     "sce": ({}, {"normalize": True, "lambda": 1.0, "select_topk": 1.0, "int8_mask": False}),
+    "ram": ({}, {"epsilon": 1e-5}),
+    "ramplus_tl": ({}, {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}),
     "slerp": ({}, {"t": R}),
+    "nuslerp": ({"weight": R}, {"nuslerp_flatten": True, "nuslerp_row_wise": False}),
+    "multislerp": ({"weight": R}, {"normalize_weights": True, "eps": 1e-8}),
+    "karcher": ({}, {"max_iter": 10, "tol": 1e-5}),
     "model_stock": ({}, {"filter_wise": False}),
+    "nearswap": ({}, {"t": R}),
+    "arcee_fusion": ({}, {}),
     "passthrough": ({"scale": 1.0}, {}),
 }
-WITHOUT_BASE = ("linear", "passthrough")
+WITHOUT_BASE = ("linear", "passthrough", "nuslerp", "multislerp", "karcher")
+OPTIONAL_BASE = ("nuslerp", "multislerp")
+MODEL_COUNTS = {  # (min, max) besides a base handed over as `base`
+    "slerp": (1, 1),
+    "model_stock": (2, None),
+    "passthrough": (1, 1),
+    "nuslerp": (2, 2),
+    "nearswap": (1, 1),
+    "arcee_fusion": (1, 1),
+}
+# parameter: (a value in range, a value out of range) for every restricted parameter
+FLAGS = {"int8_mask": (False, "no")}
+RANGES = {
+    "linear": {"normalize": (False, 0)},
+    "task_arithmetic": {"normalize": (True, 1), "rescale": (True, "yes"), **FLAGS},
+    **{
+        name: {"normalize": (False, None), "rescale": (True, 1.0), **FLAGS}
+        for name in (
+            "ties",
+            "dare_linear",
+            "dare_ties",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+            "della",
+            "della_linear",
+        )
+    },
+    "sce": {"normalize": (True, "true"), **FLAGS},
+    "model_stock": {"filter_wise": (True, "rows")},
+    "ram": {"epsilon": (0.0, -1e-3)},
+    "ramplus_tl": {"r": (0.0, -0.1), "alpha": (0.0, -0.2), "epsilon": (1e-9, 0.0)},
+    "nuslerp": {"nuslerp_flatten": (False, 1), "nuslerp_row_wise": (True, "yes")},
+    "multislerp": {"normalize_weights": (False, 0.0), "eps": (1e-12, 0.0)},
+    "karcher": {"max_iter": (0, 2.5), "tol": (0.0, -1e-5)},
+    "nearswap": {"t": (0.0, -0.1)},
+}
 
 
 def test_every_method_has_its_parameters_defaults_and_paper():
@@ -45,10 +87,22 @@ def test_every_method_has_its_parameters_defaults_and_paper():
         assert record.model_params == model_params, name
         assert list(record.global_params.items()) == list(global_params.items()), name
         assert record.requires_base == (name not in WITHOUT_BASE), name
+        assert record.optional_base == (name in OPTIONAL_BASE), name
+        assert record.base_joins_models == (name == "karcher"), name
         assert record.stochastic == name.startswith(("dare", "della")), name
-    assert (METHODS["slerp"].min_models, METHODS["slerp"].max_models) == (1, 1)
-    assert (METHODS["model_stock"].min_models, METHODS["model_stock"].max_models) == (2, None)
-    assert (METHODS["passthrough"].min_models, METHODS["passthrough"].max_models) == (1, 1)
+        counts = (record.min_models, record.max_models)
+        assert counts == MODEL_COUNTS.get(name, (1, None)), name
+
+
+def test_restricted_parameters_admit_their_range_only():
+    for name, method in METHODS.items():
+        assert set(method.ranges) == set(RANGES.get(name, {})), name
+        assert set(method.ranges) <= set(method.model_params) | set(method.global_params), name
+    for name, checks in RANGES.items():
+        for key, (inside, outside) in checks.items():
+            allowed = METHODS[name].ranges[key]
+            assert allowed.admits(inside), (name, key, inside)
+            assert not allowed.admits(outside), (name, key, outside)
 
 
 def test_passthrough_copies_or_scales_its_one_model():

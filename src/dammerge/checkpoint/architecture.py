@@ -52,6 +52,8 @@ class ArchitectureSpec:
     norms: tuple[str, ...]
     linears: tuple[str, ...]
     transposed_linears: tuple[str, ...] = ()
+    # tensors with one row per token id (the rows a tokenizer change permutes and extends)
+    vocabulary: tuple[str, ...] = (r"embed_tokens\.weight$", r"^lm_head\.weight$")
     num_layers_keys: tuple[str, ...] = ("num_hidden_layers",)
     tie_default: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +102,7 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
         norms=(r"ln_\w+\.(weight|bias)$",),
         linears=(),
         transposed_linears=(r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$",),
+        vocabulary=(r"wte\.weight$", r"^lm_head\.weight$"),  # not wpe: one row per position
         num_layers_keys=("n_layer", "num_hidden_layers"),
         tie_default=True,
     ),
@@ -112,6 +115,10 @@ GENERIC = ArchitectureSpec(
     lm_head=(r"^(lm_head|output|embed_out)\.weight$",),
     norms=(r"(norm|ln)[\w]*\.(weight|bias)$",),
     linears=(r"\.weight$",),
+    vocabulary=(
+        r"(embed_tokens|wte|word_embeddings)\.weight$",
+        r"^(lm_head|output|embed_out)\.weight$",
+    ),
 )
 
 
@@ -163,6 +170,11 @@ class Architecture:
     @property
     def tie_word_embeddings(self) -> bool:
         return bool(self.config.get("tie_word_embeddings", self.spec.tie_default))
+
+    def is_vocabulary(self, name: str) -> bool:
+        """Whether tensor ``name`` has one row (first dimension) per token id: the input
+        embedding and the output head, whose rows follow the tokenizer."""
+        return _matches(self.spec.vocabulary, name) is not None
 
     def layer_index(self, name: str) -> int | None:
         match = re.search(self.spec.layer_pattern, name)

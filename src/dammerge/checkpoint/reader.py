@@ -180,6 +180,16 @@ class Checkpoint:
     def name(self) -> str:
         return self.path.name
 
+    @property
+    def folder(self) -> Path:
+        """The folder holding the model's config.json, tokenizer and generation config (its
+        ``path``; a LoRA reference's base folder)."""
+        return self.path
+
+    def source_folders(self) -> list[Path]:
+        """Every folder this checkpoint reads (an output must not overlap any)."""
+        return [self.path]
+
     def names(self) -> list[str]:
         return list(self._weight_map)
 

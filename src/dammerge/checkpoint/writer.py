@@ -8,7 +8,6 @@ processes are cleaned up on the next run.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -22,6 +21,13 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file as _safetensors_save_file
 
 from dammerge.errors import OutputError
+from dammerge.outputs import (
+    TMP_MARKER,
+    StagedFolder,
+    check_output_folder,
+    clean_stale_temporaries,
+    output_error,
+)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -34,7 +40,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-TMP_MARKER = ".dammerge-tmp-"
+__all__ = ["TMP_MARKER", "CheckpointWriter", "check_output_location", "clean_stale_temporaries"]
 
 
 _SAFETENSORS_DTYPES = {
@@ -84,7 +90,8 @@ def save_file(
 
 
 def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool) -> Path:
-    """Refuse outputs that would clobber an input or an existing folder; return it resolved."""
+    """Refuse outputs that would clobber an input or an existing folder, or that cannot be
+    written (a read-only disk, a file in the way); return it resolved. Runs before compute."""
     out = out.resolve()
     for src in inputs:
         src = src.resolve()
@@ -93,84 +100,39 @@ def check_output_location(out: Path, inputs: Iterable[Path], *, overwrite: bool)
                 f"output {out} overlaps input model {src}",
                 "inputs are never modified: choose an output folder outside every input",
             )
-    if out.exists() and not overwrite:
-        raise OutputError(f"output folder {out} already exists", "pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a folder")
+    if out.exists() and not overwrite:
+        raise OutputError(f"output folder {out} already exists", "pass --overwrite to replace it")
+    check_output_folder(out)
     return out
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_temporaries(out: Path) -> None:
-    """Remove temporary folders that killed runs left beside ``out``."""
-    if not out.parent.is_dir():
-        return
-    prefix = f".{out.name}{TMP_MARKER}"
-    for candidate in out.parent.glob(f"{prefix}*"):
-        pid_text = candidate.name[len(prefix) :].split("-")[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            shutil.rmtree(candidate, ignore_errors=True)
 
 
 class CheckpointWriter:
     """Collects tensors into safetensors shards inside a temporary folder.
 
     Use as a context manager: on a clean exit :meth:`commit` must have been called (it renames
-    the folder into place); on any exception the temporary folder is deleted.
+    the folder into place); on any exception the temporary folder is deleted. The folder
+    itself is a :class:`~dammerge.outputs.StagedFolder`, the one every command's output uses.
     """
 
     def __init__(self, out: Path, *, shard_size: int = 5 * 2**30, overwrite: bool = False):
         self.out = Path(out).resolve()
         self.shard_size = shard_size
         self.overwrite = overwrite
-        self.tmp = self.out.parent / f".{self.out.name}{TMP_MARKER}{os.getpid()}"
+        self._staged = StagedFolder(self.out, replace=overwrite)
+        self.tmp = self._staged.tmp
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[str, list[str]]] = []
         self._total_bytes = 0
-        self._committed = False
-        # the outermost parent folder this writer creates, removed again if the merge fails
-        missing = [p for p in (self.out.parent, *self.out.parent.parents) if not p.exists()]
-        self._created_parent: Path | None = missing[-1] if missing else None
 
     def __enter__(self) -> CheckpointWriter:
-        clean_stale_temporaries(self.out)
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp)
-            self.tmp.mkdir()
-        except OSError as exc:
-            raise _os_error(exc, self.out) from None
+        self._staged.__enter__()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if not self._committed:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self._remove_created_parents()
-
-    def _remove_created_parents(self) -> None:
-        """Undo ``mkdir -p`` of the output's parents, so a failed merge leaves no trace."""
-        if self._created_parent is None:
-            return
-        folder = self.out.parent
-        while True:
-            try:
-                folder.rmdir()  # only succeeds on empty folders: never removes anything else
-            except OSError:
-                return
-            if folder == self._created_parent:
-                return
-            folder = folder.parent
+        self._staged.__exit__(exc_type, exc, tb)
 
     # -- tensors --------------------------------------------------------------------------
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -190,7 +152,7 @@ class CheckpointWriter:
         try:
             save_file(self._pending, str(self.tmp / filename), metadata={"format": "pt"})
         except OSError as exc:
-            raise _os_error(exc, self.out) from None
+            raise output_error(exc, self.out) from None
         except SafetensorError as exc:  # the Rust writer reports I/O failures (disk full) here
             raise _safetensors_error(exc, self.out) from None
         self._shards.append((filename, list(self._pending)))
@@ -218,13 +180,13 @@ class CheckpointWriter:
         try:
             (self.tmp / name).write_text(text)
         except OSError as exc:
-            raise _os_error(exc, self.out) from None
+            raise output_error(exc, self.out) from None
 
     def copy_file(self, src: Path, name: str | None = None) -> None:
         try:
             shutil.copyfile(src, self.tmp / (name or src.name))
         except OSError as exc:
-            raise _os_error(exc, self.out) from None
+            raise output_error(exc, self.out) from None
 
     def write_config(self, config: dict[str, Any], dtype: torch.dtype) -> None:
         """Write ``config.json`` with its dtype updated to the written tensors' dtype."""
@@ -244,24 +206,18 @@ class CheckpointWriter:
                 copied.append(name)
         return copied
 
+    def save_tokenizer(self, tokenizer: Any) -> None:
+        """Write a transformers tokenizer's files (one the merge changed)."""
+        try:
+            tokenizer.save_pretrained(str(self.tmp))
+        except OSError as exc:
+            raise output_error(exc, self.out) from None
+
     # -- finish ---------------------------------------------------------------------------
     def commit(self) -> Path:
         """Finish shards and move the folder into place atomically."""
         self._finish_shards()
-        trash = None
-        try:
-            if self.out.exists():
-                if not self.overwrite:
-                    raise OutputError(f"output folder {self.out} appeared while merging")
-                trash = self.out.parent / f".{self.out.name}{TMP_MARKER}{os.getpid()}-old"
-                os.replace(self.out, trash)
-            os.replace(self.tmp, self.out)
-        except OSError as exc:
-            raise _os_error(exc, self.out) from None
-        self._committed = True
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        return self.out
+        return self._staged.commit()
 
 
 def _safetensors_error(exc: SafetensorError, out: Path) -> OutputError:
@@ -270,15 +226,5 @@ def _safetensors_error(exc: SafetensorError, out: Path) -> OutputError:
     match = re.search(r"os error (\d+)", text)
     if match:
         code = int(match.group(1))
-        return _os_error(OSError(code, os.strerror(code)), out)
+        return output_error(OSError(code, os.strerror(code)), out)
     return OutputError(f"cannot write {out}: {text}")
-
-
-def _os_error(exc: OSError, out: Path) -> OutputError:
-    if exc.errno == errno.ENOSPC:
-        return OutputError(
-            f"disk full while writing {out}", "free space on that disk or choose another output"
-        )
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OutputError(f"cannot write {out}: {exc.strerror}", "choose a writable location")
-    return OutputError(f"cannot write {out}: {exc}")

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from dammerge import __version__
 from dammerge.data.examples import pad_id
 from dammerge.devices import resolve_device
 from dammerge.errors import DammergeError
@@ -90,13 +91,16 @@ class EvaluationResult:
         return average_score(self.models[model])
 
     def to_json(self) -> dict[str, Any]:
-        """``{"models": {dir: {domain: {"score", "nll", "kl"}, ..., "average": a}}}``."""
+        """``{"models": {dir: {domain: {"score", "nll", "kl"}, ..., "average": a}},
+        "labels": {dir: label}, "settings": {...}}``: the scores, each model's label (``--names``)
+        and the settings that produced them, so a saved file says what it measured."""
         out: dict[str, Any] = {}
         for key, scores in self.models.items():
             entry: dict[str, Any] = {name: s.to_dict() for name, s in scores.items()}
             entry["average"] = self.average(key)
             out[key] = entry
-        return {"models": out}
+        labels = {key: self.labels.get(key, key) for key in self.models}
+        return {"models": out, "labels": labels, "settings": dict(self.settings)}
 
 
 def _family_data(
@@ -309,6 +313,8 @@ def evaluate_models(
             "device": str(torch_device),
             "dtype": str(torch_dtype).removeprefix("torch."),
             "family": str(family.root),
+            "decoding": "greedy",  # deterministic: no sampling, so no seed
+            "dammerge_version": __version__,
         },
         record_ids={
             name: [str(r.get("id", i)) for i, r in enumerate(d.records)] for name, d in data.items()

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from dammerge.errors import DammergeError
 from dammerge.evaluate.data import COMPOSITIONAL, load_domains
 from dammerge.family.manifest import Family, load_family
+from dammerge.outputs import StagedFolder, check_output_folder
 from dammerge.scoring import metrics
 from dammerge.scoring.generation import DEFAULT_MAX_NEW_TOKENS
 from dammerge.scoring.metrics import SECTION_BREAK
@@ -153,14 +152,13 @@ def _eos_string(family: Family) -> str | None:
     return load_tokenizer(family.models["base"]).eos_token
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DammergeError(f"{out} exists and is not a folder", "choose another export folder")
+def check_export_folder(out: Path, overwrite: bool) -> Path:
+    """Refuse an export folder that is a file, is not empty (without ``overwrite``) or cannot
+    be written; return it absolute. Runs before the eval sets are read."""
+    out = check_output_folder(out, "export folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DammergeError(f"{out} already exists and is not empty", "pass --overwrite")
-    resolved = out.resolve()
-    if not resolved.parent.exists():
-        raise DammergeError(f"{out.parent} does not exist", "create it first")
+    return out
 
 
 def export_lm_eval(
@@ -179,13 +177,12 @@ def export_lm_eval(
         raise DammergeError("--max-new-tokens must be at least 1")
     if not prefix.isidentifier():
         raise DammergeError(f"task prefix {prefix!r} is not a plain name", "use e.g. dammerge")
-    out = Path(out)
-    _check_target(out, overwrite)
+    out = check_export_folder(Path(out), overwrite)
     data = load_domains(family, limit=limit)
     stops = [SECTION_BREAK, *filter(None, [_eos_string(family)])]
     tasks = {name: f"{prefix}_{name}" for name in data}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
-    try:
+    with StagedFolder(out, replace=True) as staged:
+        tmp = staged.tmp
         (tmp / "data").mkdir()
         (tmp / "utils.py").write_text(utils_source(), encoding="utf-8")
         for name, domain in data.items():
@@ -199,10 +196,5 @@ def export_lm_eval(
             (tmp / f"{tasks[name]}.yaml").write_text(yaml_text, encoding="utf-8")
         members = [tasks[name] for name in data if name != COMPOSITIONAL]
         (tmp / f"{prefix}.yaml").write_text(group_yaml(prefix, members), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        staged.commit()
     return LmEvalExport(root=out, group=prefix, tasks=tasks)

@@ -7,15 +7,13 @@ leaves a truncated JSON that a script would then misread.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dammerge.errors import DammergeError
 from dammerge.evaluate.data import COMPOSITIONAL
 from dammerge.evaluate.evaluator import EvaluationResult
+from dammerge.outputs import check_output_file, write_json_atomic, write_text_atomic
 from dammerge.scoring.metrics import truncate_response
 
 if TYPE_CHECKING:
@@ -101,27 +99,13 @@ def markdown(result: EvaluationResult) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(result: EvaluationResult, path: str | Path) -> None:
     """``{"models": {dir: {domain: {"score", "nll", "kl"}, ..., "average": a}}}``."""
-    text = json.dumps(result.to_json(), indent=2) + "\n"
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+    write_json_atomic(path, result.to_json())
 
 
 def write_markdown(result: EvaluationResult, path: str | Path) -> None:
-    text = markdown(result)
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+    write_text_atomic(path, markdown(result))
 
 
 def write_responses(result: EvaluationResult, path: str | Path) -> None:
@@ -146,8 +130,7 @@ def write_responses(result: EvaluationResult, path: str | Path) -> None:
                         }
                     )
                 )
-    text = "\n".join(lines) + ("\n" if lines else "")
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+    write_text_atomic(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
 def write_plot(result: EvaluationResult, path: str | Path) -> None:
@@ -176,9 +159,10 @@ def scores_figure(result: EvaluationResult) -> Figure:
 
 
 def check_output_paths(*paths: Path | None, plot_path: Path | None = None) -> None:
-    """Reject unusable output paths before any compute (a folder, a plot not ending .png)."""
+    """Reject unusable output paths before any compute: a folder, a place that cannot be
+    written, a plot not ending .png."""
     for path in (*paths, plot_path):
-        if path is not None and path.is_dir():
-            raise DammergeError(f"{path} is a folder", "give a file name for the output")
+        if path is not None:
+            check_output_file(path)
     if plot_path is not None and plot_path.suffix.lower() != ".png":
         raise DammergeError(f"--plot {plot_path} must end in .png", "for example --plot scores.png")

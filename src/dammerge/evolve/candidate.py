@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from dammerge.checkpoint.reader import Checkpoint
-from dammerge.config import MergeConfig
+from dammerge.config import MergeConfig, ModelReference
 from dammerge.errors import CheckpointError
 from dammerge.executor import merge_tensor
 from dammerge.plan import MergePlan, build_plan
@@ -28,12 +28,13 @@ from dammerge.plan import MergePlan, build_plan
 class InMemoryCheckpoint:
     """A checkpoint's tensors held in memory (float tensors already in the compute dtype).
 
-    It answers the few questions the executor asks a :class:`Checkpoint` (``path``, ``name``,
-    ``get``), so a plan can point at it instead of the file.
+    It answers the few questions the executor asks a :class:`Checkpoint` (``path``, ``folder``,
+    ``name``, ``get``), so a plan can point at it instead of the file.
     """
 
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
         self.path = checkpoint.path
+        self.folder = checkpoint.folder
         self.name = checkpoint.name
         self._tensors: dict[str, torch.Tensor] = {}
         for name in checkpoint.names():
@@ -60,8 +61,11 @@ class InMemoryMerger:
         }
 
     def plan_for(self, cfg: MergeConfig) -> MergePlan:
-        """The executor's plan for ``cfg``, reading from memory instead of the files."""
-        plan = build_plan(cfg)
+        """The executor's plan for ``cfg``, reading from memory instead of the files. The
+        candidate's tensors need no tokenizer (the search refuses recipes whose tokenizer
+        changes the embedding rows), so none is loaded for each candidate."""
+        untokenized = {"tokenizer_source": None, "tokenizer": None, "chat_template": None}
+        plan = build_plan(cfg.model_copy(update=untokenized))
         return replace(
             plan,
             reference=self.sources[plan.reference.path],  # type: ignore[arg-type]
@@ -75,8 +79,9 @@ class InMemoryMerger:
         for tensor in plan.tensors:
             yield tensor.name, merge_tensor(plan, tensor, self.device, self.seed)
 
-    def source(self, path: str | Path) -> InMemoryCheckpoint:
-        return self.sources[Path(path).resolve()]
+    def source(self, reference: str | Path) -> InMemoryCheckpoint:
+        """The source a recipe's model reference names (a folder, or ``base+adapter``)."""
+        return self.sources[ModelReference.parse(str(reference)).key]
 
 
 class ModelSlot:

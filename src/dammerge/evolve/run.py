@@ -33,9 +33,15 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from dammerge import __version__
-from dammerge.checkpoint.reader import Checkpoint
+from dammerge.checkpoint.lora import open_model
 from dammerge.checkpoint.writer import CheckpointWriter, check_output_location
-from dammerge.config import DEFAULT_SHARD_SIZE, MergeConfig, RunOptions, load_config
+from dammerge.config import (
+    DEFAULT_SHARD_SIZE,
+    MergeConfig,
+    ModelReference,
+    RunOptions,
+    load_config,
+)
 from dammerge.data.tokenizer import load_tokenizer
 from dammerge.devices import resolve_device
 from dammerge.errors import ConfigError, DammergeError, Interrupted, OutputError
@@ -240,10 +246,17 @@ def prepare(
     if not cfg.models:
         raise ConfigError("the recipe lists no models", "add a 'models:' list")
     datasets = {m.model: m.dataset for m in cfg.models}
-    reference = Checkpoint(cfg.base_model or cfg.models[0].model)
+    first = ModelReference.parse(cfg.base_model or cfg.models[0].model)
+    reference = open_model(first.model, first.lora)
     space = SearchSpace(cfg, method, params, settings, reference.architecture.num_layers)
     plan = build_plan(space.to_config(space.x0()))
     space.check_filters(plan.reference.names())
+    if any(tensor.rows is not None for tensor in plan.tensors):
+        raise ConfigError(
+            "the recipe's tokenizer changes the embedding rows; the search merges the models "
+            "in the vocabulary they share",
+            "search over models that share one tokenizer, or drop tokenizer_source / tokenizer",
+        )
     popsize = settings.popsize or space.default_popsize()
     if settings.budget < popsize:
         raise ConfigError(
@@ -261,7 +274,7 @@ def prepare(
         )
     else:
         chosen = task_fitness_from_recipe(settings)
-    inputs = [ck.path for ck in plan.inputs]
+    inputs = [folder for ck in plan.inputs for folder in ck.source_folders()]
     out = check_output_location(output, inputs, overwrite=overwrite)
     work_dir = out.parent / f"{out.name}{WORK_SUFFIX}"
     if any(work_dir == p or p.is_relative_to(work_dir) for p in inputs):
@@ -330,7 +343,7 @@ def load_and_setup(
     """Load the sources once, build the reusable model, let the fitness prepare."""
     plan = prepared.plan
     merger = InMemoryMerger(plan, device, prepared.seed)
-    slot = ModelSlot(plan.reference.path, plan.held_dtype, device)
+    slot = ModelSlot(plan.reference.folder, plan.held_dtype, device)
     names = plan.reference.names()
     slot.check_names(names)
     tokenizer = load_tokenizer(plan.tokenizer_folder())
@@ -432,8 +445,10 @@ def export(
             merged = merge_tensor(plan, tensor, device, prepared.seed)
             writer.add(tensor.name, merged.to(plan.output_dtype(tensor)))
         write_side_files(writer, plan, prepared.seed)
-        writer.write_text(RECIPE_NAME, _recipe_text(recipe, result, prepared.seed, device))
-        writer.write_text(SOURCE_RECIPE_NAME, prepared.cfg.to_yaml())
+        writer.write_text(
+            RECIPE_NAME, _recipe_text(recipe, writer.out, result, prepared.seed, device)
+        )
+        writer.write_text(SOURCE_RECIPE_NAME, prepared.cfg.to_yaml(writer.out))
         writer.copy_file(prepared.work_dir / LOG_NAME)
         plot_fitness(
             result.records,
@@ -451,11 +466,14 @@ def export(
     return recipe
 
 
-def _recipe_text(recipe: MergeConfig, result: SearchResult, seed: int, device: torch.device) -> str:
+def _recipe_text(
+    recipe: MergeConfig, folder: Path, result: SearchResult, seed: int, device: torch.device
+) -> str:
+    """The best genome as an ordinary recipe saved in ``folder`` (paths relative to it)."""
     header = (
         f"# Evolved by dammerge {__version__}: best of {len(result.records)} fitness "
         f"evaluations (fitness {result.best.fitness:.6g}, evaluation {result.best.evaluation}).\n"
-        f"# Reproduce the checkpoint with: dammerge merge {RECIPE_NAME} OUT --seed {seed} "
-        f"--device {device.type}\n"
+        f"# Reproduce the checkpoint (from any folder) with: dammerge merge "
+        f"PATH/TO/{RECIPE_NAME} OUT --seed {seed} --device {device.type}\n"
     )
-    return header + recipe.to_yaml()
+    return header + recipe.to_yaml(folder)

@@ -56,7 +56,7 @@ class Gene:
 
 def participants_of(cfg: MergeConfig, method: MergeMethod) -> list[InputModel]:
     """The recipe's models that the method merges (the base is not one for base methods)."""
-    if not method.requires_base or cfg.base_model is None:
+    if not method.takes_base or cfg.base_model is None:
         return list(cfg.models)
     base = Path(cfg.base_model).resolve()
     return [m for m in cfg.models if Path(m.model).resolve() != base]
@@ -229,6 +229,8 @@ class SearchSpace:
             out_dtype=self.cfg.out_dtype,
             compute_dtype=self.cfg.compute_dtype,
             tokenizer_source=self.cfg.tokenizer_source,
+            tokenizer=self.cfg.tokenizer,
+            chat_template=self.cfg.chat_template,
             name=self.cfg.name,
         )
 

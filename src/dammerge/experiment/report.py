@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dammerge.outputs import StagedFolder
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -268,15 +270,20 @@ def redraw_plots(report: Path) -> list[str]:
 
 
 def write_report(config: ExperimentConfig, cells: list[Cell], out: Path) -> Path:
-    """Write report.md / report.json / report.html and the plots; return the report folder."""
+    """Write ``out/report/``: report.md / report.json / report.html and the plots, built in a
+    temporary folder and renamed into place whole; return the report folder."""
+    with StagedFolder(out / "report", replace=True) as staged:
+        _write_report_files(config, cells, staged.tmp)
+        return staged.commit()
+
+
+def _write_report_files(config: ExperimentConfig, cells: list[Cell], report: Path) -> None:
     import platform
 
     rows = collect_rows(cells)
     main = [r for r in rows if r.group != "ablation"]
     ablation = [r for r in rows if r.group == "ablation"]
     merged = [r for r in rows if r.compute]
-    report = out / "report"
-    report.mkdir(parents=True, exist_ok=True)
 
     tables = {"scores": scores_table(main), "compute": compute_table(merged)}
     if ablation:
@@ -309,7 +316,6 @@ def write_report(config: ExperimentConfig, cells: list[Cell], out: Path) -> Path
     }
     (report / "report.json").write_text(json.dumps(data, indent=2))
     (report / "report.html").write_text(_html(config.name, when, machine, tables, titles, plots))
-    return report
 
 
 def _cpu_count() -> int:

@@ -31,13 +31,15 @@ from typing import Any
 
 from rich.console import Console
 
-from dammerge.errors import DammergeError, Interrupted
+from dammerge.errors import DammergeError, Interrupted, OutputError
 from dammerge.evolve.report import peak_rss_mib
 from dammerge.experiment.config import ExperimentConfig, MethodSpec
 from dammerge.family.manifest import Family, load_family
+from dammerge.outputs import check_output_folder, write_json_atomic
 
 console = Console(stderr=True)
 REFERENCE_GROUP = "reference"
+EXPERIMENT_RECORD = "experiment.json"  # also what marks a folder as an experiment's
 
 
 @dataclass(frozen=True)
@@ -205,10 +207,29 @@ def _method_stats(model: Path) -> dict[str, Any]:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically: a killed run never leaves a half-written record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    temp.replace(path)
+    write_json_atomic(path, data, sort_keys=True)
+
+
+def is_experiment_folder(out: Path) -> bool:
+    """Whether ``out`` was written by an experiment (its ``experiment.json`` is there)."""
+    try:
+        data = json.loads((out / EXPERIMENT_RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"family", "methods"} <= set(data)
+
+
+def check_experiment_folder(out: Path) -> Path:
+    """Refuse an output folder that cannot be written, or that holds files of something other
+    than an experiment (a model checkpoint, say): the runner writes ``cells/`` and ``report/``
+    into it. An earlier experiment's folder is accepted: that is how a run resumes."""
+    out = check_output_folder(out, "experiment folder", fill=True)
+    if out.is_dir() and any(out.iterdir()) and not is_experiment_folder(out):
+        raise OutputError(
+            f"{out} is not empty and is not an experiment's folder",
+            "choose a new or empty folder with -o (an earlier run's folder resumes it)",
+        )
+    return out
 
 
 def run_experiment(
@@ -218,12 +239,11 @@ def run_experiment(
     from dammerge.experiment.evaluation import evaluate_cell
     from dammerge.experiment.report import write_report
 
-    out = Path(out)
+    out = check_experiment_folder(Path(out))
     family = _family(config)
     cells = plan_cells(config, family, out)
     validate_cells(cells, config.device)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "experiment.json", config.model_dump(mode="json"))
+    write_json(out / EXPERIMENT_RECORD, config.model_dump(mode="json"))
     if rerun:
         shutil.rmtree(out / "cells", ignore_errors=True)
     evaluation = config.evaluation.model_dump(mode="json")

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -26,11 +25,11 @@ from dammerge.errors import DammergeError
 from dammerge.family.manifest import DOMAINS, FORMAT, MANIFEST_NAME
 from dammerge.family.train import ModelShape, Schedule
 from dammerge.memory import reuse_freed_memory
+from dammerge.outputs import StagedFolder, check_output_folder
 
 METRICS = {"lang": "translation", "math": "exact_match", "sql": "execution"}
 COMPOSITIONAL_METRIC = "exact_match"
 MODEL_NAMES = ("base", *DOMAINS)
-TMP_MARKER = ".dammerge-tmp-"
 BUILD_THREADS = 2
 
 
@@ -141,9 +140,9 @@ def _data_paths(manifest: dict[str, Any]) -> list[str]:
 
 
 def _check_output(out: Path, force: bool) -> None:
-    """Refuse to build over a file or over a folder that holds something else."""
-    if out.exists() and not out.is_dir():
-        raise DammergeError(f"{out} exists and is not a folder", "choose another output folder")
+    """Refuse to build over a file or over a folder that holds something else, or where
+    nothing can be written (checked before the build's minutes of compute)."""
+    check_output_folder(out, "family folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         what = "a different family" if (out / MANIFEST_NAME).is_file() else "other files"
         raise DammergeError(
@@ -191,27 +190,6 @@ def deterministic_torch(threads: int | None = None) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
         torch.set_num_threads(previous_threads)
-
-
-def _tmp_folder(out: Path) -> Path:
-    return out.parent / f".{out.name}{TMP_MARKER}{os.getpid()}"
-
-
-def _clean_stale(out: Path) -> None:
-    from dammerge.checkpoint.writer import clean_stale_temporaries
-
-    clean_stale_temporaries(out)
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder to ``out``; an old ``out`` (with --force) is removed last."""
-    trash = None
-    if out.exists():
-        trash = out.parent / f".{out.name}{TMP_MARKER}{os.getpid()}-old"
-        os.replace(out, trash)
-    os.replace(tmp, out)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- phases
@@ -295,21 +273,10 @@ def build_family(
             say(f"cache hit: {out} already holds the {spec.name} family with seed {seed}")
             return BuildResult(out, manifest, cached=True)
     _check_output(out, force)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DammergeError(f"cannot create {out.parent}: {exc.strerror}") from None
-    _clean_stale(out)
-    tmp = _tmp_folder(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with StagedFolder(out, replace=True) as staged:
         with deterministic_torch(threads), reuse_freed_memory():
-            manifest = _build_into(tmp, spec, seed, say)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            manifest = _build_into(staged.tmp, spec, seed, say)
+        staged.commit()
     return BuildResult(out, manifest, cached=False)
 
 

@@ -22,8 +22,9 @@ def inspect_command(
     from rich.console import Console
     from rich.table import Table
 
-    from dammerge.learned.inspect import coefficient_rows, plot_coefficients
+    from dammerge.learned.inspect import coefficient_rows, plot_coefficients, plots_folder
 
+    plots = plots_folder(output_dir, plots)  # checked writable before anything is read
     console = Console()
     rows, metadata = coefficient_rows(output_dir)
     table = Table(

@@ -73,6 +73,14 @@ class Portion:
     weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class StepSums:
+    """A step's per-source losses summed over the ranks, and how many ranks failed it."""
+
+    losses: list[float]
+    failed_ranks: int = 0
+
+
 @dataclass
 class Distributed:
     """This process's place among the ranks of a run (one process: rank 0 of 1)."""
@@ -187,23 +195,31 @@ class Distributed:
             most = max(most, len(set(units[first:last])))
         return most
 
-    def reduce_step(self, params: list[torch.nn.Parameter], losses: list[float]) -> list[float]:
+    def reduce_step(
+        self, params: list[torch.nn.Parameter], losses: list[float], failed: bool = False
+    ) -> StepSums:
         """Sum the coefficient gradients and the per-source losses over the ranks, in place
         (gradients) and returned (losses). A parameter no rank produced a gradient for keeps
-        ``grad = None``, as in one process (the optimizer then leaves it alone)."""
+        ``grad = None``, as in one process (the optimizer then leaves it alone).
+
+        ``failed`` says this rank could not compute its part (it ran out of memory): it still
+        joins the reduction, so the others learn of it here instead of waiting for it in the
+        next collective until the timeout; the sums count the ranks that failed.
+        """
         if not self.enabled:
-            return losses
+            return StepSums(losses, int(failed))
         device = params[0].device if params else self.device
         flags = [0.0 if p.grad is None else 1.0 for p in params]
         parts = [
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
             for p in params
         ]
-        extras = torch.tensor(flags + list(losses), dtype=torch.float64, device=device)
+        extras = torch.tensor([*flags, *losses, float(failed)], dtype=torch.float64, device=device)
         buffer = torch.cat([*parts, extras])
         dist.all_reduce(buffer)
+        summed_extras = buffer[-len(extras) :].tolist()
         offset = 0
-        for param, flag in zip(params, buffer[-len(extras) :][: len(params)].tolist(), strict=True):
+        for param, flag in zip(params, summed_extras[: len(params)], strict=True):
             size = param.numel()
             if flag > 0:
                 summed = buffer[offset : offset + size].view_as(param).to(param.dtype)
@@ -211,7 +227,15 @@ class Distributed:
             else:
                 param.grad = None
             offset += size
-        return buffer[-len(losses) :].tolist() if losses else []
+        return StepSums(summed_extras[len(params) : -1], round(summed_extras[-1]))
+
+    def largest(self, value: int) -> int:
+        """The largest of every rank's ``value`` (on every rank)."""
+        if not self.enabled:
+            return value
+        box = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        return int(box.item())
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from dammerge import __version__
+from dammerge.checkpoint.card import CardFacts, card_text
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.checkpoint.writer import CheckpointWriter
 from dammerge.config import MergeConfig
 from dammerge.learned.model import MergedModel
 from dammerge.learned.settings import TrainingSettings
+from dammerge.vocabulary.output import write_tokenizer
 
 COEFFICIENTS_FILE = "dam_coefficients.safetensors"
 STATS_FILE = "learned_stats.json"
@@ -54,21 +54,28 @@ def save_coefficients(model: MergedModel, path: Path, metadata: dict[str, str]) 
 
 
 def model_card(
-    cfg: MergeConfig, model: MergedModel, settings: TrainingSettings, summary: dict[str, Any]
+    cfg: MergeConfig, settings: TrainingSettings, summary: dict[str, Any], recipe: str
 ) -> str:
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    sources = "\n".join(f"- `{name}`" for name in model.participants())
-    lines = "\n".join(f"- {key}: {value}" for key, value in summary.items())
-    return (
-        "---\nlibrary_name: transformers\ntags:\n- merge\n- dammerge\n"
-        f"- {cfg.merge_method}\n---\n\n"
-        f"# Merged model\n\nMade with dammerge {__version__} on {when} using "
-        f"**{cfg.merge_method}** (learned merge: {settings.parametrization} weights, "
-        f"{settings.granularity} coefficients, objective {settings.objective}).\n\n"
-        f"Base model: `{model.base_name}`\n\nParticipants:\n{sources}\n\n"
-        f"## Training\n\n{lines}\n\nThe learned coefficients are in `{COEFFICIENTS_FILE}`; "
-        "plot them with `dammerge inspect THIS_FOLDER`.\n\n"
-        f"## Recipe\n\n```yaml\n{cfg.to_yaml()}```\n"
+    """The model card of a learned merge: how it was trained, and the recipe as saved."""
+    seed = summary.get("seed")
+    lines = "\n".join(f"- {key}: {value}" for key, value in summary.items() if key != "seed")
+    training = (
+        f"{lines}\n\nThe learned coefficients are in `{COEFFICIENTS_FILE}`; "
+        "plot them with `dammerge inspect THIS_FOLDER`."
+    )
+    return card_text(
+        CardFacts(
+            method=cfg.merge_method,
+            description=(
+                f"learned merge: {settings.parametrization} weights, "
+                f"{settings.granularity} coefficients, objective {settings.objective}"
+            ),
+            base=Path(cfg.base_model) if cfg.base_model else None,
+            sources=[Path(m.model) for m in cfg.models],
+            recipe=recipe,
+            seed=seed if isinstance(seed, int) else None,
+            sections={"Training": training},
+        )
     )
 
 
@@ -85,6 +92,7 @@ def export_merged(
     overwrite: bool,
     out_dtype: torch.dtype | None = None,
     tokenizer_folder: Path | None = None,
+    chat_template: str | None = None,
     log_path: Path | None = None,
     summary: dict[str, Any] | None = None,
     stats: dict[str, Any] | None = None,
@@ -111,9 +119,10 @@ def export_merged(
         generation = base.path / "generation_config.json"
         if generation.is_file():
             writer.copy_file(generation)
-        writer.copy_tokenizer(tokenizer_folder or base.path)
-        writer.write_text("dammerge_config.yml", cfg.to_yaml())
-        writer.write_text("README.md", model_card(cfg, model, settings, summary))
+        write_tokenizer(writer, tokenizer_folder or base.path, chat_template=chat_template)
+        recipe = cfg.to_yaml(writer.out)
+        writer.write_text("dammerge_config.yml", recipe)
+        writer.write_text("README.md", model_card(cfg, settings, summary, recipe))
         save_coefficients(
             model,
             writer.tmp / COEFFICIENTS_FILE,

@@ -20,10 +20,12 @@ from safetensors import safe_open
 
 from dammerge.errors import DammergeError
 from dammerge.learned.export import COEFFICIENTS_FILE
+from dammerge.outputs import check_output_folder
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+PLOTS_FOLDER = "coefficient_plots"
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
@@ -90,6 +92,11 @@ def _by(rows: list[CoefficientRow], key) -> dict:
     return {k: sum(v) / len(v) for k, v in grouped.items()}
 
 
+def plots_folder(folder: Path, out_dir: Path | None = None) -> Path:
+    """The folder the plots go to (default ``FOLDER/coefficient_plots``), checked writable."""
+    return check_output_folder(out_dir or Path(folder) / PLOTS_FOLDER, "plots folder", fill=True)
+
+
 METHOD_NAMES = {"dam": "DAM", "adamerging": "AdaMerging"}
 COLOUR_LABEL = "mean effective coefficient"
 
@@ -99,7 +106,7 @@ def plot_coefficients(folder: Path, out_dir: Path | None = None) -> list[Path]:
     returns their paths."""
     from dammerge.plotting import save_png
 
-    out_dir = Path(out_dir or Path(folder) / "coefficient_plots")
+    out_dir = plots_folder(folder, out_dir)
     return [
         save_png(figure, out_dir / f"coefficients_{name}.png")
         for name, figure in coefficient_figures(folder).items()

@@ -484,7 +484,10 @@ def _stores(p: _Inputs, c: _Counts) -> MemoryItem:
     if p.settings.offload == "layers":  # two slots, each the size of the largest layer
         slots = min(2, len(layer_bytes)) * (layer_bytes[0] if layer_bytes else 0)
         pinned = " (pinned)" if p.cuda else ""
-        note = f"{c.n_store} copies; decoder layers in host memory{pinned}, two on the device"
+        share = f", 1/{c.ranks} each" if p.strategy == "shard" else ""
+        note = (
+            f"{c.n_store} copies; decoder layers in host memory{pinned}{share}, two on the device"
+        )
         return MemoryItem("stores", slots + head, c.per_rank(p, all_layers), note)
     note = f"{c.n_store} copies of every linear"
     gathered = 0
@@ -631,7 +634,7 @@ def _advice(p: _Inputs, device: str, capacity: int, host_capacity: int | None) -
         toggles.append(("gradient_checkpointing: true", {"gradient_checkpointing": True}))
     if s.objective != "entropy" and s.teacher == "on_the_fly":
         toggles.append(("teacher: precomputed", {"teacher": "precomputed"}))
-    if s.offload == "none" and p.strategy != "shard":  # streaming a shard: not yet
+    if s.offload == "none":
         toggles.append(("offload: layers", {"offload": "layers"}))
     advice = [label for label, update in toggles if fits(with_settings(**update))]
     ranks = None

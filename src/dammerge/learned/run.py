@@ -20,7 +20,7 @@ import torch
 
 from dammerge.checkpoint.reader import Checkpoint
 from dammerge.checkpoint.writer import check_output_location
-from dammerge.config import MergeConfig, RunOptions, parse_dtype
+from dammerge.config import MergeConfig, ModelReference, RunOptions, parse_dtype
 from dammerge.data.examples import encode_dataset, pad_id
 from dammerge.data.records import opened_records, select_records
 from dammerge.data.spec import DatasetSpec, require_dataset
@@ -33,6 +33,7 @@ from dammerge.learned.distributed import Distributed
 from dammerge.learned.offload import check_offloadable
 from dammerge.learned.settings import TrainingSettings
 from dammerge.terminal import console, print_lines
+from dammerge.vocabulary.chat import chat_template_text
 
 BOOKKEEPING = {
     "resume",
@@ -69,10 +70,17 @@ class LearnedPlan:
     steps: int
     fingerprint: str = ""
     names: list[str] = field(default_factory=list)
+    chat_template: str | None = None  # written into the output's tokenizer
 
 
 # -- validation -----------------------------------------------------------------------------
 def _check_recipe(cfg: MergeConfig, settings: TrainingSettings) -> list[DatasetSpec]:
+    if cfg.tokenizer is not None or cfg.tokenizer_source == "union":
+        raise ConfigError(
+            f"{cfg.merge_method} trains in the base's vocabulary; the 'tokenizer' block and "
+            "tokenizer_source: union are for data-free methods",
+            "remove them: the output gets the base's tokenizer (or tokenizer_source's)",
+        )
     if cfg.parameters or any(m.parameters for m in cfg.models):
         raise ConfigError(
             f"{cfg.merge_method} learns its coefficients; 'parameters' are for data-free methods",
@@ -86,9 +94,22 @@ def _check_recipe(cfg: MergeConfig, settings: TrainingSettings) -> list[DatasetS
         )
     if len(cfg.models) < 2:
         raise ConfigError(f"{cfg.merge_method} merges at least 2 models, got {len(cfg.models)}")
+    _refuse_lora_references(cfg)
     datasets = [require_dataset(m.model, m.dataset, "learned merging") for m in cfg.models]
     _check_init(settings, len(cfg.models))
     return datasets
+
+
+def _refuse_lora_references(cfg: MergeConfig) -> None:
+    """Learned merges read their models whole (teachers, the trained model) rather than
+    through the data-free planner's tensor-by-tensor reader that folds LoRA adapters in."""
+    for reference in [cfg.base_model or "", *(m.model for m in cfg.models)]:
+        if ModelReference.parse(reference).lora is not None:
+            raise ConfigError(
+                f"{cfg.merge_method} does not take LoRA references (model+adapter): {reference}",
+                "write the folded model first (merge_method: passthrough with that one "
+                "reference) and list its folder",
+            )
 
 
 def check_architecture(base: Checkpoint, sources: list[Checkpoint]) -> None:
@@ -251,6 +272,9 @@ def prepare(
         seed=seed,
         steps=total_steps(settings, data),
         names=_unique_names(sources),
+        chat_template=None
+        if cfg.chat_template is None
+        else chat_template_text(cfg.chat_template, [base.path, *(ck.path for ck in sources)]),
     )
     plan.fingerprint = _fingerprint(plan)
     return plan
@@ -386,6 +410,7 @@ def _build_model(plan: LearnedPlan, keep_teacher_weights: bool, ranks: Distribut
             dtype=plan.dtype,
             keep_teacher_weights=keep_teacher_weights,
             seed=plan.seed,
+            offload=plan.settings.offload == "layers",
         )
     return build_merged_model(
         plan.base,
@@ -474,14 +499,9 @@ def run_learned_merge(
 
 def memory_plan(plan: LearnedPlan, ranks: Distributed) -> Any:
     """The memory plan of this rank (see :mod:`dammerge.learned.memory_plan`), once the
-    strategy is settled; streaming a sharded merge is refused here."""
+    strategy is settled."""
     from dammerge.learned.memory_plan import plan_run
 
-    if ranks.sharded and plan.settings.offload == "layers":
-        raise ConfigError(
-            "training.offload: layers does not combine with training.distributed: shard yet",
-            "use offload: layers in one process or with replicate, or shard without offload",
-        )
     return plan_run(plan, ranks)
 
 
@@ -549,6 +569,7 @@ def _run_learned_merge(
         tokenizer_folder=None
         if cfg.tokenizer_source in (None, "base")
         else Path(cfg.tokenizer_source),
+        chat_template=plan.chat_template,
         log_path=plan.work_dir / "train_log.jsonl",
         summary=summary,
         stats=compute_stats(plan, model, result, ranks, held),

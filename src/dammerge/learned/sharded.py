@@ -16,6 +16,13 @@ The coefficients are not sharded (``ignored_params``): they are small (one row p
 input column), stay whole on every rank, and their gradients are all-reduced like
 ``replicate``'s, so both strategies train, check and checkpoint the same way.
 
+With ``training.offload: layers`` as well, each decoder layer's group keeps its shards in host
+memory (FSDP2's ``CPUOffloadPolicy``; pinned on CUDA): a layer's forward copies this rank's rows
+to the device and gathers the whole layer there, and frees it after the forward and again after
+the backward, so the device holds the gathered layers only while they compute (the current one
+and the one prefetched) and host memory 1/K of the stores. The stores are frozen, so no
+gradient goes through host memory; the coefficients are ignored by FSDP and stay on the device.
+
 FSDP2 splits a tensor unevenly only along dimension 0, and a store's weight axis is dimension 1
 (``(N, rows, ...)``): a store whose rows do not divide by K gets zero rows of padding up to the
 next multiple (at most K − 1 rows), which the merge modules leave out when they read it.
@@ -70,10 +77,12 @@ def build_sharded_model(
     dtype: torch.dtype,
     keep_teacher_weights: bool,
     seed: int,
+    offload: bool = False,
 ) -> MergedModel:
-    """This rank's shard of the merge module (see the module docstring)."""
+    """This rank's shard of the merge module (see the module docstring); ``offload`` keeps
+    the decoder layers' shards in host memory."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
     from torch.distributed.tensor import Shard
 
     builder = _ShardedBuilder(
@@ -95,13 +104,15 @@ def build_sharded_model(
 
     mesh = init_device_mesh(ranks.device.type, (ranks.world_size,))
     shard = {"mesh": mesh, "shard_placement_fn": placement, "ignored_params": ignored}
-    for layer in _decoder_layers(model, base):
-        fully_shard(layer, **shard)
+    layers = _decoder_layers(model, base)
+    in_host = {"offload_policy": CPUOffloadPolicy(pin_memory=ranks.device.type == "cuda")}
+    for layer in layers:
+        fully_shard(layer, **shard, **(in_host if offload else {}))
     head = model.model.get_output_embeddings()
     if isinstance(head, MergedLinear):
         fully_shard(head, **shard)
     fully_shard(model, **shard)
-    _allocate(model, ranks.device)
+    _allocate(model, ranks.device, host_modules=list(layers) if offload else [])
     _fill(model, base, builder.store, ranks)
     return model
 
@@ -118,14 +129,22 @@ def _decoder_layers(model: MergedModel, base: Checkpoint) -> nn.ModuleList:
     )
 
 
-def _allocate(model: MergedModel, device: torch.device) -> None:
-    """Memory for this rank's shards; the coefficients and buffers keep their values."""
+def _allocate(
+    model: MergedModel, device: torch.device, host_modules: list[nn.Module] | None = None
+) -> None:
+    """Memory for this rank's shards: on ``device``, or in host memory for the shards of
+    ``host_modules`` (offloaded groups); the coefficients and buffers keep their values and
+    stay on ``device``."""
     kept = {
         name: tensor.detach().clone()
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]
         if not tensor.is_meta and not _is_sharded(tensor)
     }
     model.to_empty(device=device)
+    for module in host_modules or []:
+        for param in module.parameters():
+            if _is_sharded(param):
+                param.data = torch.empty_like(param, device="cpu")
     state = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for name, value in kept.items():

@@ -422,14 +422,16 @@ class Trainer:
             "lower training.lr or check the data; running again resumes from that checkpoint",
         )
 
-    def _out_of_memory(self) -> TrainingOutOfMemory:
+    def _out_of_memory(self, failed_ranks: int = 0) -> TrainingOutOfMemory:
+        """The one-line stop; ``failed_ranks`` > 0 when the ranks learnt of it together."""
         kept = (
             f"the last checkpoint (step {self.saved_step}) is kept in {self.work_dir}"
             if self.saved_step is not None
             else "no checkpoint was written"
         )
+        where = f"{failed_ranks} of {self.ranks.world_size} ranks" if failed_ranks else self.device
         return TrainingOutOfMemory(
-            f"out of memory on {self.device} at step {self.step + 1} (examples of up to "
+            f"out of memory on {where} at step {self.step + 1} (examples of up to "
             f"{self.step_length} tokens); {kept}",
             f"set {', '.join(memory_options(self.settings, self.step_length))}; with "
             "gradient_checkpointing or offload changed, running again resumes from that checkpoint",
@@ -441,11 +443,13 @@ class Trainer:
         portions = self.ranks.portions([source.batch(self.step) for source in self.data])
         portions = [Portion(p.source, p.batch.to(self.device), p.weight) for p in portions]
         self.step_length = max((p.batch.input_ids.shape[1] for p in portions), default=0)
-        if self.fuse_sources:
-            losses = self._fused_losses(portions)
-        else:
-            losses = self._per_source_losses(portions)
-        terms, total = self._checked(self.ranks.reduce_step(self.params, losses))
+        losses, failed = self._local_losses(portions)
+        sums = self.ranks.reduce_step(self.params, losses, failed)
+        if sums.failed_ranks:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step_length = self.ranks.largest(self.step_length)
+            raise self._out_of_memory(sums.failed_ranks)
+        terms, total = self._checked(sums.losses)
         reg = regularisers(self.settings, self.model)
         if reg:
             reg_total = sum(reg.values())
@@ -469,6 +473,24 @@ class Trainer:
         terms["loss"] = total
         terms["grad_norm"] = norm
         return terms
+
+    def _local_losses(self, portions: list[Portion]) -> tuple[list[float], bool]:
+        """This rank's losses and gradients for the step, and whether it ran out of memory.
+
+        Replicated ranks share no collective before the step's reduction, so a rank that runs
+        out of memory reports it there and every rank stops together with one message. One
+        process, or sharded ranks (whose forward gathers every layer with the others), raise
+        at once instead.
+        """
+        try:
+            if self.fuse_sources:
+                return self._fused_losses(portions), False
+            return self._per_source_losses(portions), False
+        except (RuntimeError, MemoryError) as exc:
+            if not (out_of_memory(exc) and self.ranks.enabled and not self.ranks.sharded):
+                raise
+        self.optimizer.zero_grad(set_to_none=True)  # hand back what can be handed back
+        return [0.0] * len(self.data), True
 
     def _checked(self, losses: list[float]) -> tuple[dict[str, float], float]:
         """The sources' loss terms by log name, and their sum; a NaN or Inf stops training."""

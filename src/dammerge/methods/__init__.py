@@ -1,7 +1,8 @@
 """Data-free merge methods: pure kernels, composed by one catalogue, looked up by recipe name.
 
-``sparsify``, ``combine``, ``linear``, ``slerp`` and ``model_stock`` hold the kernels;
-:mod:`dammerge.methods.catalogue` binds them to recipe parameters and builds :data:`METHODS`.
+``sparsify``, ``combine``, ``linear``, ``slerp``, ``sphere``, ``model_stock``, ``selective``
+and ``ram`` hold the kernels; :mod:`dammerge.methods.catalogue` binds them to recipe
+parameters and builds :data:`METHODS`.
 """
 
 from __future__ import annotations

@@ -5,10 +5,12 @@ The task-vector family (mergekit's generalised task arithmetic) is one table,
 whether entries are selected across the models, how the models are weighted, and whether a sign
 consensus precedes the sum. The columns are :class:`Sparsifier`, :class:`Selection` and
 :class:`Weighting` records; each binds recipe parameters to its kernel's arguments, here and
-nowhere else, and one runner (:func:`merge_task_vectors`) executes every row. Linear, SLERP and
-Model Stock are not task-vector sums and are listed beside the table with their one-line
-bindings, as is passthrough (one model's tensors, optionally scaled: layer stacking with
-``slices``).
+nowhere else, and one runner (:func:`merge_task_vectors`) executes every row. Linear, RAM, the
+spherical methods (SLERP, NuSLERP, Multi-SLERP, Karcher), Model Stock, NearSwap and Arcee Fusion
+are not task-vector sums and are listed beside the table with their one-line bindings, as is
+passthrough (one model's tensors, optionally scaled: layer stacking with ``slices``). Each
+record lists its parameters with their defaults and, where values are restricted, their
+:class:`~dammerge.methods.base.ValueRange`.
 
 Adding a method is a kernel (in ``sparsify.py``, ``combine.py`` or a module of its own) and a
 row; see ``docs/adding-a-method.md``.
@@ -23,7 +25,15 @@ from typing import Any
 
 import torch
 
-from dammerge.methods.base import REQUIRED, MergeInputs, MergeMethod
+from dammerge.methods.base import (
+    COUNT,
+    FLAG,
+    NON_NEGATIVE,
+    POSITIVE,
+    REQUIRED,
+    MergeInputs,
+    MergeMethod,
+)
 from dammerge.methods.combine import (
     SCE_CONSENSUS,
     TIES_CONSENSUS,
@@ -33,7 +43,9 @@ from dammerge.methods.combine import (
 )
 from dammerge.methods.linear import linear
 from dammerge.methods.model_stock import model_stock
-from dammerge.methods.slerp import slerp
+from dammerge.methods.ram import reinforced_agent_merge
+from dammerge.methods.selective import arcee_fusion, nearswap
+from dammerge.methods.slerp import interpolation_position, nuslerp, slerp
 from dammerge.methods.sparsify import (
     RescaleMode,
     magnitude_band,
@@ -43,6 +55,7 @@ from dammerge.methods.sparsify import (
     rescale_kept,
     top_variance_mask,
 )
+from dammerge.methods.sphere import karcher_mean, multislerp
 
 Params = Mapping[str, Any]
 
@@ -294,6 +307,7 @@ def task_vector_method(row: TaskVectorRow) -> MergeMethod:
     model_params = dict(row.weighting.model_params)
     if row.sparsify is not None:
         model_params.update(row.sparsify.model_params)
+    flags = [key for key in ("normalize", "rescale") if key in global_params]
     return MergeMethod(
         name=row.name,
         summary=row.summary,
@@ -301,6 +315,7 @@ def task_vector_method(row: TaskVectorRow) -> MergeMethod:
         run=partial(merge_task_vectors, row),
         model_params=model_params,
         global_params={**global_params, "int8_mask": False},
+        ranges={key: FLAG for key in (*flags, "int8_mask")},
         requires_base=True,
         stochastic=row.sparsify is not None and row.sparsify.stochastic,
     )
@@ -317,6 +332,7 @@ LINEAR = MergeMethod(
     ),
     model_params={"weight": REQUIRED},
     global_params={"normalize": True},
+    ranges={"normalize": FLAG},
 )
 SLERP = MergeMethod(
     name="slerp",
@@ -335,6 +351,7 @@ MODEL_STOCK = MergeMethod(
         _base(inputs), inputs.tensors, filter_wise=bool(inputs.params["filter_wise"])
     ),
     global_params={"filter_wise": False},
+    ranges={"filter_wise": FLAG},
     requires_base=True,
     min_models=2,
 )
@@ -355,13 +372,138 @@ PASSTHROUGH = MergeMethod(
     max_models=1,
 )
 
+RAM_PAPER = "https://arxiv.org/abs/2601.13572"
+RAM = MergeMethod(
+    name="ram",
+    summary="keep task-vector entries one model changes, average those several models change",
+    paper=RAM_PAPER,
+    run=lambda inputs: reinforced_agent_merge(
+        _base(inputs), inputs.tensors, epsilon=float(inputs.params["epsilon"])
+    ),
+    global_params={"epsilon": 1e-5},
+    ranges={"epsilon": NON_NEGATIVE},
+    requires_base=True,
+)
+RAMPLUS_TL = MergeMethod(
+    name="ramplus_tl",
+    summary="RAM, each model's unique entries amplified by its shared/unique ratio in the tensor",
+    paper=RAM_PAPER,
+    run=lambda inputs: reinforced_agent_merge(
+        _base(inputs),
+        inputs.tensors,
+        epsilon=float(inputs.params["epsilon"]),
+        r=float(inputs.params["r"]),
+        alpha=float(inputs.params["alpha"]),
+    ),
+    global_params={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+    ranges={"r": NON_NEGATIVE, "alpha": NON_NEGATIVE, "epsilon": POSITIVE},
+    requires_base=True,
+)
+
+
+def on_task_vectors(
+    inputs: MergeInputs, merge: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+) -> torch.Tensor:
+    """``merge`` of the models' tensors; with a base, of their task vectors ``W_i − B``, and
+    the base added back (the methods whose base is optional)."""
+    base = inputs.base
+    if base is None:
+        return merge(inputs.tensors)
+    return base + merge([tensor - base for tensor in inputs.tensors])
+
+
+def _nuslerp(inputs: MergeInputs) -> torch.Tensor:
+    t = interpolation_position(*_recipe_weights(inputs.model_params))
+    flatten = bool(inputs.params["nuslerp_flatten"])
+    row_wise = bool(inputs.params["nuslerp_row_wise"])
+    return on_task_vectors(
+        inputs, lambda xs: nuslerp(t, xs[0], xs[1], flatten=flatten, row_wise=row_wise)
+    )
+
+
+def _multislerp(inputs: MergeInputs) -> torch.Tensor:
+    if len(inputs.tensors) == 1:  # one model: itself, with or without a base
+        return inputs.tensors[0]
+    weights = _recipe_weights(inputs.model_params)
+    normalize = bool(inputs.params["normalize_weights"])
+    eps = float(inputs.params["eps"])
+    return on_task_vectors(
+        inputs, lambda xs: multislerp(xs, weights, normalize_weights=normalize, eps=eps)
+    )
+
+
+NUSLERP = MergeMethod(
+    name="nuslerp",
+    summary="spherical interpolation of two models (of their task vectors with a base), "
+    "t = w2 / (w1 + w2); whole tensors or row/column vectors",
+    paper="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md#nuslerp-nuslerp",
+    run=_nuslerp,
+    model_params={"weight": REQUIRED},
+    global_params={"nuslerp_flatten": True, "nuslerp_row_wise": False},
+    ranges={"nuslerp_flatten": FLAG, "nuslerp_row_wise": FLAG},
+    optional_base=True,
+    min_models=2,
+    max_models=2,
+)
+MULTISLERP = MergeMethod(
+    name="multislerp",
+    summary="weighted mean of N models (of their task vectors with a base) on the sphere, "
+    "at their weighted mean norm",
+    paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    run=_multislerp,
+    model_params={"weight": REQUIRED},
+    global_params={"normalize_weights": True, "eps": 1e-8},
+    ranges={"normalize_weights": FLAG, "eps": POSITIVE},
+    optional_base=True,
+)
+KARCHER = MergeMethod(
+    name="karcher",
+    summary="Karcher (Riemannian) mean of the models' directions on the sphere, at their mean "
+    "norm; a base_model is one more model",
+    paper="https://arxiv.org/abs/2603.04972",
+    run=lambda inputs: karcher_mean(
+        inputs.tensors,
+        max_iter=int(inputs.params["max_iter"]),
+        tol=float(inputs.params["tol"]),
+    ),
+    global_params={"max_iter": 10, "tol": 1e-5},
+    ranges={"max_iter": COUNT, "tol": NON_NEGATIVE},
+    base_joins_models=True,
+)
+NEARSWAP = MergeMethod(
+    name="nearswap",
+    summary="move each base entry toward the other model by at most t: close entries swap",
+    paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    run=lambda inputs: nearswap(float(inputs.params["t"]), _base(inputs), inputs.tensors[0]),
+    global_params={"t": REQUIRED},
+    ranges={"t": NON_NEGATIVE},
+    requires_base=True,
+    max_models=1,
+)
+ARCEE_FUSION = MergeMethod(
+    name="arcee_fusion",
+    summary="take the other model's entries whose change (|delta| x row KL) is an outlier, "
+    "keep the base elsewhere",
+    paper="https://www.arcee.ai/blog/meet-mergekit-v0-1-arcee-fusion-expanded-model-support-multi-gpu-acceleration",
+    run=lambda inputs: arcee_fusion(_base(inputs), inputs.tensors[0]),
+    requires_base=True,
+    max_models=1,
+)
+
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (
         LINEAR,
         *(task_vector_method(row) for row in TASK_VECTOR_ROWS),
+        RAM,
+        RAMPLUS_TL,
         SLERP,
+        NUSLERP,
+        MULTISLERP,
+        KARCHER,
         MODEL_STOCK,
+        NEARSWAP,
+        ARCEE_FUSION,
         PASSTHROUGH,
     )
 }

@@ -1,4 +1,4 @@
-"""The SLERP kernel: spherical interpolation between two tensors."""
+"""The SLERP kernels: spherical interpolation between two tensors (SLERP, NuSLERP)."""
 
 from __future__ import annotations
 
@@ -39,3 +39,59 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> to
     s0 = math.sin((1 - t) * theta) / sin_theta
     s1 = math.sin(t * theta) / sin_theta
     return s0 * v0 + s1 * v1
+
+
+def interpolation_position(w0: float, w1: float) -> float:
+    """NuSLERP's ``t`` from the two models' recipe weights.
+
+    Returns:
+        ``w1 / (w0 + w1)``, the second model's share; ``0.5`` when ``|w0 + w1| < 1e-6``.
+    """
+    total = w0 + w1
+    return 0.5 if abs(total) < 1e-6 else w1 / total
+
+
+def nuslerp(
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    *,
+    flatten: bool = True,
+    row_wise: bool = False,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """NuSLERP (mergekit): spherical interpolation of whole tensors or of each of their vectors.
+
+    Args:
+        t: the position, ``0`` gives ``v0`` and ``1`` gives ``v1``.
+        v0: the first tensor (a task vector when the recipe has a base).
+        v1: the second tensor, same shape.
+        flatten: interpolate the tensors as two flat vectors; else vector by vector.
+        row_wise: without ``flatten``, the vectors are the slices along the first dimension
+            (``W[:, j]`` of a matrix) instead of the last (``W[i, :]``), as mergekit's
+            ``nuslerp_row_wise`` reads.
+        eps: pairs with ``1 − cos²θ ≤ eps²`` count as (anti-)parallel.
+
+    Returns:
+        For each pair of vectors ``a, b``: ``(sin((1 − t) θ) a + sin(t θ) b) / sin θ`` with
+        ``cos θ = â · b̂`` (``â = a / max(‖a‖, 1e-7)``), or ``(1 − t) a + t b`` where the pair
+        is (anti-)parallel. Unlike :func:`slerp` there is no 0.9995 threshold: only pairs
+        parallel to rounding precision fall back to the line (an antiparallel pair whose
+        computed cosine is not exactly −1 has no defined geodesic and gives large values, as
+        in mergekit).
+    """
+    if flatten:
+        a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    else:
+        axis = 0 if row_wise else -1
+        a, b = v0.movedim(axis, -1), v1.movedim(axis, -1)
+    unit_a = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    unit_b = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (unit_a * unit_b).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
+    parallel = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(parallel, 0.0, cos))  # π/2 on the unused branch: no 0/0
+    curved = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    result = torch.where(parallel, (1 - t) * a + t * b, curved)
+    if flatten:
+        return result.reshape(v0.shape)
+    return result.movedim(-1, 0 if row_wise else -1)
