@@ -150,12 +150,15 @@ def demo_command(
     full: Annotated[
         bool, typer.Option(help="Run the full comparison: 3 seeds, AdaMerging, the ablation.")
     ] = False,
+    size: Annotated[
+        str, typer.Option(help="Family: small (the demo) or micro (a fast first run, tiny budgets)")
+    ] = "small",
 ) -> None:
     """Build the miniature family, merge its specialists every way, and score each merge."""
     from dammerge.demo import run_demo
 
     configure_threads()
-    run_demo(output, full=full)
+    run_demo(output, full=full, size=size)
 
 
 # Commands that live with their packages. Each package keeps its typer functions in its own

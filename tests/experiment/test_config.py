@@ -131,15 +131,17 @@ def test_unknown_source_domain_is_a_clear_error(tmp_path: Path) -> None:
         complete_recipe(config.methods[0], family)
 
 
-@pytest.mark.parametrize("name", ["quick", "small-family"])
+@pytest.mark.parametrize(
+    ("name", "size"), [("quick", "small"), ("small-family", "small"), ("micro", "micro")]
+)
 def test_shipped_experiments_validate_on_a_family(
-    name: str, micro_family: Path, tmp_path: Path
+    name: str, size: str, micro_family: Path, tmp_path: Path
 ) -> None:
     from dammerge.demo import SHIPPED
     from dammerge.experiment.runner import validate_cells
 
     config = ExperimentConfig.from_yaml(SHIPPED / f"{name}.yaml")
-    assert config.build is not None and config.build.size == "small"
+    assert config.build is not None and config.build.size == size
     family = load_family(micro_family)
     cells = plan_cells(config, family, tmp_path / "out")
     validate_cells(cells, "cpu")  # every recipe accepted by its method, nothing computed

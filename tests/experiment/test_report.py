@@ -7,8 +7,20 @@ import statistics
 from pathlib import Path
 
 from dammerge.experiment.config import ExperimentConfig
-from dammerge.experiment.report import collect_rows, fmt, write_report
+from dammerge.experiment.report import (
+    Row,
+    coefficients_figure,
+    collect_rows,
+    draw_plots,
+    fmt,
+    redraw_plots,
+    score_vs_compute_figure,
+    scores_figure,
+    write_report,
+)
 from dammerge.experiment.runner import Cell
+
+from ..plot_checks import assert_png_fits, assert_readable, drawn_tick_labels
 
 
 def scores(lang: float, math: float, sql: float) -> dict:
@@ -59,4 +71,98 @@ def test_report_writes_tables_and_plots(tmp_path: Path) -> None:
     assert [r["name"] for r in data["rows"]] == ["base", "Soups", "KL"]
     for plot in ("scores.png", "score_vs_compute.png"):
         assert (report / plot).stat().st_size > 1000
+    assert data["coefficients"] == {}  # no learned cell here
     assert "<table>" in (report / "report.html").read_text()
+
+
+# The shipped full comparison's rows: long names, a tight cluster of DAM objectives, small scores.
+SMALL_FAMILY_ROWS = [
+    ("Model Soups", "main", "linear", 0.05, 0.020),
+    ("Task arithmetic", "main", "task_arithmetic", 0.09, 0.020),
+    ("TIES", "main", "ties", 0.23, 0.028),
+    ("DARE-TIES", "main", "dare_ties", 0.25, 0.040),
+    ("DAM", "main", "dam", 59.0, 0.132),
+    ("DAM (paper defaults)", "main", "dam", 52.2, 0.023),
+    ("AdaMerging", "main", "adamerging", 40.2, 0.023),
+    ("Evolve (CMA-ES, TIES)", "main", "evolve", 65.7, 0.021),
+    ("Evolve (CMA-ES, TIES, 800 evaluations)", "main", "evolve", 315.6, 0.018),
+    ("KL", "ablation", "dam", 55.4, 0.126),
+    ("KL + Reg", "ablation", "dam", 51.3, 0.129),
+    ("KL + Cosine", "ablation", "dam", 47.6, 0.132),
+    ("KL + Cosine + Reg", "ablation", "dam", 59.8, 0.129),
+    ("MSE + Cosine", "ablation", "dam", 54.1, 0.025),
+    ("Entropy", "ablation", "dam", 41.7, 0.005),
+    ("Entropy + Cosine", "ablation", "dam", 40.6, 0.006),
+]
+
+
+def small_family_rows() -> list[Row]:
+    rows = [Row(name, "reference", [scores(0.09, 0.0, 0.0)]) for name in ("base", "lang", "math")]
+    rows.append(Row("sql", "reference", [scores(0.08, 0.0, 0.95)]))
+    for name, group, method, wall, average in SMALL_FAMILY_ROWS:
+        record = scores(average, average / 2, average * 1.5)
+        compute = {"wall_seconds": wall, "method": "ties" if method == "evolve" else method}
+        if method == "evolve":
+            compute["fitness_evaluations"] = 160
+        elif method in ("dam", "adamerging"):
+            compute["backward_passes"] = 900
+        rows.append(Row(name, group, [record, record], [compute, compute]))
+    return rows
+
+
+def test_report_plots_are_readable_with_sixteen_methods(tmp_path: Path) -> None:
+    """The full comparison's plots: no text overlaps or leaves the canvas, each saved PNG fits
+    a screen with a sensible aspect, scores are scaled to the data, learned coefficients form a
+    grid with whole-number layer ticks."""
+    rows = small_family_rows()
+    main = [r for r in rows if r.group != "ablation"]
+    merged = [r for r in rows if r.compute]
+    scores_plot = scores_figure(main)
+    lang = scores_plot.axes[0]
+    assert lang.get_xlim()[0] == 0 and lang.get_xlim()[1] < 0.3  # not a fixed 0-1 axis
+    assert [label.get_text() for label in lang.get_yticklabels()][-1].count("\n") == 1
+    compute_plot = score_vs_compute_figure(merged)
+    ax = compute_plot.axes[0]
+    assert -0.01 < ax.get_ylim()[0] <= 0 and ax.get_ylim()[1] < 0.2  # 0 in view, not 0-1
+    assert sorted(t.get_text() for t in ax.texts) == sorted(r.name for r in merged)
+    kinds = [t.get_text() for t in compute_plot.legends[0].texts]
+    assert kinds == ["data-free", "learned (DAM, AdaMerging)", "evolutionary search"]
+    profiles = {
+        r.name: {"lang": [0.3, 0.34], "math": [0.35, 0.31], "sql": [0.36, 0.33]}
+        for r in rows
+        if r.compute and r.compute[0]["method"] in ("dam", "adamerging")
+    }
+    coefficients = coefficients_figure(profiles)
+    panels = [a for a in coefficients.axes if a.axison]
+    assert len(panels) == len(profiles) == 10
+    for figure in (scores_plot, compute_plot, coefficients):
+        assert_readable(figure)
+    for panel in panels:
+        panel.figure.draw_without_rendering()
+        assert [t.get_text() for t in drawn_tick_labels(panel.xaxis)] == ["0", "1"]
+    paths = draw_plots(rows, profiles, tmp_path)
+    assert paths == ["scores.png", "score_vs_compute.png", "coefficients.png"]
+    for name in paths:
+        assert_png_fits(tmp_path / name)
+
+
+def test_plots_are_redrawn_from_report_json_alone(tmp_path: Path) -> None:
+    """report.json holds what the plots need (coefficient profiles included): redrawing from it,
+    with the cells gone, writes the same PNGs byte for byte."""
+    rows = small_family_rows()
+    profiles = {"DAM": {"lang": [0.3, 0.34], "math": [0.35, 0.31], "sql": [0.36, 0.33]}}
+    first = tmp_path / "first"
+    draw_plots(rows, profiles, first)
+    data = {
+        "rows": [
+            {"name": r.name, "group": r.group, "scores": r.scores, "compute": r.compute}
+            for r in rows
+        ],
+        "coefficients": profiles,
+    }
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "report.json").write_text(json.dumps(data))
+    assert redraw_plots(again) == ["scores.png", "score_vs_compute.png", "coefficients.png"]
+    for name in ("scores.png", "score_vs_compute.png", "coefficients.png"):
+        assert (again / name).read_bytes() == (first / name).read_bytes()

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dammerge.errors import DammergeError
 from dammerge.evaluate.data import COMPOSITIONAL
 from dammerge.evaluate.evaluator import EvaluationResult
-from dammerge.outputs import atomic_file, check_output_file, write_json_atomic, write_text_atomic
+from dammerge.outputs import check_output_file, write_json_atomic, write_text_atomic
 from dammerge.scoring.metrics import truncate_response
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -131,35 +134,28 @@ def write_responses(result: EvaluationResult, path: str | Path) -> None:
 
 
 def write_plot(result: EvaluationResult, path: str | Path) -> None:
-    """Grouped bars: one group per domain (and average, compositional), one bar per model."""
-    import matplotlib
+    """Score bars: one panel per domain (and average, compositional), one bar per model."""
+    from dammerge.plotting import save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    save_png(scores_figure(result), Path(path))
+
+
+def scores_figure(result: EvaluationResult) -> Figure:
+    """The figure :func:`write_plot` saves: each panel scaled to its own scores from 0."""
+    from dammerge.plotting import ScoreCell, score_panels
 
     header, _ = score_rows(result)
-    groups = header[1:]
     keys = list(result.models)
-    width = 0.8 / max(len(keys), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, len(groups) * (0.8 + 0.25 * len(keys))), 4))
-    for i, key in enumerate(keys):
-        scores = result.models[key]
-        values = [result.average(key) if g == "average" else scores[g].score for g in groups]
-        xs = [g + (i - (len(keys) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [0.0 if v is None else v for v in values], width, label=result.labels[key])
-    ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("score (primary metric)")
-    ax.set_title("Per-domain scores")
-    ax.legend(
-        fontsize="small", ncols=min(len(keys), 4), loc="upper center", bbox_to_anchor=(0.5, -0.1)
-    )
-    fig.tight_layout()
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-    finally:
-        plt.close(fig)
+    columns = {
+        group: [
+            ScoreCell(
+                result.average(key) if group == "average" else result.models[key][group].score
+            )
+            for key in keys
+        ]
+        for group in header[1:]
+    }
+    return score_panels([result.labels[key] for key in keys], columns, "Per-domain scores")
 
 
 def check_output_paths(*paths: Path | None, plot_path: Path | None = None) -> None:

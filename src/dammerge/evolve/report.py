@@ -6,8 +6,12 @@ import resource
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dammerge.evolve.log import EvalRecord
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def peak_rss_mib(who: int = resource.RUSAGE_SELF) -> float:
@@ -17,11 +21,15 @@ def peak_rss_mib(who: int = resource.RUSAGE_SELF) -> float:
 
 
 def plot_fitness(records: Sequence[EvalRecord], path: Path, title: str) -> None:
-    """Fitness of every evaluation and the best so far, over the evaluation count (PNG)."""
-    import matplotlib
+    """Write :func:`fitness_figure` to ``path`` (PNG)."""
+    from dammerge.plotting import save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    save_png(fitness_figure(records, title), path)
+
+
+def fitness_figure(records: Sequence[EvalRecord], title: str) -> Figure:
+    """Fitness of every evaluation and the best so far, over the evaluation count."""
+    from dammerge.plotting import integer_ticks, new_figure, wrap
 
     ordered = sorted(records, key=lambda r: r.evaluation)
     xs = [r.evaluation + 1 for r in ordered if r.fitness is not None]
@@ -30,14 +38,14 @@ def plot_fitness(records: Sequence[EvalRecord], path: Path, title: str) -> None:
     for y in ys:
         running = max(running, y)
         best.append(running)
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=110)
-    axes.scatter(xs, ys, s=10, alpha=0.5, label="candidate")
-    axes.plot(xs, best, color="tab:red", linewidth=2, label="best so far")
-    axes.set_xlabel("fitness evaluation")
-    axes.set_ylabel("fitness (higher is better)")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend(loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    figure, axes = new_figure(7, 4)
+    ax = axes[0][0]
+    ax.scatter(xs, ys, s=10, alpha=0.5, label="candidate")
+    ax.step(xs, best, where="post", color="tab:red", linewidth=2, label="best so far")
+    integer_ticks(ax.xaxis)
+    ax.set_xlabel("fitness evaluation")
+    ax.set_ylabel("fitness (higher is better)")
+    ax.set_title(wrap(title, 70))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return figure

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from dammerge.outputs import StagedFolder
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from dammerge.experiment.config import ExperimentConfig
     from dammerge.experiment.runner import Cell
 
@@ -132,58 +134,80 @@ def compute_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def plot_scores(rows: list[Row], path: Path) -> None:
-    """Grouped bars: each row's per-domain scores and average, with std over seeds."""
-    import matplotlib
+def scores_figure(rows: list[Row]) -> Figure:
+    """Each row's per-domain scores and average (mean ± std over seeds), one panel per column."""
+    from dammerge.plotting import ScoreCell, score_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = [*DOMAINS, "average"]
-    width = 0.8 / len(columns)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4))
-    for k, column in enumerate(columns):
-        stats = [mean_std(row.values(column)) for row in rows]
-        means = [m or 0.0 for m, _ in stats]
-        errors = [s or 0.0 for _, s in stats]
-        xs = [i + (k - len(columns) / 2 + 0.5) * width for i in range(len(rows))]
-        ax.bar(xs, means, width, yerr=errors, label=column, capsize=2)
-    ax.set_xticks(range(len(rows)), [row.name for row in rows], rotation=30, ha="right")
-    ax.set_ylabel("score")
-    ax.set_ylim(0, 1)
-    ax.legend(ncols=len(columns), fontsize="small")
-    ax.set_title("Held-out score by method")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    columns = {
+        column: [ScoreCell(*mean_std(row.values(column))) for row in rows]
+        for column in (*DOMAINS, "average")
+    }
+    groups = [row.group for row in rows]
+    separators = [i for i in range(1, len(rows)) if groups[i] != groups[i - 1]]
+    return score_panels([row.name for row in rows], columns, "Held-out score by method", separators)
 
 
-def plot_score_vs_compute(rows: list[Row], path: Path) -> None:
-    """Average score against merge wall time: what each method buys with its compute."""
-    import matplotlib
+# How each kind of merge is drawn in the score-against-compute plot: (kind, colour, marker).
+LEARNED_KIND = ("learned (DAM, AdaMerging)", "tab:red", "o")
+SEARCH_KIND = ("evolutionary search", "tab:purple", "D")
+DATA_FREE_KIND = ("data-free", "tab:blue", "s")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+def merge_kind(compute: dict[str, Any]) -> tuple[str, str, str]:
+    """A merge's kind from its compute record: a search counts fitness evaluations, a learned
+    merge backward passes (an evolve record names the method it searched over, e.g. ties)."""
+    if compute.get("fitness_evaluations"):
+        return SEARCH_KIND
+    if compute.get("backward_passes") or compute.get("method") in ("dam", "adamerging"):
+        return LEARNED_KIND
+    return DATA_FREE_KIND
+
+
+def score_vs_compute_figure(rows: list[Row]) -> Figure:
+    """Average score against merge wall time (log scale): what each method buys with its
+    compute. Each point is labelled beside it; the score axis starts at 0."""
+    from dammerge.plotting import new_figure, place_labels
+
+    points = []
     for row in rows:
-        wall, score = (
-            mean_std(row.compute_values("wall_seconds"))[0],
-            mean_std(row.values("average"))[0],
-        )
-        if wall is None or score is None:
-            continue
-        ax.scatter([wall], [score])
-        ax.annotate(
-            row.name, (wall, score), fontsize="small", xytext=(3, 3), textcoords="offset points"
+        wall = mean_std(row.compute_values("wall_seconds"))[0]
+        score = mean_std(row.values("average"))[0]
+        if wall is not None and score is not None:
+            points.append((max(wall, 1e-3), score, row.name, merge_kind(row.compute[0])))
+    figure, axes = new_figure(8.5, 5.5)
+    ax = axes[0][0]
+    for kind, colour, marker in dict.fromkeys(p[3] for p in points):
+        chosen = [p for p in points if p[3] == (kind, colour, marker)]
+        ax.scatter(
+            [p[0] for p in chosen],
+            [p[1] for p in chosen],
+            s=30,
+            c=colour,
+            marker=marker,
+            label=kind,
+            zorder=3,
         )
     ax.set_xscale("log")
+    top = max((p[1] for p in points), default=0.0)
+    top = top or 0.1
+    ax.set_ylim(-0.03 * top, top * 1.25)  # 0 in view, a zero score's marker drawn whole
+    if points:
+        walls = [p[0] for p in points]
+        ax.set_xlim(min(walls) / 4, max(walls) * 4)  # room for labels on either side
     ax.set_xlabel("merge wall time (s, log scale)")
     ax.set_ylabel("average score")
     ax.set_title("Score against compute")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.grid(alpha=0.3)
+    if points:
+        figure.legend(loc="outside lower center", ncols=3, fontsize="small")
+        place_labels(
+            ax,
+            [p[0] for p in points],
+            [p[1] for p in points],
+            [p[2] for p in points],
+            fontsize="x-small",
+        )
+    return figure
 
 
 def coefficient_profiles(model: Path) -> dict[str, list[float]]:
@@ -202,34 +226,53 @@ def coefficient_profiles(model: Path) -> dict[str, list[float]]:
     }
 
 
-def plot_coefficient_profiles(rows: list[Row], path: Path) -> bool:
-    """Mean learned coefficient over depth per source model, for each learned row (first seed)."""
+def learned_profiles(rows: list[Row]) -> dict[str, dict[str, list[float]]]:
+    """The coefficient profile of each learned row's first seed, keyed by row name."""
     from dammerge.learned.export import COEFFICIENTS_FILE
 
-    profiles = {
+    return {
         row.name: coefficient_profiles(row.models[0])
         for row in rows
-        if (row.models[0] / COEFFICIENTS_FILE).exists()
+        if row.models and (row.models[0] / COEFFICIENTS_FILE).exists()
     }
-    if not profiles:
-        return False
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(profiles), figsize=(4.5 * len(profiles), 3.5), squeeze=False)
-    for ax, (name, by_model) in zip(axes[0], profiles.items(), strict=True):
-        for model, values in by_model.items():
-            ax.plot(range(len(values)), values, marker="o", label=model)
-        ax.set_title(name)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("mean coefficient")
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+def coefficients_figure(profiles: dict[str, dict[str, list[float]]]) -> Figure:
+    """Mean learned coefficient over depth per source model, one panel per learned method."""
+    from dammerge.plotting import line_grid
+
+    panels = {
+        name: {model: list(enumerate(values)) for model, values in by_model.items()}
+        for name, by_model in profiles.items()
+    }
+    return line_grid(panels, "Learned coefficients over depth (first seed)", "mean coefficient")
+
+
+def draw_plots(
+    rows: list[Row], profiles: dict[str, dict[str, list[float]]], folder: Path
+) -> list[str]:
+    """Write the report's PNGs into ``folder`` from rows and coefficient profiles (what
+    ``report.json`` holds); return their file names."""
+    from dammerge.plotting import save_png
+
+    main = [r for r in rows if r.group != "ablation"]
+    merged = [r for r in rows if r.compute]
+    figures = {
+        "scores.png": scores_figure(main),
+        "score_vs_compute.png": score_vs_compute_figure(merged),
+    }
+    if profiles:
+        figures["coefficients.png"] = coefficients_figure(profiles)
+    for name, figure in figures.items():
+        save_png(figure, folder / name)
+    return list(figures)
+
+
+def redraw_plots(report: Path) -> list[str]:
+    """Draw a report folder's PNGs again from its ``report.json`` (no model or cell needed)."""
+    data = json.loads((Path(report) / "report.json").read_text())
+    rows = [Row(r["name"], r["group"], r["scores"], r["compute"]) for r in data["rows"]]
+    return draw_plots(rows, data.get("coefficients", {}), Path(report))
 
 
 def write_report(config: ExperimentConfig, cells: list[Cell], out: Path) -> Path:
@@ -251,11 +294,8 @@ def _write_report_files(config: ExperimentConfig, cells: list[Cell], report: Pat
     tables = {"scores": scores_table(main), "compute": compute_table(merged)}
     if ablation:
         tables["ablation"] = ablation_table(ablation)
-    plot_scores(main, report / "scores.png")
-    plot_score_vs_compute(merged, report / "score_vs_compute.png")
-    plots = ["scores.png", "score_vs_compute.png"]
-    if plot_coefficient_profiles(rows, report / "coefficients.png"):
-        plots.append("coefficients.png")
+    profiles = learned_profiles(rows)
+    plots = draw_plots(rows, profiles, report)
 
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.machine()}, {_cpu_count()} cores, device {config.device}"
@@ -273,6 +313,7 @@ def _write_report_files(config: ExperimentConfig, cells: list[Cell], report: Pat
             for r in rows
         ],
         "tables": {k: {"title": TITLES[k], "header": h, "rows": b} for k, (h, b) in tables.items()},
+        "coefficients": profiles,
     }
     (report / "report.json").write_text(json.dumps(data, indent=2))
     (report / "report.html").write_text(_html(config.name, when, machine, tables, TITLES, plots))

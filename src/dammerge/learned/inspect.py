@@ -13,13 +13,17 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
 from dammerge.errors import DammergeError
 from dammerge.learned.export import COEFFICIENTS_FILE
-from dammerge.outputs import atomic_file, check_output_folder
+from dammerge.outputs import check_output_folder
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PLOTS_FOLDER = "coefficient_plots"
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
@@ -93,87 +97,105 @@ def plots_folder(folder: Path, out_dir: Path | None = None) -> Path:
     return check_output_folder(out_dir or Path(folder) / PLOTS_FOLDER, "plots folder", fill=True)
 
 
-def plot_coefficients(folder: Path, out_dir: Path | None = None) -> list[Path]:
-    """Write the PNGs; returns their paths."""
-    import matplotlib
+METHOD_NAMES = {"dam": "DAM", "adamerging": "AdaMerging"}
+COLOUR_LABEL = "mean effective coefficient"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot_coefficients(folder: Path, out_dir: Path | None = None) -> list[Path]:
+    """Write the PNGs (by layer; by module type, one panel each; by model, a heat map each);
+    returns their paths."""
+    from dammerge.plotting import save_png
 
     out_dir = plots_folder(folder, out_dir)
+    return [
+        save_png(figure, out_dir / f"coefficients_{name}.png")
+        for name, figure in coefficient_figures(folder).items()
+    ]
+
+
+def coefficient_figures(folder: Path) -> dict[str, Figure]:
+    """The coefficient plots of a learned merge's output folder, keyed by name (``by_layer``,
+    and where block layers were merged ``by_module`` and ``by_model``)."""
     rows, metadata = coefficient_rows(folder)
     participants = list(dict.fromkeys(r.participant for r in rows))
     block = [r for r in rows if r.layer is not None and not r.module.endswith(".bias")]
+    method = metadata.get("method", "learned")
     title = (
-        f"{metadata.get('method', 'learned')} coefficients ({metadata.get('granularity', '?')},"
+        f"{METHOD_NAMES.get(method, method)} coefficients"
+        f" ({metadata.get('granularity', '?')} granularity,"
         f" {metadata.get('parametrization', '?')} weights)"
     )
-    written = []
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    figures = {"by_layer": _by_layer_figure(rows, block, participants, title)}
     if block:
+        figures["by_module"] = _by_module_figure(block, participants, title)
+        figures["by_model"] = _by_model_figure(block, participants, title)
+    return figures
+
+
+def _by_layer_figure(
+    rows: list[CoefficientRow], block: list[CoefficientRow], participants: list[str], title: str
+) -> Figure:
+    """Mean coefficient per layer, one line per participant (one bar each at model granularity)."""
+    from dammerge.plotting import integer_ticks, new_figure
+
+    figure, axes = new_figure(7.5, 4.2)
+    ax = axes[0][0]
+    if block:
+        layers = sorted({r.layer for r in block if r.layer is not None})
         for p in participants:
             means = _by([r for r in block if r.participant == p], lambda r: r.layer)
-            layers = sorted(means)
-            ax.plot(layers, [means[k] for k in layers], marker="o", label=p)
+            ax.plot(sorted(means), [means[k] for k in sorted(means)], marker="o", label=p)
+        integer_ticks(ax.xaxis, layers)
         ax.set_xlabel("layer")
+        ax.legend(fontsize="small")
     else:  # model granularity: one value per participant
         means = _by(rows, lambda r: r.participant)
         ax.bar(list(means), list(means.values()))
-    ax.set_ylabel("mean effective coefficient")
+    ax.set_ylabel(COLOUR_LABEL)
+    ax.grid(alpha=0.3)
     ax.set_title(title)
-    if block:
-        ax.legend()
-    written.append(_save(fig, out_dir / "coefficients_by_layer.png"))
+    return figure
+
+
+def _by_module_figure(block: list[CoefficientRow], participants: list[str], title: str) -> Figure:
+    """One panel per module type: mean coefficient per layer, one line per participant."""
+    from dammerge.plotting import line_grid
+
+    panels = {}
+    for module in sorted({r.module for r in block}):
+        panels[module] = {}
+        for p in participants:
+            means = _by([r for r in block if r.module == module and r.participant == p], _layer)
+            panels[module][p] = [(k, means[k]) for k in sorted(means)]
+    return line_grid(panels, title, "mean coefficient")
+
+
+def _by_model_figure(block: list[CoefficientRow], participants: list[str], title: str) -> Figure:
+    """One heat map per participant: module type (rows) by layer (columns), one colour scale."""
+    from dammerge.plotting import new_figure
 
     modules = sorted({r.module for r in block})
-    if modules:
-        cols = min(4, len(modules))
-        nrows = -(-len(modules) // cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
-        for ax, module in zip(axes.flat, modules, strict=False):
-            for p in participants:
-                sel = [r for r in block if r.module == module and r.participant == p]
-                means = _by(sel, lambda r: r.layer)
-                layers = sorted(means)
-                ax.plot(layers, [means[k] for k in layers], marker=".", label=p)
-            ax.set_title(module)
-            ax.set_xlabel("layer")
-        for ax in list(axes.flat)[len(modules) :]:
-            ax.axis("off")
-        axes.flat[0].legend(fontsize="small")
-        fig.suptitle(title)
-        written.append(_save(fig, out_dir / "coefficients_by_module.png"))
-
-        layers = sorted({r.layer for r in block})
-        fig, axes = plt.subplots(
-            1, len(participants), figsize=(4 * len(participants), 3.5), squeeze=False
-        )
-        grids = []
-        for p in participants:
-            means = _by([r for r in block if r.participant == p], lambda r: (r.module, r.layer))
-            grids.append([[means.get((m, k), float("nan")) for k in layers] for m in modules])
-        flat = [v for g in grids for row in g for v in row if v == v]
-        vmin, vmax = (min(flat), max(flat)) if flat else (0.0, 1.0)
-        for index, (ax, p, grid) in enumerate(zip(axes.flat, participants, grids, strict=True)):
-            image = ax.imshow(grid, aspect="auto", vmin=vmin, vmax=vmax, cmap="viridis")
-            ax.set_title(p)
-            ax.set_yticks(range(len(modules)), modules if index == 0 else [""] * len(modules))
-            ax.set_xticks(range(len(layers)), [str(k) for k in layers])
-            ax.set_xlabel("layer")
-        fig.colorbar(image, ax=list(axes.flat))
-        fig.suptitle(title)
-        written.append(_save(fig, out_dir / "coefficients_by_model.png"))
-    return written
+    layers = sorted({r.layer for r in block if r.layer is not None})
+    grids = []
+    for p in participants:
+        means = _by([r for r in block if r.participant == p], lambda r: (r.module, r.layer))
+        grids.append([[means.get((m, k), float("nan")) for k in layers] for m in modules])
+    flat = [v for grid in grids for row in grid for v in row if v == v]
+    low, high = (min(flat), max(flat)) if flat else (0.0, 1.0)
+    width = 1.6 + len(participants) * min(3.2, max(1.6, 0.45 * len(layers) + 0.6))
+    figure, axes = new_figure(width, 1.6 + 0.32 * len(modules), 1, len(participants), sharey=True)
+    step = -(-len(layers) // 6)  # at most 6 layer labels per heat map
+    for ax, p, grid in zip(axes[0], participants, grids, strict=True):
+        image = ax.imshow(grid, aspect="auto", vmin=low, vmax=high, cmap="viridis")
+        ax.set_title(p)
+        ax.set_xticks(range(0, len(layers), step), [str(k) for k in layers[::step]])
+        ax.set_xlabel("layer", fontsize="small")
+        ax.tick_params(labelsize="small")
+    axes[0][0].set_yticks(range(len(modules)), modules)
+    figure.colorbar(image, ax=list(axes[0]), label=COLOUR_LABEL, shrink=0.9)
+    figure.suptitle(title)
+    return figure
 
 
-def _save(fig, path: Path) -> Path:
-    """Write the PNG atomically (no truncated image on a full disk) and close the figure."""
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return path
+def _layer(row: CoefficientRow) -> int | None:
+    return row.layer
