@@ -11,6 +11,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dammerge.family.manifest import DEFAULT_REGIME
+
 family_app = typer.Typer(
     no_args_is_help=True,
     help="The miniature model family (base + lang/math/sql specialists), built offline.",
@@ -25,6 +27,13 @@ def build_command(
         str, typer.Option(help="micro (tests, about a minute) or small (demo, a few minutes).")
     ] = "small",
     seed: Annotated[int, typer.Option(help="Seed of the data, the language and the weights.")] = 0,
+    regime: Annotated[
+        str,
+        typer.Option(
+            help="near (specialists stay close to the base, as community fine-tunes do) or far "
+            "(long fine-tunes that move far from it); see docs/family.md."
+        ),
+    ] = DEFAULT_REGIME,
     force: Annotated[
         bool, typer.Option(help="Rebuild even if OUTPUT holds this family; replace it.")
     ] = False,
@@ -32,11 +41,12 @@ def build_command(
     """Build the family: tokenizer, base, three specialists, data splits and a manifest."""
     from dammerge.family.build import build_family, resolve_spec
 
-    resolve_spec(size)  # a bad size fails here, before anything is imported or written
+    resolve_spec(size, regime)  # a bad size or regime fails here, before anything is written
     result = build_family(
         output,
         size,
         seed,
+        regime=regime,
         force=force,
         report=lambda message: console.print(message, highlight=False, markup=False),
     )
