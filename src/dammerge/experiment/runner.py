@@ -277,6 +277,7 @@ def _family(config: ExperimentConfig) -> Family:
             config.family,
             config.build.size,
             config.build.seed,
+            regime=config.build.regime,
             report=lambda message: console.print(message, style="dim"),
         )
     return load_family(config.family)

@@ -48,13 +48,15 @@ class NearRecipe:
     A multi-task warm start trains the pre-trained base on the first ``warm_start_records``
     train records of every domain at once; that model is the family's base. Each specialist is
     then a short fine-tune of it on the rest of its domain's train records, so no record is
-    seen by both phases.
+    seen by both phases; it leaves the parts named in ``frozen`` (``embeddings``, ``lm_head``,
+    ``norms``) as the base has them.
     """
 
     warm_start: Schedule
     warm_start_records: int
     finetune: Schedule
     finetune_overrides: dict[str, Schedule] = field(default_factory=dict)
+    frozen: tuple[str, ...] = ()
 
     def finetune_schedule(self, domain: str) -> Schedule:
         return self.finetune_overrides.get(domain, self.finetune)
@@ -423,9 +425,9 @@ def _build_into(
 
     models = {"base": base}
     for index, domain in enumerate(DOMAINS):
-        records, schedule = specialist_training(spec, regime, domain, splits)
+        records, schedule, frozen = specialist_training(spec, regime, domain, splits)
         model, losses = _finetune(
-            base, records, schedule, seed + 1000 * (index + 1), tokenizer, spec, domain
+            base, records, schedule, seed + 1000 * (index + 1), tokenizer, spec, domain, frozen
         )
         _save_model(model, tokenizer, root / domain)
         models[domain] = model
@@ -468,17 +470,17 @@ def _pretrain(spec: FamilySpec, seed: int, corpus: list[str], tokenizer: Any) ->
 
 def specialist_training(
     spec: FamilySpec, regime: str, domain: str, splits: dict[str, Any]
-) -> tuple[list[dict[str, Any]], Schedule]:
-    """The train records and the schedule of ``domain``'s specialist in ``regime``.
+) -> tuple[list[dict[str, Any]], Schedule, tuple[str, ...]]:
+    """The train records, the schedule and the frozen parts of ``domain``'s specialist.
 
     In the near regime the first ``warm_start_records`` records went to the warm start, so the
     specialist trains on the rest.
     """
     records = splits[domain]["train"]
     if regime == "far":
-        return records, spec.finetune_schedule(domain)
+        return records, spec.finetune_schedule(domain), ()
     near = _near_recipe(spec)
-    return records[near.warm_start_records :], near.finetune_schedule(domain)
+    return records[near.warm_start_records :], near.finetune_schedule(domain), near.frozen
 
 
 def warm_start_records(spec: FamilySpec, splits: dict[str, Any]) -> list[dict[str, Any]]:
@@ -510,12 +512,15 @@ def _finetune(
     tokenizer: Any,
     spec: FamilySpec,
     what: str,
+    frozen: tuple[str, ...] = (),
 ) -> tuple[Any, list]:
-    """A full fine-tune of a copy of ``base`` on ``records`` (response-only loss)."""
+    """A fine-tune of a copy of ``base`` on ``records`` (response-only loss), of every
+    parameter but the ``frozen`` parts."""
     import copy
 
     from dammerge.family.train import (
         finetuning_batches,
+        freeze,
         response_loss,
         run_steps,
         tokenize_examples,
@@ -523,6 +528,7 @@ def _finetune(
 
     examples = tokenize_examples(records, tokenizer, spec.max_example_tokens)
     model = copy.deepcopy(base)
+    freeze(model, frozen)
     batches = finetuning_batches(examples, schedule.batch, tokenizer.pad_token_id, seed)
     losses = run_steps(model, batches, schedule, f"fine-tuning {what}", response_loss)
     return model, losses
