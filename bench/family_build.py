@@ -1,9 +1,11 @@
 """Benchmark: build the micro and small families from scratch; record time and model quality.
 
-Usage: ``.venv/bin/python bench/family_build.py [--sizes micro,small] [--seed 0]``
+Usage: ``.venv/bin/python bench/family_build.py [--sizes micro,small] [--regimes near,far]
+[--seed 0]``
 
-Builds into ``bench/.work/family-<size>`` with ``force=True`` (so the cache cannot make it
-trivial), then writes ``bench/results/family_build.json`` with, per size: wall-clock and CPU
+Builds into ``bench/.work/family-<size>-<regime>`` with ``force=True`` (so the cache cannot make
+it trivial), then writes ``bench/results/family_build.json`` with, per size and regime (both
+have the same budget): wall-clock and CPU
 seconds of the build and of each phase, the budget, the machine's load average (the machine is
 shared, so wall time is noisy; CPU seconds are the steadier number), and the quality table of
 the base and each specialist on each domain, plus Model Soups (the uniform average of the three
@@ -53,14 +55,14 @@ def soup_scores(root: Path, n_records: int) -> dict[str, float]:
     return quality["scores"]["soup"]
 
 
-def bench_size(size: str, seed: int) -> dict:
+def bench_size(size: str, seed: int, regime: str) -> dict:
     from dammerge.family.build import build_family
 
-    out = HERE / ".work" / f"family-{size}"
+    out = HERE / ".work" / f"family-{size}-{regime}"
     load_before = os.getloadavg()
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
-    result = build_family(out, size, seed, force=True, report=print)
+    result = build_family(out, size, seed, regime=regime, force=True, report=print)
     wall = time.perf_counter() - started
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
@@ -70,6 +72,7 @@ def bench_size(size: str, seed: int) -> dict:
     scores["soup"] = soup_scores(out, quality["records_per_domain"])
     return {
         "size": size,
+        "regime": regime,
         "seed": seed,
         "wall_seconds": round(wall, 1),
         "cpu_seconds": round(cpu, 1),
@@ -89,7 +92,10 @@ def bench_size(size: str, seed: int) -> dict:
 
 
 def print_table(entry: dict) -> None:
-    print(f"\n{entry['size']}: {entry['wall_seconds']} s wall, {entry['cpu_seconds']} s CPU")
+    print(
+        f"\n{entry['size']} ({entry['regime']}): {entry['wall_seconds']} s wall, "
+        f"{entry['cpu_seconds']} s CPU"
+    )
     print("model    " + " ".join(f"{d:>13}" for d in DOMAINS))
     for model, row in entry["quality"]["scores"].items():
         print(f"{model:8} " + " ".join(f"{row[d]:13.3f}" for d in DOMAINS))
@@ -98,6 +104,7 @@ def print_table(entry: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="micro,small")
+    parser.add_argument("--regimes", default="near,far")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=HERE / "results" / "family_build.json")
     args = parser.parse_args()
@@ -113,11 +120,12 @@ def main() -> None:
         "runs": [],
     }
     for size in args.sizes.split(","):
-        entry = bench_size(size.strip(), args.seed)
-        print_table(entry)
-        results["runs"].append(entry)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2) + "\n")
+        for regime in args.regimes.split(","):
+            entry = bench_size(size.strip(), args.seed, regime.strip())
+            print_table(entry)
+            results["runs"].append(entry)
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nresults written to {args.output}")
 
 

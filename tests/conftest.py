@@ -78,11 +78,11 @@ def derive() -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def micro_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The ``micro`` family (seed 0), built once per session (read-only: do not modify)."""
+    """The ``micro`` family (seed 0, far regime), built once per session (read-only)."""
     from dammerge.family.build import build_family
 
     root = tmp_path_factory.mktemp("family") / "micro"
-    return build_family(root, "micro", 0).root
+    return build_family(root, "micro", 0, regime="far").root
 
 
 @pytest.fixture(params=["read-only folder", "read-only file system", "folder under a file"])

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dammerge.terminal import print_lines
-
 from dammerge.errors import DammergeError
+from dammerge.terminal import print_lines
 
 SHIPPED = Path(__file__).parent / "experiment" / "shipped"
 

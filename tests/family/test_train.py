@@ -87,3 +87,23 @@ def test_prefix_stops_before_the_position_that_predicts_the_first_response_token
     assert (batch["labels"][0, :2] == IGNORE_INDEX).all()
     model = _model()
     assert abs(_plain(model, batch).item() - response_loss(model, batch).item()) < 1e-9
+
+
+def test_frozen_parts_keep_the_base_values_and_the_rest_trains():
+    from dammerge.family.train import Schedule, freeze, run_steps
+
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    freeze(model, ("embeddings", "lm_head", "norms"))
+    batch = _batch([[1, 2, 3, 4], [1, 2, 5, 6]], [[7, 8], [9, 10, 11]])
+    run_steps(model, iter([batch] * 3), Schedule(steps=3, batch=2, lr=1e-2), "t", response_loss)
+    after = model.state_dict()
+    frozen = [
+        k for k in after if "embed_tokens" in k or "lm_head" in k or k.endswith("norm.weight")
+    ]
+    # every norm of a Llama layer and the final one, the embeddings and the output projection
+    assert len(frozen) == 2 * 2 + 1 + 2
+    for key, value in after.items():
+        assert torch.equal(value, before[key]) == (key in frozen), key
+    freeze(model, ())
+    assert all(p.requires_grad for p in model.parameters())

@@ -7,7 +7,7 @@ describes the same merge for any family. Example::
 
     name: small-family
     family: demo-output/family
-    build: {size: small, seed: 0}     # build the family first if it is missing
+    build: {size: small, seed: 0, regime: near}   # build the family first if it is missing
     seeds: [0, 1, 2]
     evaluation: {limit: 64}
     methods:
@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dammerge.config import read_yaml_file, validation_error
 from dammerge.errors import ConfigError
+from dammerge.family.manifest import DEFAULT_REGIME
 from dammerge.registry import REGISTRY
 
 
@@ -48,6 +49,7 @@ class FamilyBuild(BaseModel):
     model_config = ConfigDict(extra="forbid")
     size: Literal["micro", "small"] = "small"
     seed: int = 0
+    regime: Literal["near", "far"] = DEFAULT_REGIME
 
 
 class MethodSpec(BaseModel):

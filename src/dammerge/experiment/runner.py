@@ -295,6 +295,7 @@ def _family(config: ExperimentConfig) -> Family:
             config.family,
             config.build.size,
             config.build.seed,
+            regime=config.build.regime,
             report=lambda message: print_lines([message], style="dim"),
         )
     return load_family(config.family)

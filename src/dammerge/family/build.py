@@ -1,8 +1,15 @@
 """``dammerge family build``: the miniature model family, built offline and deterministically.
 
 Phases: generate the domain data -> read English prose from the standard library -> train a
-byte-level BPE tokenizer -> pre-train the base -> fully fine-tune one specialist per domain ->
-score every model on a few eval records -> hash everything -> write the manifest. All of it
+byte-level BPE tokenizer -> pre-train the base -> (``near`` regime only: a multi-task warm
+start of the base on a share of every domain's records) -> fully fine-tune one specialist per
+domain -> score every model on a few eval records -> hash everything -> write the manifest.
+
+Two regimes share the data, the tokenizer and the pre-training. ``far``: long, high-rate
+fine-tunes of a base that never saw the domains, so the specialists end far from it and from
+each other. ``near``: the base has seen every domain's format before the specialists are cut,
+and each specialist is a short, low-rate fine-tune from it, so they stay in the base's basin,
+as community fine-tunes of one base do (docs/family.md describes both). All of it
 happens in a temporary sibling folder that is renamed into place at the very end, so a killed
 build never leaves a half-written family where a user (or a test) would pick it up, and a
 complete family of the same size, seed and dammerge version is reused instead of rebuilt.
@@ -22,7 +29,7 @@ from typing import Any
 
 from dammerge.data.records import write_jsonl
 from dammerge.errors import DammergeError
-from dammerge.family.manifest import DOMAINS, FORMAT, MANIFEST_NAME
+from dammerge.family.manifest import DEFAULT_REGIME, DOMAINS, FORMAT, MANIFEST_NAME, REGIMES
 from dammerge.family.train import ModelShape, Schedule
 from dammerge.memory import reuse_freed_memory
 from dammerge.outputs import StagedFolder, check_output_folder
@@ -31,6 +38,27 @@ METRICS = {"lang": "translation", "math": "exact_match", "sql": "execution"}
 COMPOSITIONAL_METRIC = "exact_match"
 MODEL_NAMES = ("base", *DOMAINS)
 BUILD_THREADS = 2
+
+
+@dataclass(frozen=True)
+class NearRecipe:
+    """The ``near`` regime's training after pre-training.
+
+    A multi-task warm start trains the pre-trained base on the first ``warm_start_records``
+    train records of every domain at once; that model is the family's base. Each specialist is
+    then a short fine-tune of it on the rest of its domain's train records, so no record is
+    seen by both phases; it leaves the parts named in ``frozen`` (``embeddings``, ``lm_head``,
+    ``norms``) as the base has them.
+    """
+
+    warm_start: Schedule
+    warm_start_records: int
+    finetune: Schedule
+    finetune_overrides: dict[str, Schedule] = field(default_factory=dict)
+    frozen: tuple[str, ...] = ()
+
+    def finetune_schedule(self, domain: str) -> Schedule:
+        return self.finetune_overrides.get(domain, self.finetune)
 
 
 @dataclass(frozen=True)
@@ -50,6 +78,7 @@ class FamilySpec:
     code_chars: int = 0
     max_example_tokens: int = 192
     finetune_overrides: dict[str, Schedule] = field(default_factory=dict)
+    near: NearRecipe | None = None
 
     def finetune_schedule(self, domain: str) -> Schedule:
         return self.finetune_overrides.get(domain, self.finetune)
@@ -67,6 +96,11 @@ SIZES: dict[str, FamilySpec] = {
         n_train=300,
         n_eval=24,
         quality_records=6,
+        near=NearRecipe(
+            warm_start=Schedule(steps=40, batch=8, lr=2e-3),
+            warm_start_records=100,
+            finetune=Schedule(steps=20, batch=8, lr=1e-3),
+        ),
     ),
     "small": FamilySpec(
         name="small",
@@ -96,22 +130,40 @@ def dammerge_version() -> str:
 # --------------------------------------------------------------------------- validation
 
 
-def resolve_spec(size: str | FamilySpec) -> FamilySpec:
-    """The spec of a named size (or a custom spec passed through), with a clear error."""
+def resolve_spec(size: str | FamilySpec, regime: str = DEFAULT_REGIME) -> FamilySpec:
+    """The spec of a named size (or a custom spec passed through), with a clear error.
+
+    The regime is checked too, so that a bad ``--regime`` fails before anything is built.
+    """
+    if regime not in REGIMES:
+        raise DammergeError(
+            f"unknown family regime {regime!r}", f"choose one of: {', '.join(REGIMES)}"
+        )
     if isinstance(size, FamilySpec):
-        return size
-    if size not in SIZES:
+        spec = size
+    elif size not in SIZES:
         raise DammergeError(f"unknown family size {size!r}", f"choose one of: {', '.join(SIZES)}")
-    return SIZES[size]
+    else:
+        spec = SIZES[size]
+    if regime == "near" and spec.near is None:
+        raise DammergeError(
+            f"family size {spec.name!r} has no near regime", "build it with --regime far"
+        )
+    return spec
 
 
 def cached_manifest(
-    out: Path, spec: FamilySpec, seed: int, threads: int | None = None
+    out: Path,
+    spec: FamilySpec,
+    seed: int,
+    threads: int | None = None,
+    regime: str = DEFAULT_REGIME,
 ) -> dict[str, Any] | None:
     """The manifest of a complete family in ``out`` built with the same inputs, else None.
 
-    The inputs are the size's spec, the seed, the dammerge version and the thread count (which
-    changes the bits of trained weights).
+    The inputs are the size's spec, the regime, the seed, the dammerge version and the thread
+    count (which changes the bits of trained weights). A manifest without a regime was
+    written before there were two, by the ``far`` recipe.
     """
     try:
         manifest = json.loads((out / MANIFEST_NAME).read_text())
@@ -120,9 +172,10 @@ def cached_manifest(
     same = (
         manifest.get("format") == FORMAT
         and manifest.get("size") == spec.name
+        and manifest.get("regime", "far") == regime
         and manifest.get("seed") == seed
         and manifest.get("dammerge_version") == dammerge_version()
-        and manifest.get("spec") == _spec_json(spec)
+        and manifest.get("spec") == spec_json(spec, regime)
         and manifest.get("threads") == (threads or build_threads())
     )
     if not same:
@@ -236,8 +289,16 @@ def _byte_dtype() -> Any:
     return torch.uint8
 
 
-def _spec_json(spec: FamilySpec) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(spec)))
+def spec_json(spec: FamilySpec, regime: str) -> dict[str, Any]:
+    """The spec as the manifest records it: what decided this regime's content, nothing else.
+
+    The near recipe is left out of a ``far`` family's spec, so tuning it never invalidates a
+    far build (and a far manifest reads as it did before there were two regimes).
+    """
+    data = json.loads(json.dumps(asdict(spec)))
+    if regime == "far":
+        del data["near"]
+    return data
 
 
 @dataclass
@@ -260,27 +321,37 @@ def build_family(
     force: bool = False,
     report: Reporter | None = None,
     threads: int | None = None,
+    regime: str = DEFAULT_REGIME,
 ) -> BuildResult:
-    """Build the family into ``out`` (or reuse a complete identical build already there)."""
+    """Build the family into ``out`` (or reuse a complete identical build already there).
+
+    ``regime`` is ``near`` or ``far`` (see the module docstring); the same seed gives the same
+    data and pre-trained weights in both.
+    """
     out = Path(out).expanduser().resolve()
-    spec = resolve_spec(size)
+    spec = resolve_spec(size, regime)
     if not isinstance(seed, int) or seed < 0:
         raise DammergeError(f"seed must be a non-negative integer, got {seed!r}")
     say = report or (lambda _message: None)
     if not force:
-        manifest = cached_manifest(out, spec, seed, threads)
+        manifest = cached_manifest(out, spec, seed, threads, regime)
         if manifest is not None:
-            say(f"cache hit: {out} already holds the {spec.name} family with seed {seed}")
+            say(
+                f"cache hit: {out} already holds the {spec.name} family "
+                f"({regime} regime) with seed {seed}"
+            )
             return BuildResult(out, manifest, cached=True)
     _check_output(out, force)
     with StagedFolder(out, replace=True) as staged:
         with deterministic_torch(threads), reuse_freed_memory():
-            manifest = _build_into(staged.tmp, spec, seed, say)
+            manifest = _build_into(staged.tmp, spec, seed, regime, say)
         staged.commit()
     return BuildResult(out, manifest, cached=False)
 
 
-def _build_into(root: Path, spec: FamilySpec, seed: int, say: Reporter) -> dict[str, Any]:
+def _build_into(
+    root: Path, spec: FamilySpec, seed: int, regime: str, say: Reporter
+) -> dict[str, Any]:
     from dammerge.family.corpus import stdlib_code, stdlib_corpus
     from dammerge.family.tasks import generate_splits
     from dammerge.family.tokenizer import train_tokenizer
@@ -312,13 +383,19 @@ def _build_into(root: Path, spec: FamilySpec, seed: int, say: Reporter) -> dict[
     t = lap("tokenizer", t)
 
     base, losses = _pretrain(spec, seed, corpus, tokenizer)
+    t = lap("pretrain", t)
+    if regime == "near":
+        base, losses = _warm_start(spec, seed, base, splits, tokenizer)
+        t = lap("warm_start", t)
     _save_model(base, tokenizer, root / "base")
     final_loss = {"base": _tail_mean(losses)}
-    t = lap("pretrain", t)
 
     models = {"base": base}
     for index, domain in enumerate(DOMAINS):
-        model, losses = _finetune(spec, seed + 1000 * (index + 1), base, domain, splits, tokenizer)
+        records, schedule, frozen = specialist_training(spec, regime, domain, splits)
+        model, losses = _finetune(
+            base, records, schedule, seed + 1000 * (index + 1), tokenizer, spec, domain, frozen
+        )
         _save_model(model, tokenizer, root / domain)
         models[domain] = model
         final_loss[domain] = _tail_mean(losses)
@@ -328,7 +405,7 @@ def _build_into(root: Path, spec: FamilySpec, seed: int, say: Reporter) -> dict[
     quality["final_train_loss"] = final_loss
     t = lap("quality", t)
 
-    manifest = _manifest(spec, seed, data_paths, quality)
+    manifest = _manifest(spec, seed, regime, data_paths, quality)
     manifest["content_hash"] = content_hash(root, manifest)
     manifest["timings"] = timings
     manifest["threads"] = _threads_in_use()
@@ -358,24 +435,69 @@ def _pretrain(spec: FamilySpec, seed: int, corpus: list[str], tokenizer: Any) ->
     return model, losses
 
 
-def _finetune(
-    spec: FamilySpec, seed: int, base: Any, domain: str, splits: dict[str, Any], tokenizer: Any
+def specialist_training(
+    spec: FamilySpec, regime: str, domain: str, splits: dict[str, Any]
+) -> tuple[list[dict[str, Any]], Schedule, tuple[str, ...]]:
+    """The train records, the schedule and the frozen parts of ``domain``'s specialist.
+
+    In the near regime the first ``warm_start_records`` records went to the warm start, so the
+    specialist trains on the rest.
+    """
+    records = splits[domain]["train"]
+    if regime == "far":
+        return records, spec.finetune_schedule(domain), ()
+    near = _near_recipe(spec)
+    return records[near.warm_start_records :], near.finetune_schedule(domain), near.frozen
+
+
+def warm_start_records(spec: FamilySpec, splits: dict[str, Any]) -> list[dict[str, Any]]:
+    """The near regime's multi-task warm-start data: the first records of every domain."""
+    count = _near_recipe(spec).warm_start_records
+    return [record for domain in DOMAINS for record in splits[domain]["train"][:count]]
+
+
+def _near_recipe(spec: FamilySpec) -> NearRecipe:
+    if spec.near is None:
+        raise DammergeError(f"family size {spec.name!r} has no near regime")
+    return spec.near
+
+
+def _warm_start(
+    spec: FamilySpec, seed: int, pretrained: Any, splits: dict[str, Any], tokenizer: Any
 ) -> tuple[Any, list]:
-    """A full fine-tune of a copy of ``base`` on ``domain``'s train split (response-only loss)."""
+    """The near regime's base: the pre-trained model trained on every domain at once."""
+    schedule = _near_recipe(spec).warm_start
+    records = warm_start_records(spec, splits)
+    return _finetune(pretrained, records, schedule, seed + 500, tokenizer, spec, "all domains")
+
+
+def _finetune(
+    base: Any,
+    records: list[dict[str, Any]],
+    schedule: Schedule,
+    seed: int,
+    tokenizer: Any,
+    spec: FamilySpec,
+    what: str,
+    frozen: tuple[str, ...] = (),
+) -> tuple[Any, list]:
+    """A fine-tune of a copy of ``base`` on ``records`` (response-only loss), of every
+    parameter but the ``frozen`` parts."""
     import copy
 
     from dammerge.family.train import (
         finetuning_batches,
+        freeze,
         response_loss,
         run_steps,
         tokenize_examples,
     )
 
-    examples = tokenize_examples(splits[domain]["train"], tokenizer, spec.max_example_tokens)
+    examples = tokenize_examples(records, tokenizer, spec.max_example_tokens)
     model = copy.deepcopy(base)
-    schedule = spec.finetune_schedule(domain)
+    freeze(model, frozen)
     batches = finetuning_batches(examples, schedule.batch, tokenizer.pad_token_id, seed)
-    losses = run_steps(model, batches, schedule, f"fine-tuning {domain}", response_loss)
+    losses = run_steps(model, batches, schedule, f"fine-tuning {what}", response_loss)
     return model, losses
 
 
@@ -405,13 +527,18 @@ def measure_quality(
 
 
 def _manifest(
-    spec: FamilySpec, seed: int, data: dict[tuple[str, str], str], quality: dict[str, Any]
+    spec: FamilySpec,
+    seed: int,
+    regime: str,
+    data: dict[tuple[str, str], str],
+    quality: dict[str, Any],
 ) -> dict[str, Any]:
     import platform
 
     return {
         "format": FORMAT,
         "size": spec.name,
+        "regime": regime,
         "seed": seed,
         "content_hash": "",
         "dammerge_version": dammerge_version(),
@@ -430,16 +557,32 @@ def _manifest(
         },
         "compositional": {"eval": data[("compositional", "eval")], "metric": COMPOSITIONAL_METRIC},
         "quality": quality,
-        "spec": _spec_json(spec),
+        "spec": spec_json(spec, regime),
     }
 
 
-def with_steps(spec: FamilySpec, name: str, pretrain: int, finetune: int) -> FamilySpec:
-    """A copy of ``spec`` with other step counts (cheap variants for tests and benchmarks)."""
+def with_steps(
+    spec: FamilySpec, name: str, pretrain: int, finetune: int, warm_start: int | None = None
+) -> FamilySpec:
+    """A copy of ``spec`` with other step counts (cheap variants for tests and benchmarks).
+
+    ``finetune`` applies to the specialists of both regimes, ``warm_start`` (default:
+    ``finetune``) to the near regime's warm start.
+    """
+    near = spec.near
+    if near is not None:
+        warm_steps = finetune if warm_start is None else warm_start
+        near = replace(
+            near,
+            warm_start=replace(near.warm_start, steps=warm_steps),
+            finetune=replace(near.finetune, steps=finetune),
+            finetune_overrides={},
+        )
     return replace(
         spec,
         name=name,
         pretrain=replace(spec.pretrain, steps=pretrain),
         finetune=replace(spec.finetune, steps=finetune),
         finetune_overrides={},
+        near=near,
     )

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dammerge.family.manifest import DEFAULT_REGIME
 from dammerge.terminal import print_lines
 
 family_app = typer.Typer(
@@ -30,6 +31,13 @@ def build_command(
         ),
     ] = "small",
     seed: Annotated[int, typer.Option(help="Seed of the data, the language and the weights.")] = 0,
+    regime: Annotated[
+        str,
+        typer.Option(
+            help="near (specialists stay close to the base, as community fine-tunes do) or far "
+            "(long fine-tunes that move far from it); see docs/family.md."
+        ),
+    ] = DEFAULT_REGIME,
     force: Annotated[
         bool, typer.Option(help="Rebuild even if OUTPUT holds this family; replace it.")
     ] = False,
@@ -39,11 +47,12 @@ def build_command(
     from dammerge.threads import configure_threads
 
     configure_threads()
-    resolve_spec(size)  # a bad size fails here, before anything is imported or written
+    resolve_spec(size, regime)  # a bad size or regime fails here, before anything is written
     result = build_family(
         output,
         size,
         seed,
+        regime=regime,
         force=force,
         report=lambda message: print_lines([message]),
     )

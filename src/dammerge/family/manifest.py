@@ -17,6 +17,9 @@ from dammerge.errors import DammergeError
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dammerge-family/1"
 DOMAINS = ("lang", "math", "sql")
+# How far the specialists moved from their base (``dammerge.family.build``, docs/family.md).
+REGIMES = ("near", "far")
+DEFAULT_REGIME = "far"
 
 
 @dataclass(frozen=True)

@@ -91,10 +91,23 @@ def _lr_at(step: int, schedule: Schedule) -> float:
     return schedule.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+# Parts of a family model that a fine-tune may leave as they are, by a substring of their names.
+FREEZABLE = {"embeddings": "embed_tokens", "lm_head": "lm_head", "norms": "norm"}
+
+
+def freeze(model: torch.nn.Module, parts: Sequence[str]) -> None:
+    """Train every parameter except those of ``parts`` (keys of ``FREEZABLE``)."""
+    markers = [FREEZABLE[part] for part in parts]
+    for name, param in model.named_parameters():
+        param.requires_grad_(not any(marker in name for marker in markers))
+
+
 def _optimizer(model: torch.nn.Module, schedule: Schedule) -> torch.optim.Optimizer:
-    """AdamW, with no weight decay on norms (1-D tensors), as usual for transformers."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    """AdamW over the trainable parameters, with no weight decay on norms (1-D tensors), as
+    usual for transformers."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     groups = [
         {"params": decay, "weight_decay": schedule.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
