@@ -149,3 +149,10 @@ def test_a_folder_that_cannot_be_renamed_away_is_refused_as_a_replaced_output(
         check_output_folder(unwritable_folder)
     with pytest.raises(OutputError, match="not writable"):
         check_output_folder(unwritable_folder, fill=True)
+
+
+def test_an_atomic_write_gets_the_permissions_a_plain_write_would(tmp_path):
+    plain, atomic = tmp_path / "plain.txt", tmp_path / "atomic.txt"
+    plain.write_text("x")
+    write_text_atomic(atomic, "x")
+    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

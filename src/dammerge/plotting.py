@@ -10,7 +10,6 @@ one legend, and labels placed beside scatter points without covering each other.
 from __future__ import annotations
 
 import math
-import os
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,15 +57,7 @@ def save_png(figure: Figure, path: Path) -> Path:
     path = Path(path)
     with atomic_file(path) as tmp:
         figure.savefig(tmp, format="png", dpi=DPI)
-        os.chmod(tmp, 0o666 & ~_umask())  # the temporary file's 0600 would hide the plot
     return path
-
-
-def _umask() -> int:
-    """The process's file-creation mask (reading it means setting it, so it is set back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def integer_ticks(axis: Axis, values: Sequence[int] = ()) -> None:
