@@ -22,6 +22,7 @@ def test_micro_experiment_runs_every_method_of_the_quick_demo() -> None:
     micro = ExperimentConfig.from_yaml(SHIPPED / "micro.yaml")
     quick = ExperimentConfig.from_yaml(SHIPPED / "quick.yaml")
     assert micro.build is not None and micro.build.size == "micro"
+    assert quick.build is not None and micro.build.regime == quick.build.regime == "far"
     assert method_names("micro") == method_names("quick")
     kinds = [m.recipe["merge_method"] for m in micro.methods]
     assert kinds == [m.recipe["merge_method"] for m in quick.methods]
