@@ -5,27 +5,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from dammerge.cli import main
 from dammerge.data.records import read_jsonl
 from dammerge.scoring import metrics
 from dammerge.scoring.metrics import score_record
 from dammerge.templates import alpaca_prompt
 
+from ..cli_helpers import run_cli
+
 DOMAINS = ["lang", "math", "sql", "compositional"]
-
-
-def run_cli(monkeypatch, *args: str) -> int:
-    monkeypatch.setattr(sys, "argv", ["dammerge", *map(str, args)])
-    try:
-        main()
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")

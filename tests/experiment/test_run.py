@@ -17,6 +17,8 @@ from dammerge.errors import DammergeError
 from dammerge.experiment.config import ExperimentConfig
 from dammerge.experiment.runner import run_experiment
 
+from ..cli_helpers import run_cli
+
 
 def experiment(family: Path, methods: list[dict], **extra) -> dict:
     return {
@@ -165,17 +167,6 @@ class _Computed(Exception):
     """Raised by the stand-in for the first compute step: the output checks let the run go."""
 
 
-def _run_cli(monkeypatch, *args: object) -> int:
-    from dammerge.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["dammerge", *map(str, args)])
-    try:
-        main()
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
 @pytest.fixture
 def experiment_file(tmp_path: Path, monkeypatch) -> tuple[Path, list[str]]:
     """An experiment file, with the run's first compute step (the family) replaced by a
@@ -199,7 +190,7 @@ def test_unwritable_output_folders_are_refused_before_compute(
 ) -> None:
     path, computed = experiment_file
     for out in (unwritable_folder, unwritable_folder / "new"):
-        code = _run_cli(monkeypatch, "experiment", path, "-o", out)
+        code = run_cli(monkeypatch, "experiment", path, "-o", out)
         err = capsys.readouterr().err
         assert code == 2 and "Traceback" not in err, err
         errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -215,7 +206,7 @@ def test_a_folder_of_something_else_is_refused_and_left_alone(
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text("{}")
     (checkpoint / "model.safetensors").write_bytes(b"weights")
-    code = _run_cli(monkeypatch, "experiment", path, "-o", checkpoint)
+    code = run_cli(monkeypatch, "experiment", path, "-o", checkpoint)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     assert "error:" in err and "not an experiment's folder" in err

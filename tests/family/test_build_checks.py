@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 from dammerge.family import build as build_module
 
-
-def run_cli(monkeypatch, *args: object) -> int:
-    from dammerge.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["dammerge", *map(str, args)])
-    try:
-        main()
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+from ..cli_helpers import run_cli
 
 
 def test_unwritable_family_folders_are_refused_before_the_build(
