@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-_BENCH = Path(__file__).resolve().parents[2] / "bench"
+from .loading import load_bench
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up while defined
-    spec.loader.exec_module(module)
-    return module
-
-
-contention = _load("contention")
+contention = load_bench("contention")
 
 
 @pytest.mark.parametrize(

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-_BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up while defined
-    spec.loader.exec_module(module)
-    return module
+from .loading import load_bench
 
 
 @pytest.mark.slow
 def test_one_configuration_is_measured_against_its_plan(tmp_path, monkeypatch):
-    dam_memory = _load("dam_memory")
+    dam_memory = load_bench("dam_memory")
     dam_step = sys.modules["dam_step"]
     monkeypatch.setattr(dam_step, "WORK", tmp_path / "families")
     monkeypatch.setattr(dam_memory, "WORK", tmp_path / "work")

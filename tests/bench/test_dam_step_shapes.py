@@ -3,29 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-_BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up while defined
-    spec.loader.exec_module(module)
-    return module
+from .loading import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load("dam_step")
+    return load_bench("dam_step")
 
 
 def _config(bench, *argv: str):
@@ -172,7 +158,7 @@ def test_targets_judge_ratios_and_device_memory(bench):
 
 
 def test_the_targets_printer_reads_both_result_layouts(tmp_path):
-    targets = _load("targets")
+    targets = load_bench("targets")
     import json
 
     dam = {

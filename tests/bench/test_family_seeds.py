@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-_BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from .loading import load_bench
 
 
 @pytest.mark.parametrize(
@@ -30,7 +19,7 @@ def _load(name: str):
     ],
 )
 def test_bad_options_stop_before_any_build(argv, message, tmp_path, monkeypatch):
-    seeds = _load("family_seeds")
+    seeds = load_bench("family_seeds")
     monkeypatch.setattr(seeds, "WORK", tmp_path / "work")
     with pytest.raises(SystemExit, match=message):
         seeds.main([*argv, "--output", str(tmp_path / "out.json")])
@@ -38,14 +27,14 @@ def test_bad_options_stop_before_any_build(argv, message, tmp_path, monkeypatch)
 
 
 def test_soup_between_is_strict_in_either_order():
-    seeds = _load("family_seeds")
+    seeds = load_bench("family_seeds")
     assert seeds.between(0.2, 0.1, 0.3) and seeds.between(0.2, 0.3, 0.1)
     assert not seeds.between(0.1, 0.1, 0.3) and not seeds.between(0.4, 0.1, 0.3)
 
 
 @pytest.mark.slow
 def test_micro_run_records_margins_and_the_soup(tmp_path, monkeypatch):
-    seeds = _load("family_seeds")
+    seeds = load_bench("family_seeds")
     monkeypatch.setattr(seeds, "WORK", tmp_path / "work")
     output = tmp_path / "seeds.json"
     argv = ["--size", "micro", "--regimes", "near", "--seeds", "1", "--limit", "3"]
