@@ -196,8 +196,14 @@ def data_and_tokenizer_hash(root: Path) -> str:
     return digest.hexdigest()
 
 
-def reference_finetune(model, records, schedule, seed, tokenizer, max_tokens):
-    """The family's fine-tune written out from its definition, on a copy of ``model``."""
+def reference_finetune(
+    model, records, schedule, seed, tokenizer, max_tokens, replay=None, replay_every=0
+):
+    """The family's fine-tune written out from its definition, on a copy of ``model``.
+
+    With ``replay``: the embeddings, ``lm_head`` and norms stay as they are, and batches number
+    ``replay_every``, ``2 * replay_every``, ... come from ``replay`` (shuffled with seed + 7).
+    """
     import copy
 
     from dammerge.family.train import (
@@ -207,9 +213,18 @@ def reference_finetune(model, records, schedule, seed, tokenizer, max_tokens):
         tokenize_examples,
     )
 
+    def batches_of(texts, seed):
+        examples = tokenize_examples(texts, tokenizer, max_tokens)
+        return finetuning_batches(examples, schedule.batch, tokenizer.pad_token_id, seed)
+
     model = copy.deepcopy(model)
-    examples = tokenize_examples(records, tokenizer, max_tokens)
-    batches = finetuning_batches(examples, schedule.batch, tokenizer.pad_token_id, seed)
+    batches = batches_of(records, seed)
+    if replay is not None:
+        for name, param in model.named_parameters():
+            param.requires_grad_(not any(k in name for k in ("embed_tokens", "lm_head", "norm")))
+        own, rehearsal = batches, batches_of(replay, seed + 7)
+        picks = [next(rehearsal) if n % replay_every == 0 else next(own) for n in range(1, 99)]
+        batches = iter(picks[: schedule.steps])
     run_steps(model, batches, schedule, "reference", response_loss)
     return model.state_dict()
 
@@ -227,7 +242,7 @@ def test_regimes_follow_their_recipes_from_one_pre_trained_base(tmp_path):
     from dammerge.family.build import deterministic_torch
     from dammerge.family.tasks import generate_splits
 
-    nano = with_steps(SIZES["micro"], "nano", pretrain=4, finetune=3, warm_start=5)
+    nano = with_steps(SIZES["micro"], "nano", pretrain=4, finetune=5, warm_start=5)
     far = build_family(tmp_path / "far", nano, 0, threads=1, regime="far")
     near = build_family(tmp_path / "near", nano, 0, threads=1, regime="near")
     assert (far.manifest["regime"], near.manifest["regime"]) == ("far", "near")
@@ -255,8 +270,17 @@ def test_regimes_follow_their_recipes_from_one_pre_trained_base(tmp_path):
             pretrained, warm_records, recipe.warm_start, 500, tokenizer, 192
         )
         pretrained.load_state_dict(near_base)
+        # ... frozen as the recipe says, rehearsing the warm start's records (batch 4 of 5)
+        assert recipe.frozen == ("embeddings", "lm_head", "norms") and recipe.replay_every == 4
         near_sql = reference_finetune(
-            pretrained, splits["sql"]["train"][count:], recipe.finetune, 3000, tokenizer, 192
+            pretrained,
+            splits["sql"]["train"][count:],
+            recipe.finetune,
+            3000,
+            tokenizer,
+            192,
+            replay=warm_records,
+            replay_every=4,
         )
     built = tensors(far.root), tensors(near.root)
     for reference, family, name in (

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -9,6 +12,7 @@ from dammerge.data.examples import Example
 from dammerge.family.train import (
     IGNORE_INDEX,
     collate,
+    interleaved_batches,
     response_loss,
     shared_prefix_length,
 )
@@ -107,3 +111,17 @@ def test_frozen_parts_keep_the_base_values_and_the_rest_trains():
         assert torch.equal(value, before[key]) == (key in frozen), key
     freeze(model, ())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_interleaved_batches_take_every_nth_batch_from_the_other_stream():
+    own, other = iter(range(100)), iter(range(-1, -100, -1))
+    taken = list(itertools.islice(interleaved_batches(own, other, 3), 9))
+    # positions 3, 6, 9 (1-based) rehearse; the own stream continues where it stopped
+    assert taken == [0, 1, -1, 2, 3, -2, 4, 5, -3]
+    assert list(itertools.islice(interleaved_batches(iter("abc"), iter("xyz"), 0), 3)) == [
+        "a",
+        "b",
+        "c",
+    ]
+    with pytest.raises(ValueError, match="at least 2"):
+        next(interleaved_batches(iter("a"), iter("x"), 1))

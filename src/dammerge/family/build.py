@@ -49,6 +49,12 @@ class NearRecipe:
     then a short fine-tune of it on the rest of its domain's train records, so no record is
     seen by both phases; it leaves the parts named in ``frozen`` (``embeddings``, ``lm_head``,
     ``norms``) as the base has them.
+
+    With ``replay_every`` set, every ``replay_every``-th batch of a specialist's fine-tune comes
+    from the warm start's records (all domains) rather than its own domain: rehearsal. Without
+    it, a specialist's change from the base also carries forgetting the other domains, and the
+    uniform average of three specialists adds those forgetting directions up, so that Model
+    Soups falls below the base. With it, each change carries its own skill and little else.
     """
 
     warm_start: Schedule
@@ -56,6 +62,7 @@ class NearRecipe:
     finetune: Schedule
     finetune_overrides: dict[str, Schedule] = field(default_factory=dict)
     frozen: tuple[str, ...] = ()
+    replay_every: int = 0
 
     def finetune_schedule(self, domain: str) -> Schedule:
         return self.finetune_overrides.get(domain, self.finetune)
@@ -100,6 +107,8 @@ SIZES: dict[str, FamilySpec] = {
             warm_start=Schedule(steps=40, batch=8, lr=2e-3),
             warm_start_records=100,
             finetune=Schedule(steps=20, batch=8, lr=1e-3),
+            frozen=("embeddings", "lm_head", "norms"),
+            replay_every=4,
         ),
     ),
     "small": FamilySpec(
@@ -117,6 +126,20 @@ SIZES: dict[str, FamilySpec] = {
         n_train=4000,
         n_eval=100,
         quality_records=32,
+        # A constant learning rate after warm-up; every fourth batch rehearses the warm start.
+        # Lang and maths learn more slowly than SQL, hence their longer, faster schedules (the
+        # trials behind these numbers: docs/results/2026-12-03-near-regime.md).
+        near=NearRecipe(
+            warm_start=Schedule(steps=400, batch=16, lr=2e-3),
+            warm_start_records=1000,
+            finetune=Schedule(steps=400, batch=16, lr=1e-3, min_lr_ratio=1.0),
+            finetune_overrides={
+                "lang": Schedule(steps=1000, batch=16, lr=1.5e-3, min_lr_ratio=1.0),
+                "math": Schedule(steps=800, batch=16, lr=1.5e-3, min_lr_ratio=1.0),
+            },
+            frozen=("embeddings", "lm_head", "norms"),
+            replay_every=4,
+        ),
     ),
 }
 
@@ -392,9 +415,13 @@ def _build_into(
 
     models = {"base": base}
     for index, domain in enumerate(DOMAINS):
-        records, schedule, frozen = specialist_training(spec, regime, domain, splits)
         model, losses = _finetune(
-            base, records, schedule, seed + 1000 * (index + 1), tokenizer, spec, domain, frozen
+            base,
+            specialist_training(spec, regime, domain, splits),
+            seed + 1000 * (index + 1),
+            tokenizer,
+            spec,
+            domain,
         )
         _save_model(model, tokenizer, root / domain)
         models[domain] = model
@@ -435,19 +462,37 @@ def _pretrain(spec: FamilySpec, seed: int, corpus: list[str], tokenizer: Any) ->
     return model, losses
 
 
+@dataclass(frozen=True)
+class Training:
+    """One fine-tune: its records, schedule and frozen parts, and the records it rehearses
+    (every ``replay_every``-th batch comes from ``replay``; 0: none)."""
+
+    records: list[dict[str, Any]]
+    schedule: Schedule
+    frozen: tuple[str, ...] = ()
+    replay: list[dict[str, Any]] = field(default_factory=list)
+    replay_every: int = 0
+
+
 def specialist_training(
     spec: FamilySpec, regime: str, domain: str, splits: dict[str, Any]
-) -> tuple[list[dict[str, Any]], Schedule, tuple[str, ...]]:
-    """The train records, the schedule and the frozen parts of ``domain``'s specialist.
+) -> Training:
+    """How ``domain``'s specialist is trained in ``regime``.
 
     In the near regime the first ``warm_start_records`` records went to the warm start, so the
-    specialist trains on the rest.
+    specialist trains on the rest, and rehearses the warm start's records if the recipe says so.
     """
     records = splits[domain]["train"]
     if regime == "far":
-        return records, spec.finetune_schedule(domain), ()
+        return Training(records, spec.finetune_schedule(domain))
     near = _near_recipe(spec)
-    return records[near.warm_start_records :], near.finetune_schedule(domain), near.frozen
+    return Training(
+        records[near.warm_start_records :],
+        near.finetune_schedule(domain),
+        near.frozen,
+        warm_start_records(spec, splits) if near.replay_every else [],
+        near.replay_every,
+    )
 
 
 def warm_start_records(spec: FamilySpec, splits: dict[str, Any]) -> list[dict[str, Any]]:
@@ -466,38 +511,46 @@ def _warm_start(
     spec: FamilySpec, seed: int, pretrained: Any, splits: dict[str, Any], tokenizer: Any
 ) -> tuple[Any, list]:
     """The near regime's base: the pre-trained model trained on every domain at once."""
-    schedule = _near_recipe(spec).warm_start
-    records = warm_start_records(spec, splits)
-    return _finetune(pretrained, records, schedule, seed + 500, tokenizer, spec, "all domains")
+    training = Training(warm_start_records(spec, splits), _near_recipe(spec).warm_start)
+    return _finetune(pretrained, training, seed + 500, tokenizer, spec, "all domains")
+
+
+# The rehearsal batches of a fine-tune are shuffled with its seed plus this offset.
+REPLAY_SEED_OFFSET = 7
 
 
 def _finetune(
     base: Any,
-    records: list[dict[str, Any]],
-    schedule: Schedule,
+    training: Training,
     seed: int,
     tokenizer: Any,
     spec: FamilySpec,
     what: str,
-    frozen: tuple[str, ...] = (),
 ) -> tuple[Any, list]:
-    """A fine-tune of a copy of ``base`` on ``records`` (response-only loss), of every
-    parameter but the ``frozen`` parts."""
+    """A fine-tune of a copy of ``base`` (response-only loss) of every parameter but the
+    frozen parts, rehearsing ``training.replay`` if it says so."""
     import copy
 
     from dammerge.family.train import (
         finetuning_batches,
         freeze,
+        interleaved_batches,
         response_loss,
         run_steps,
         tokenize_examples,
     )
 
-    examples = tokenize_examples(records, tokenizer, spec.max_example_tokens)
+    def batches_of(records: list[dict[str, Any]], seed: int) -> Iterator[Any]:
+        examples = tokenize_examples(records, tokenizer, spec.max_example_tokens)
+        return finetuning_batches(examples, training.schedule.batch, tokenizer.pad_token_id, seed)
+
     model = copy.deepcopy(base)
-    freeze(model, frozen)
-    batches = finetuning_batches(examples, schedule.batch, tokenizer.pad_token_id, seed)
-    losses = run_steps(model, batches, schedule, f"fine-tuning {what}", response_loss)
+    freeze(model, training.frozen)
+    batches = batches_of(training.records, seed)
+    if training.replay_every:
+        rehearsal = batches_of(training.replay, seed + REPLAY_SEED_OFFSET)
+        batches = interleaved_batches(batches, rehearsal, training.replay_every)
+    losses = run_steps(model, batches, training.schedule, f"fine-tuning {what}", response_loss)
     return model, losses
 
 

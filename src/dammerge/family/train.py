@@ -18,7 +18,7 @@ import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ IGNORE_INDEX = -100
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[LlamaForCausalLM, Batch], torch.Tensor]
+Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,20 @@ def finetuning_batches(
         for chunk in batches:
             if len(chunk) == batch:
                 yield collate([examples[i] for i in chunk], pad_id)
+
+
+def interleaved_batches(own: Iterator[Item], other: Iterator[Item], every: int) -> Iterator[Item]:
+    """Batches of ``own``, except that every ``every``-th one (the ``every``-th, the
+    ``2 * every``-th, ...) comes from ``other``; ``every`` of 0 means ``own`` alone.
+
+    The fine-tunes of the near regime rehearse the warm start this way (see ``NearRecipe``).
+    """
+    if every < 0 or every == 1:
+        raise ValueError(f"every must be 0 or at least 2, not {every}")
+    step = 0
+    while True:
+        step += 1
+        yield next(other) if every and step % every == 0 else next(own)
 
 
 def shared_prefix_length(batch: Batch) -> int:
