@@ -126,20 +126,6 @@ SIZES: dict[str, FamilySpec] = {
         n_train=4000,
         n_eval=100,
         quality_records=32,
-        # A constant learning rate after warm-up; every fourth batch rehearses the warm start.
-        # Lang and maths learn more slowly than SQL, hence their longer, faster schedules (the
-        # trials behind these numbers: docs/results/2026-12-03-near-regime.md).
-        near=NearRecipe(
-            warm_start=Schedule(steps=400, batch=16, lr=2e-3),
-            warm_start_records=1000,
-            finetune=Schedule(steps=400, batch=16, lr=1e-3, min_lr_ratio=1.0),
-            finetune_overrides={
-                "lang": Schedule(steps=1000, batch=16, lr=1.5e-3, min_lr_ratio=1.0),
-                "math": Schedule(steps=800, batch=16, lr=1.5e-3, min_lr_ratio=1.0),
-            },
-            frozen=("embeddings", "lm_head", "norms"),
-            replay_every=4,
-        ),
     ),
 }
 
