@@ -270,6 +270,43 @@ def test_in_place_writer_refuses_a_tensor_out_of_its_layout(tmp_path):
     assert leftovers(out) == []
 
 
+def test_the_writer_thread_keeps_at_most_one_shard_of_results_waiting(tmp_path, monkeypatch):
+    """While the disk is stuck, :meth:`add` returns only while the tensors not yet written fit
+    in ``shard_size`` bytes: two 400-byte tensors in 1,000 bytes, the third waits."""
+    gate = threading.Event()
+    original = writer_module.write_at
+
+    def stuck(*args, **kwargs):
+        gate.wait(timeout=60)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "write_at", stuck)
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(6)}
+    added: list[str] = []
+
+    def produce() -> None:
+        layout = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+        with CheckpointWriter(tmp_path / "o", shard_size=1_000, layout=layout) as writer:
+            for name, tensor in tensors.items():
+                writer.add(name, tensor)
+                added.append(name)
+            writer.commit()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    deadline = time.monotonic() + 30
+    while len(added) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert added == ["t0", "t1"]
+    gate.set()
+    producer.join(timeout=60)
+    assert added == list(tensors)
+    assert file_hashes(tmp_path / "o") == file_hashes(
+        write_collected(tmp_path / "c", tensors, 1_000)
+    )
+
+
 @pytest.mark.parametrize("shard_size", [10_000, None])
 def test_merges_write_the_same_files_with_and_without_the_writer_thread(
     llama_family, tmp_path, monkeypatch, shard_size
