@@ -153,7 +153,7 @@ def test_exception_mid_write_leaves_nothing(llama_family, tmp_path, monkeypatch,
     assert calls["n"] == 15
     assert not (tmp_path / "deep").exists()  # not even the parents it created
     assert list(tmp_path.iterdir()) == []
-    assert writer_threads() == []  # the writer thread ended with the merge
+    assert merge_threads() == []  # the reading and writing threads ended with it
 
 
 @pytest.mark.parametrize(
@@ -327,8 +327,9 @@ def test_merges_write_the_same_files_with_and_without_the_writer_thread(
         assert len(shards) > 3
 
 
-def writer_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("dammerge-write")]
+def merge_threads() -> list[threading.Thread]:
+    """The executor's reading and writing threads still alive."""
+    return [t for t in threading.enumerate() if t.name.startswith("dammerge-")]
 
 
 def test_a_failed_background_write_is_one_line_exit_2_and_leaves_nothing(
@@ -356,7 +357,7 @@ def test_a_failed_background_write_is_one_line_exit_2_and_leaves_nothing(
     assert "Traceback" not in err
     assert calls["n"] == 20
     assert leftovers(out) == []
-    assert writer_threads() == []
+    assert merge_threads() == []
 
 
 def slow_writes(monkeypatch) -> None:
