@@ -143,7 +143,9 @@ def to_device(
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of a GPU result, through page-locked memory (a DMA copy at bus speed)."""
+    """A CPU copy of a GPU result, through page-locked memory (a DMA copy at bus speed).
+
+    The copy is complete when this returns: the writer thread reads the bytes at once."""
     if tensor.device.type == "cpu":
         return tensor
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)

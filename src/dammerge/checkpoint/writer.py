@@ -177,8 +177,8 @@ class InPlaceShards:
     once its bytes are on disk instead of when its shard is complete. The files are byte for
     byte those :func:`save_file` writes for the same shards. At most ``shard_size`` bytes of
     added tensors wait for the writer thread (the memory a collected shard would take);
-    :meth:`add` blocks beyond that. A failed write raises
-    (as an :class:`OutputError`) from the next :meth:`add` or from :meth:`finish`.
+    :meth:`add` blocks beyond that. A failed write raises (as an :class:`OutputError`) from a
+    later :meth:`add` or from :meth:`finish`.
     """
 
     def __init__(self, folder: Path, out: Path, specs: Sequence[TensorSpec], shard_size: int):
@@ -283,8 +283,9 @@ class CheckpointWriter:
 
     Given the ``layout`` (every tensor's name, shape and dtype, in the order they will be
     added), tensors are written in place on a background thread as they come
-    (:class:`InPlaceShards`); without it, they are collected and each shard is written once
-    ``shard_size`` bytes are pending. The files are the same either way.
+    (:class:`InPlaceShards`); without it (or with a dtype only safetensors' own writer knows),
+    they are collected and each shard is written once ``shard_size`` bytes are pending. The
+    files are the same either way.
     """
 
     def __init__(
