@@ -1,16 +1,18 @@
 """Where a data-free merge's time goes: torch.profiler over one streaming TIES merge.
 
 The inputs and recipe are ``bench/merge_speed.py``'s (generated there if missing: three bf16
-fine-tunes of a Llama-shaped base, float32 compute, bfloat16 output). The recipe is planned
+fine-tunes of a Llama-shaped base, float32 compute, bfloat16 output). Torch's threads and
+OpenMP's wait policy are chosen as ``dammerge merge`` chooses them. The recipe is planned
 before the profiler starts (and, on a GPU, the CUDA context is created), so the profile holds
 the streaming merge alone: ``dammerge.executor.execute`` from the first read to the rename.
 
 The report gives the wall time of that merge against one warm read of its inputs, the time
 the main thread spent in each stage of the loop (the ``dammerge::`` ranges: waiting for
 inputs, merging, copying the result to the host, queueing it for the writer thread, waiting
-for the last writes), the operators sorted by self time (CPU, and on a GPU the device too),
-and on a GPU the page-locked (pinned) host allocator's counters: how many blocks it had to
-allocate from CUDA and the time that took.
+for the last writes), the time the writer thread spent writing (the profiler sees only the
+main thread), the operators sorted by self time (CPU, and on a GPU the device too), and on a
+GPU the page-locked (pinned) host allocator's counters: how many blocks it had to allocate
+from CUDA and the time that took.
 
     python bench/merge_profile.py --small                 # CPU, ~40 MB models
     python bench/merge_profile.py --device cuda           # full size (4 x ~1.2 GB), on a GPU
@@ -19,23 +21,31 @@ allocate from CUDA and the time that took.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch
-from torch.profiler import ProfilerActivity, profile
+from dammerge.threads import configure_threads
 
-import merge_speed
-from _common import gib, read_files, timestamp
-from dammerge.config import load_config
-from dammerge.devices import resolve_device
-from dammerge.executor import execute
-from dammerge.plan import build_plan
+configure_threads()  # the threads `dammerge merge` runs with; before torch loads
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import merge_speed  # noqa: E402
+from _common import gib, read_files, timestamp  # noqa: E402
+from dammerge.checkpoint import writer as writer_module  # noqa: E402
+from dammerge.config import load_config  # noqa: E402
+from dammerge.devices import resolve_device  # noqa: E402
+from dammerge.executor import execute  # noqa: E402
+from dammerge.plan import build_plan  # noqa: E402
 
 STAGE_PREFIX = "dammerge::"
+WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 HOST_ALLOCATOR_KEYS = (
     "num_host_alloc",
     "host_alloc_time.total",
@@ -46,6 +56,12 @@ HOST_ALLOCATOR_KEYS = (
 )
 
 
+def wait_policy() -> str:
+    """How idle OpenMP threads wait in this process (``dammerge.threads`` chose it)."""
+    chosen = [f"{key}={os.environ[key]}" for key in WAIT_SETTINGS if key in os.environ]
+    return ", ".join(chosen) or "libgomp's default wait"
+
+
 def stage_lines(prof: profile) -> list[str]:
     """Main-thread seconds per stage of the executor's loop (its ``record_function`` ranges)."""
     lines = []
@@ -54,6 +70,25 @@ def stage_lines(prof: profile) -> list[str]:
             seconds = event.cpu_time_total / 1e6
             lines.append(f"  {event.key:32s} {seconds:8.3f} s over {event.count} calls")
     return sorted(lines)
+
+
+@contextmanager
+def timed_writes() -> Iterator[dict[str, float]]:
+    """Seconds and bytes of every write of the writer thread while the block runs."""
+    spent = {"seconds": 0.0, "bytes": 0.0}
+    original = writer_module.write_at
+
+    def timed(fd: int, data: memoryview, offset: int) -> None:
+        start = time.perf_counter()
+        original(fd, data, offset)
+        spent["seconds"] += time.perf_counter() - start
+        spent["bytes"] += len(data)
+
+    writer_module.write_at = timed
+    try:
+        yield spent
+    finally:
+        writer_module.write_at = original
 
 
 def host_allocator_lines() -> list[str]:
@@ -83,7 +118,7 @@ def profile_merge(size: str, device_name: str, rows: int) -> list[str]:
         torch.cuda.synchronize()
     out = root / "profile-out"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-    with profile(activities=activities) as prof:
+    with timed_writes() as writes, profile(activities=activities) as prof:
         start = time.perf_counter()
         execute(plan, out, device=device, overwrite=True, progress=False)
         wall = time.perf_counter() - start
@@ -92,12 +127,15 @@ def profile_merge(size: str, device_name: str, rows: int) -> list[str]:
     averages = prof.key_averages()
     lines = [
         f"Data-free merge profile: TIES, {size} ({gib(input_bytes)} of inputs), {device}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {timestamp()}",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads ({wait_policy()}), "
+        f"{timestamp()}",
         f"streaming merge {wall:.3f} s; one warm read of the inputs {io_seconds:.3f} s "
         f"(ratio {wall / io_seconds:.2f}; profiler overhead included)",
         "",
         "main thread, per stage of the loop:",
         *stage_lines(prof),
+        f"writer thread: {writes['seconds']:.3f} s writing {gib(writes['bytes'])} "
+        f"({int(writes['bytes'])} bytes)",
     ]
     if gpu:
         lines += ["", "pinned host allocator:", *host_allocator_lines()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 
@@ -25,6 +26,9 @@ def test_the_profile_times_every_stage_of_every_tensor(tmp_path, monkeypatch):
     for stage in STAGES:
         assert re.search(rf"dammerge::{stage} +\d+\.\d+ s over {tensors} calls", text), stage
     assert re.search(r"dammerge::finish_writes +\d+\.\d+ s over 1 calls", text)
+    written = int(re.search(r"writer thread: \d+\.\d+ s writing .* \((\d+) bytes\)", text)[1])
+    tensor_bytes = sum(2 * math.prod(shape) for _, shape in toy.tensor_shapes())  # bf16 output
+    assert tensor_bytes < written < tensor_bytes + 10_000  # the data and the shards' headers
     assert "== operators by self_cpu_time_total" in text
     assert "aten::kthvalue" in text or "aten::topk" in text  # TIES's magnitude selection
     assert not (tmp_path / "work" / "merge_speed-small" / "profile-out").exists()
