@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -440,13 +441,19 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def compare(ours: Path, theirs: Path, round_to: torch.dtype | None = None) -> dict[str, Any]:
+def compare(
+    ours: Path,
+    theirs: Path,
+    round_to: torch.dtype | None = None,
+    read: Callable[[Path], dict[str, torch.Tensor]] = load_tensors,
+) -> dict[str, Any]:
     """The two outputs' tensor names, shapes and dtypes, and per dammerge output dtype the
     largest difference in ulps and the entries more than one ulp apart. A float tensor that
     mergekit wrote in another dtype is rounded to dammerge's before the values are compared (and
     listed under ``dtype_differs``); ``round_to`` rounds all of mergekit's float tensors first
-    (a float32 reference rounded once)."""
-    a, b = load_tensors(ours), load_tensors(theirs)
+    (a float32 reference rounded once). ``read`` gives a folder's tensors by name: as stored,
+    or as transformers loads them (:func:`loaded_tensors`)."""
+    a, b = read(ours), read(theirs)
     if round_to is not None:
         b = {k: t.to(round_to) if t.is_floating_point() else t for k, t in b.items()}
     result: dict[str, Any] = {
@@ -497,15 +504,36 @@ def _first_few(items: list[str], count: int = 3) -> list[str]:
     return items[:count] + more
 
 
-def transformers_loads(folder: Path) -> bool | str:
-    """True when transformers loads the folder as a causal LM, else its error line."""
-    from transformers import AutoModelForCausalLM
+def model_class(folder: Path) -> Any:
+    """The transformers class ``config.json``'s ``architectures`` names (a causal LM, or e.g.
+    ``LlavaForConditionalGeneration``)."""
+    import transformers
 
+    config = json.loads((folder / "config.json").read_text())
+    names = config.get("architectures") or ["AutoModelForCausalLM"]
+    return getattr(transformers, names[0], transformers.AutoModelForCausalLM)
+
+
+def transformers_loads(folder: Path) -> bool | str:
+    """True when transformers loads the folder as its ``architectures`` class, else its error
+    line."""
     try:
-        AutoModelForCausalLM.from_pretrained(folder)
+        model_class(folder).from_pretrained(folder)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}".splitlines()[0]
     return True
+
+
+def loaded_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The folder's tensors as transformers loads them, under the model's own parameter names:
+    two checkpoints that store one model under different key layouts (transformers 5's
+    conversion of multimodal checkpoints) compare equal here. Parameters the checkpoint lacks
+    (which transformers initialises at random) are left out."""
+    model, info = model_class(folder).from_pretrained(
+        folder, dtype="auto", output_loading_info=True
+    )
+    missing = set(info["missing_keys"])  # initialised at random: not in the checkpoint
+    return {n: t.detach() for n, t in model.state_dict().items() if n not in missing}
 
 
 def run_entry(entry: CorpusEntry, models: TinyModels, work: Path, mergekit: MergekitWorker) -> dict:
@@ -543,20 +571,31 @@ def run_entry(entry: CorpusEntry, models: TinyModels, work: Path, mergekit: Merg
         record["dammerge"]["transformers_loads"] = transformers_loads(ours)
     if theirs_outcome.ran and dammerge_outcome.ran:
         record["comparison"] = compare(ours, theirs)
+        read = load_tensors
+        if record["comparison"]["only_dammerge"] or record["comparison"]["only_mergekit"]:
+            # the same model stored under another key layout: compare what transformers loads
+            read = loaded_tensors
+            record["stored_names_differ"] = record.pop("comparison")
+            record["comparison"] = compare(ours, theirs, read=read)
+            compared = record["comparison"]
+            record["mergekit_output_incomplete"] = bool(
+                compared["only_dammerge"] and not compared["only_mergekit"]
+            )
         half = HALF.get(str(entry.recipe.get("dtype")))
         reference, out_dtype = theirs, None
         if half is not None and not any("+" in local for local in mapping.values()):
             rounded = float32_reference(local, mapping, half, models, folder, mergekit)
             if rounded is not None:
                 reference, out_dtype = rounded, half
-                record["comparison_float32_reference"] = compare(ours, reference, half)
-        if method in SELECTING:
+                record["comparison_float32_reference"] = compare(ours, reference, half, read)
+        if method in SELECTING and read is load_tensors:
             record["ties_at_cut"] = classify_ties(recipe, ours, reference, out_dtype)
         closest = record.get("comparison_float32_reference", record["comparison"])
         if record["deterministic"] and not closest["within_one_ulp"] and half is None:
             exact = float64_reference(local, folder, mergekit)
             if exact is not None:
-                record["comparison_float64_reference"] = compare(ours, exact, torch.float32)
+                record["comparison_float64_reference"] = compare(ours, exact, torch.float32, read)
+                record["closer_to_float64"] = closer_to_exact(ours, theirs, exact, read)
     shutil.rmtree(folder, ignore_errors=True)
     return record
 
@@ -591,8 +630,32 @@ def float64_reference(local: dict[str, Any], folder: Path, mergekit: MergekitWor
     return out if mergekit.run(path, out, folder / "lora-cache").ran else None
 
 
+def closer_to_exact(
+    ours: Path, theirs: Path, exact: Path, read: Callable[[Path], dict[str, torch.Tensor]]
+) -> dict[str, int]:
+    """Of the entries where the two float32 results are more than one ulp apart, how many of
+    dammerge's are at least as close to mergekit's float64 result as mergekit's float32 one
+    (float32 rounding where terms cancel, not a different computation)."""
+    a, b, e = read(ours), read(theirs), read(exact)
+    counts = {"entries_over_one_ulp": 0, "dammerge_as_close": 0}
+    for name in sorted(set(a) & set(b) & set(e)):
+        x, y = a[name], b[name].to(a[name].dtype)
+        if not x.is_floating_point() or x.shape != y.shape:
+            continue
+        over = ulp_distance(x, y) > 1
+        reference = e[name].double()
+        as_close = (x.double() - reference).abs() <= (y.double() - reference).abs()
+        counts["entries_over_one_ulp"] += int(over.sum())
+        counts["dammerge_as_close"] += int((over & as_close).sum())
+    counts["unexplained"] = counts["entries_over_one_ulp"] - counts["dammerge_as_close"]
+    return counts
+
+
 # methods that keep the top-k entries of a score, and the parameter giving k's share
 SELECTING = {"ties": "density", "sce": "select_topk"}
+# methods whose every entry depends on the whole selection: SCE weighs each task vector by
+# the energy of its selected entries, so a tie settled the other way moves the whole tensor
+WHOLE_TENSOR_SELECTION = {"sce"}
 
 
 def classify_ties(
@@ -602,14 +665,15 @@ def classify_ties(
     selection cut, where mergekit's unstable sort and dammerge's lowest-index rule may keep
     different entries: the entry's score (``|task vector|`` per model for TIES, the variance
     across task vectors for SCE, on the inputs as the recipe's ``dtype`` rounds them) equals
-    the k-th largest score, and so does the (k+1)-th. Parameters come from dammerge's plan
+    the k-th largest score, and so does the (k+1)-th (for SCE, any entry of a tensor with
+    such a tie: ``in_tensor_with_tie``). Parameters come from dammerge's plan
     of the recipe, per tensor and per model (gradients and filters resolved)."""
     from dammerge.config import load_config
     from dammerge.plan import build_plan
 
     plan = build_plan(load_config(recipe))
     ours_tensors, theirs = load_tensors(ours), load_tensors(reference)
-    counts = {"entries_over_one_ulp": 0, "at_tie": 0}
+    counts = {"entries_over_one_ulp": 0, "at_tie": 0, "in_tensor_with_tie": 0}
     inputs: dict[Path, dict[str, torch.Tensor]] = {}
     for tensor in plan.tensors:
         if tensor.name not in theirs:  # a name only one tool writes is listed by compare()
@@ -633,7 +697,10 @@ def classify_ties(
         deltas = [read(source) - base for source in tensor.sources if source != tensor.base_source]
         tied = tied_at_cut(plan.config.merge_method, tensor, deltas)
         counts["at_tie"] += int((over & tied).sum())
-    counts["unexplained"] = counts["entries_over_one_ulp"] - counts["at_tie"]
+        if plan.config.merge_method in WHOLE_TENSOR_SELECTION and tied.any():
+            counts["in_tensor_with_tie"] += int((over & ~tied).sum())
+    explained = counts["at_tie"] + counts["in_tensor_with_tie"]
+    counts["unexplained"] = counts["entries_over_one_ulp"] - explained
     return counts
 
 
