@@ -6,7 +6,9 @@
 #   tests  140 s  the CUDA tests: data-free merges and the DAM engine on the GPU against the CPU,
 #                 bf16 training, the fused KL gradient, the compiled merge kernels against the
 #                 eager ones and the definition, a DAM training with compiled kernels
-#   merge   80 s  bench/merge_speed.py, TIES with the merge on the GPU (the I/O-bound ratio)
+#   merge   65 s  bench/merge_speed.py, TIES with the merge on the GPU (the I/O-bound ratio)
+#   profile 15 s  bench/merge_profile.py: the same merge once under torch.profiler, on the
+#                 inputs the merge part made (stages of the loop, operators, pinned allocator)
 #   small  150 s  bench/dam_step.py --gpu --shape small: hidden 2048, 512 tokens, bf16;
 #                 compiled vs eager kernels, N = 2, 3, 5, teachers on the fly and precomputed,
 #                 plain step and reference
@@ -22,7 +24,7 @@
 set -uo pipefail
 OUT=${OUT:-bench/.work/gpu}
 DAM_7B_LAYERS=${DAM_7B_LAYERS:-8}
-PARTS=${*:-tests merge small 7b}
+PARTS=${*:-tests merge profile small 7b}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -50,9 +52,15 @@ fi
 
 if wants merge; then
     echo "== merge: merge speed, TIES on the GPU"
-    timeout 80 python3 bench/merge_speed.py --device cuda --ours-only --repeats 2 \
+    timeout 65 python3 bench/merge_speed.py --device cuda --ours-only --repeats 2 \
         --output "$OUT/merge_speed_cuda.json" 2>&1 | grep -v -E "it/s|shard/s" | tee "$OUT/merge.log"
     results+=("$OUT/merge_speed_cuda.json")
+fi
+
+if wants profile; then
+    echo "== profile: the GPU merge under torch.profiler"
+    timeout 15 python3 bench/merge_profile.py --device cuda \
+        --output "$OUT/merge_profile_cuda.txt" 2>&1 | tee "$OUT/merge_profile.log"
 fi
 
 dam_step() {  # dam_step SHAPE OUTPUT LIMIT [ARGS...]

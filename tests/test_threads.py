@@ -232,3 +232,54 @@ def test_an_idle_machine_gets_bounded_spinning(tmp_path):
     assert result["torch_threads"] == len(os.sched_getaffinity(0))
     assert result["env"]["GOMP_SPINCOUNT"] == str(BOUNDED_SPINS)
     assert result["env"]["OMP_WAIT_POLICY"] is None and result["notes"] == []
+
+
+# --------------------------------------------------------------------------- every heavy command
+
+# Runs a dammerge command and stops it the moment torch is first imported, reporting whether
+# dammerge had chosen the thread settings by then (OMP_NUM_THREADS, removed from the child's
+# environment, is set by configure_threads and by nothing else).
+FIRST_TORCH_IMPORT = """
+import json, os, sys
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            print(json.dumps({"configured": "OMP_NUM_THREADS" in os.environ}), flush=True)
+            os._exit(0)
+        return None
+sys.meta_path.insert(0, Watch())
+sys.argv = ["dammerge", *sys.argv[1:]]
+from dammerge.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["merge", "{recipe}", "{tmp}/merged"],
+        ["family", "build", "{tmp}/family", "--size", "micro"],
+        ["experiment", "{recipe}", "-o", "{tmp}/experiment"],
+        ["demo", "{tmp}/demo", "--size", "micro"],
+    ],
+    ids=lambda command: command[0],
+)
+def test_each_heavy_command_chooses_threads_before_torch_loads(tmp_path, command):
+    """torch's OpenMP runtime reads its thread and wait settings once, when it loads: a
+    command that imports torch before :func:`configure_threads` runs with OpenMP's defaults."""
+    import json
+
+    recipe = write(tmp_path / "recipe.yml", "merge_method: linear\n")
+    args = [part.format(recipe=recipe, tmp=tmp_path) for part in command]
+    environ = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    environ["PYTHONPATH"] = str(SOURCE)
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_TORCH_IMPORT, *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=300,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"torch was never imported:\n{done.stdout}\n{done.stderr}"
+    assert json.loads(lines[-1]) == {"configured": True}

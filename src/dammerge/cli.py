@@ -89,9 +89,8 @@ def merge_command(
     ] = False,
 ) -> None:
     """Merge the models of CONFIG into OUTPUT."""
+    configure_threads()  # before torch loads: it reads the thread settings once
     from dammerge.dispatch import merge
-
-    configure_threads()
 
     merge(
         config,
@@ -155,9 +154,9 @@ def demo_command(
     ] = "small",
 ) -> None:
     """Build the miniature family, merge its specialists every way, and score each merge."""
+    configure_threads()  # before torch loads: it reads the thread settings once
     from dammerge.demo import run_demo
 
-    configure_threads()
     run_demo(output, full=full, size=size)
 
 

@@ -1,9 +1,11 @@
 """The streaming executor: one output tensor at a time, bounded memory, atomic output.
 
 For each tensor of the plan it reads that tensor from every input (``pread``, one thread per
-input), runs the method's kernel on the chosen device, and hands the result to the writer, which
-flushes a shard whenever ``shard_size`` bytes are pending. Peak memory is therefore about the
-inputs of the largest tensor plus one output shard, whatever the model size.
+input), runs the method's kernel on the chosen device, and hands the result to the writer. The
+plan fixes every output tensor's name, shape and dtype, hence the output files' headers, so the
+writer writes each result at its place in its shard on a background thread while the next
+tensors are read and merged. Peak memory is therefore about the inputs of the largest tensor
+plus the results still waiting for the disk (at most one shard's worth), whatever the model size.
 
 On a GPU the kernels take almost no time and the CPU would sit idle while they run, so the
 inputs of the next tensor are read while the current one is merged (``read_ahead=1``): reading
@@ -20,11 +22,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from dammerge.checkpoint.card import CardFacts, card_text
 from dammerge.checkpoint.reader import Checkpoint
-from dammerge.checkpoint.writer import CheckpointWriter, check_output_location
+from dammerge.checkpoint.writer import CheckpointWriter, TensorSpec, check_output_location
 from dammerge.config import DEFAULT_SHARD_SIZE, MergeConfig, RunOptions
 from dammerge.devices import resolve_device
 from dammerge.errors import ConfigError, DammergeError
@@ -140,7 +143,9 @@ def to_device(
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy of a GPU result, through page-locked memory (a DMA copy at bus speed)."""
+    """A CPU copy of a GPU result, through page-locked memory (a DMA copy at bus speed).
+
+    The copy is complete when this returns: the writer thread reads the bytes at once."""
     if tensor.device.type == "cpu":
         return tensor
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
@@ -177,7 +182,8 @@ def read_inputs(
         queue_next()
     while queued:
         tensor, reads = queued.popleft()
-        loaded = [read.result() for read in reads]
+        with record_function("dammerge::wait_for_inputs"):
+            loaded = [read.result() for read in reads]
         del reads  # the futures would keep the raw inputs alive while they are merged
         yield tensor, loaded  # the next `read_ahead` tensors are read meanwhile
         del loaded
@@ -201,8 +207,9 @@ def execute(
     folders = [folder for ck in plan.inputs for folder in ck.source_folders()]
     out = check_output_location(out, folders, overwrite=overwrite)
     workers = (read_ahead + 1) * (len(plan.participants) + 1)
+    layout = output_layout(plan)
     with (
-        CheckpointWriter(out, shard_size=shard_size, overwrite=overwrite) as writer,
+        CheckpointWriter(out, shard_size=shard_size, overwrite=overwrite, layout=layout) as writer,
         ThreadPoolExecutor(workers, thread_name_prefix="dammerge-read") as pool,
     ):
         bar = tqdm(
@@ -213,10 +220,22 @@ def execute(
             disable=not progress,
         )
         for tensor, loaded in bar:
-            merged = merge_tensor(plan, tensor, device, seed, loaded)
-            writer.add(tensor.name, to_host(merged.to(plan.output_dtype(tensor))))
+            with record_function("dammerge::merge"):
+                merged = merge_tensor(plan, tensor, device, seed, loaded)
+            with record_function("dammerge::to_host"):
+                result = to_host(merged.to(plan.output_dtype(tensor)))
+            del merged
+            with record_function("dammerge::queue_write"):
+                writer.add(tensor.name, result)
+            del result
         write_side_files(writer, plan, seed)
-        return writer.commit()
+        with record_function("dammerge::finish_writes"):
+            return writer.commit()
+
+
+def output_layout(plan: MergePlan) -> list[TensorSpec]:
+    """Every output tensor's name, shape and written dtype, in the order they are merged."""
+    return [TensorSpec(t.name, tuple(t.shape), plan.output_dtype(t)) for t in plan.tensors]
 
 
 def write_side_files(writer: CheckpointWriter, plan: MergePlan, seed: int) -> None:

@@ -14,8 +14,8 @@ and the processes a command starts read when they load:
   quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), unless the user set it;
 - how idle threads wait, unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``: when
   other work already keeps the CPUs busy as the command starts (sampled from ``/proc/stat``),
-  ``OMP_WAIT_POLICY=PASSIVE``, so they sleep at once; otherwise ``GOMP_SPINCOUNT`` at a tenth
-  of a millisecond or so (:data:`BOUNDED_SPINS`, against libgomp's ~3 ms), long enough to catch
+  ``OMP_WAIT_POLICY=PASSIVE``, so they sleep at once; otherwise ``GOMP_SPINCOUNT`` at tens of
+  microseconds (:data:`BOUNDED_SPINS`, against libgomp's ~3 ms), long enough to catch
   the next operation of a running step, short enough that a job that started on idle cores
   wastes little once other jobs arrive (they cannot be seen at start when they start at the
   same moment). Passive threads are woken through the kernel for every parallel operation, a
@@ -44,9 +44,12 @@ SAMPLE_SECONDS = 0.2  # how long the load is sampled at start
 # Our threads count as crowded when the CPUs that others leave idle hold fewer than all of
 # them, with this margin (in CPUs) for the noise of a short sample.
 CROWDING_MARGIN = 0.5
-# libgomp's GOMP_SPINCOUNT on idle CPUs: a thirtieth of its default of 300,000 spins (which it
-# estimates at 3 ms; the pause instruction's cost varies by CPU, so 0.1 to 0.5 ms).
-BOUNDED_SPINS = 10_000
+# libgomp's GOMP_SPINCOUNT on idle CPUs: a three-hundredth of its default of 300,000 spins
+# (which it estimates at 3 ms; the pause instruction's cost varies by CPU, so tens of
+# microseconds). Long enough to catch the next operation of a running step; short enough that
+# jobs which started together on the same cores (none saw the other at start) do not spin away
+# each other's time slices at every parallel operation (bench/contention.py).
+BOUNDED_SPINS = 1_000
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,16 @@ as outputs, and stale temporary folders are cleaned up."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import importlib
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -24,8 +27,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dammerge
 from dammerge.checkpoint import writer as writer_module
-from dammerge.checkpoint.writer import TMP_MARKER, CheckpointWriter
+from dammerge.checkpoint.writer import TMP_MARKER, CheckpointWriter, TensorSpec
 from dammerge.errors import OutputError
+
+from ..cli_helpers import run_cli
 
 merge_module = importlib.import_module("dammerge.executor")
 
@@ -131,6 +136,7 @@ def test_side_files_tokenizer_recipe_and_card(llama_family, tmp_path):
 
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_exception_mid_write_leaves_nothing(llama_family, tmp_path, monkeypatch, error):
+    slow_writes(monkeypatch)
     calls = {"n": 0}
     original = merge_module.merge_tensor
 
@@ -147,6 +153,7 @@ def test_exception_mid_write_leaves_nothing(llama_family, tmp_path, monkeypatch,
     assert calls["n"] == 15
     assert not (tmp_path / "deep").exists()  # not even the parents it created
     assert list(tmp_path.iterdir()) == []
+    assert merge_threads() == []  # the reading and writing threads ended with it
 
 
 @pytest.mark.parametrize(
@@ -161,6 +168,7 @@ def test_exception_mid_write_leaves_nothing(llama_family, tmp_path, monkeypatch,
 def test_disk_full_is_an_output_error_with_no_leftovers(
     llama_family, tmp_path, monkeypatch, raised
 ):
+    """Collected shards (no layout given): the third shard's write fails."""
     written = {"n": 0}
     original = writer_module.save_file
 
@@ -173,9 +181,194 @@ def test_disk_full_is_an_output_error_with_no_leftovers(
     monkeypatch.setattr(writer_module, "save_file", filling)
     out = tmp_path / "merged"
     with pytest.raises(OutputError, match="disk full") as info:
-        dammerge.merge(recipe(llama_family), out, progress=False, shard_size=10_000)
+        write_collected(out, tensors_of(llama_family[0]), shard_size=10_000)
     assert info.value.hint
     assert leftovers(out) == []
+
+
+def write_collected(out: Path, tensors: dict[str, torch.Tensor], shard_size: int) -> Path:
+    """``tensors`` written by a writer without a layout: collected into shards."""
+    with CheckpointWriter(out, shard_size=shard_size) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+        return writer.commit()
+
+
+def write_in_place(out: Path, tensors: dict[str, torch.Tensor], shard_size: int) -> Path:
+    """The same with the layout given: each tensor written in place by the writer thread."""
+    layout = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    with CheckpointWriter(out, shard_size=shard_size, layout=layout) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+        return writer.commit()
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """An independent reader of the format: 8-byte header length, JSON header, then each
+    tensor's bytes at its offsets (checks the data start and the file end too)."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    assert header.pop("__metadata__") == {"format": "pt"}
+    assert (8 + length) % 8 == 0
+    codes = {"F32": torch.float32, "BF16": torch.bfloat16, "I64": torch.int64, "BOOL": torch.bool}
+    end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    assert len(raw) == 8 + length + end
+    state = {}
+    for name, entry in header.items():
+        start, stop = (8 + length + offset for offset in entry["data_offsets"])
+        flat = torch.tensor(list(raw[start:stop]), dtype=torch.uint8)
+        state[name] = flat.view(codes[entry["dtype"]]).reshape(entry["shape"])
+    return state
+
+
+def odd_tensors() -> dict[str, torch.Tensor]:
+    """Mixed dtypes, empty tensors (first, in the middle, last) and one larger than a shard."""
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "empty.first": torch.zeros(0, 3),
+        "a": torch.randn(7, 5, generator=generator),
+        "big": torch.randn(40, 64, generator=generator).to(torch.bfloat16),
+        "ids": torch.arange(11),
+        "mask": torch.rand(13, generator=generator) > 0.5,
+        "empty.middle": torch.zeros(4, 0, dtype=torch.bfloat16),
+        "scalar": torch.tensor(2.5),
+        "b": torch.randn(3, 3, 3, generator=generator),
+        "empty.last": torch.zeros(0),
+    }
+
+
+@pytest.mark.parametrize("shard_size", [1, 200, 1_000, 6_000, 10**9])
+def test_in_place_shards_are_the_bytes_of_collected_shards(tmp_path, shard_size):
+    tensors = odd_tensors()
+    collected = write_collected(tmp_path / "collected", tensors, shard_size)
+    in_place = write_in_place(tmp_path / "in_place", tensors, shard_size)
+    assert file_hashes(in_place) == file_hashes(collected)
+    read = {}
+    for shard in in_place.glob("*.safetensors"):
+        read.update(read_safetensors(shard))
+    assert read.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(read[name], tensor), name
+    if shard_size == 1:  # every tensor alone in its shard
+        assert len(list(in_place.glob("*.safetensors"))) == len(tensors)
+
+
+def test_in_place_writer_refuses_a_tensor_out_of_its_layout(tmp_path):
+    tensors = odd_tensors()
+    layout = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match="expected"), CheckpointWriter(out, layout=layout) as w:
+        w.add("a", tensors["a"])  # "empty.first" comes first
+    with pytest.raises(ValueError, match="never added"), CheckpointWriter(out, layout=layout) as w:
+        w.add("empty.first", tensors["empty.first"])
+        w.commit()
+    assert leftovers(out) == []
+
+
+def test_the_writer_thread_keeps_at_most_one_shard_of_results_waiting(tmp_path, monkeypatch):
+    """While the disk is stuck, :meth:`add` returns only while the tensors not yet written fit
+    in ``shard_size`` bytes: two 400-byte tensors in 1,000 bytes, the third waits."""
+    gate = threading.Event()
+    original = writer_module.write_at
+
+    def stuck(*args, **kwargs):
+        gate.wait(timeout=60)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "write_at", stuck)
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(6)}
+    added: list[str] = []
+
+    def produce() -> None:
+        layout = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+        with CheckpointWriter(tmp_path / "o", shard_size=1_000, layout=layout) as writer:
+            for name, tensor in tensors.items():
+                writer.add(name, tensor)
+                added.append(name)
+            writer.commit()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    deadline = time.monotonic() + 30
+    while len(added) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert added == ["t0", "t1"]
+    gate.set()
+    producer.join(timeout=60)
+    assert added == list(tensors)
+    assert file_hashes(tmp_path / "o") == file_hashes(
+        write_collected(tmp_path / "c", tensors, 1_000)
+    )
+
+
+@pytest.mark.parametrize("shard_size", [10_000, None])
+def test_merges_write_the_same_files_with_and_without_the_writer_thread(
+    llama_family, tmp_path, monkeypatch, shard_size
+):
+    sizes = {} if shard_size is None else {"shard_size": shard_size}
+    cfg = recipe(llama_family, method="ties", parameters={"density": 0.5})
+    threaded = dammerge.merge(cfg, tmp_path / "threaded", progress=False, **sizes)
+    assert threaded is not None
+    monkeypatch.setattr(merge_module, "output_layout", lambda plan: None)
+    collected = dammerge.merge(cfg, tmp_path / "collected", progress=False, **sizes)
+    assert collected is not None
+    hashes = file_hashes(threaded)
+    assert hashes == file_hashes(collected)
+    shards = [name for name in hashes if name.endswith(".safetensors")]
+    if shard_size is None:
+        assert shards == ["model.safetensors"]
+    else:
+        assert len(shards) > 3
+
+
+def merge_threads() -> list[threading.Thread]:
+    """The executor's reading and writing threads still alive."""
+    return [t for t in threading.enumerate() if t.name.startswith("dammerge-")]
+
+
+def test_a_failed_background_write_is_one_line_exit_2_and_leaves_nothing(
+    llama_family, tmp_path, monkeypatch, capfd
+):
+    calls = {"n": 0}
+    original = writer_module.write_at
+
+    def filling(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 20:  # a few shards are already (partly) on disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "write_at", filling)
+    recipe_file = tmp_path / "recipe.yml"
+    recipe_file.write_text(yaml.safe_dump(recipe(llama_family)))
+    out = tmp_path / "merged"
+    code = run_cli(monkeypatch, "merge", recipe_file, out, "--shard-size", "10000")
+    err = capfd.readouterr().err
+    assert code == 2
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: disk full while writing {out}"
+    ]
+    assert "Traceback" not in err
+    assert calls["n"] == 20
+    assert leftovers(out) == []
+    assert merge_threads() == []
+
+
+def slow_writes(monkeypatch) -> None:
+    """Each background write takes a moment, so writes are still queued when the loop ends."""
+    original = writer_module.write_at
+
+    def slow(*args, **kwargs):
+        time.sleep(0.02)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "write_at", slow)
 
 
 def test_real_full_disk(llama_family, tmp_path):

@@ -20,13 +20,14 @@ def experiment_command(
 
     Finished cells are kept: re-running after an interruption computes only what is missing.
     """
+    from dammerge.threads import configure_threads
+
+    configure_threads()  # before torch loads: it reads the thread settings once
     from dammerge.experiment.config import ExperimentConfig
     from dammerge.experiment.report import print_report
     from dammerge.experiment.runner import run_experiment
     from dammerge.terminal import print_lines
-    from dammerge.threads import configure_threads
 
-    configure_threads()
     config = ExperimentConfig.from_yaml(experiment)
     out = output or experiment.with_suffix("")
     report = run_experiment(config, out, rerun=rerun)

@@ -43,10 +43,11 @@ def build_command(
     ] = False,
 ) -> None:
     """Build the family: tokenizer, base, three specialists, data splits and a manifest."""
-    from dammerge.family.build import build_family, resolve_spec
     from dammerge.threads import configure_threads
 
-    configure_threads()
+    configure_threads()  # before torch loads: it reads the thread settings once
+    from dammerge.family.build import build_family, resolve_spec
+
     resolve_spec(size, regime)  # a bad size or regime fails here, before anything is written
     result = build_family(
         output,
