@@ -32,12 +32,14 @@ to bench/results/mergekit_corpus.json and are summarised in docs/mergekit.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,8 @@ RESULTS = REPO / "bench" / "results" / "mergekit_corpus.json"
 DEFAULT_MERGEKIT_REPO = Path("/work/.mirror/arcee-ai+mergekit/repo")
 MERGEKIT_BIN = REPO / ".venv-mergekit" / "bin"
 DEFAULT_DEPTH = 4  # layers of a tiny model when no layer_range asks for more
-MERGEKIT_TIMEOUT_S = 900
+WORKER = "mergekit_worker.py"
+HARVESTER = "mergekit_harvest.py"
 # the first keyword found in a model's name gives its family; anything else is Llama-like
 FAMILY_KEYWORDS = (
     ("mistral", "mistral"),
@@ -110,6 +113,8 @@ class CorpusEntry:
     source: str
     recipe: dict[str, Any] | None = None
     skipped: str | None = None
+    local: bool = False  # its models are local folders already (a harvested test config)
+    expects_failure: bool = False  # mergekit's test expects this merge to fail
 
 
 def as_recipe(source: str, text: str) -> CorpusEntry:
@@ -144,6 +149,41 @@ def collect_corpus(source: MergekitSource) -> list[CorpusEntry]:
             for index, block in enumerate(markdown_blocks(source.read(name)), start=1):
                 entries.append(as_recipe(f"{name}#yaml-{index}", block))
     return entries
+
+
+TEST_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def harvest_test_configs(repo: Path, bin_dir: Path, work: Path) -> tuple[list[CorpusEntry], dict]:
+    """mergekit's test configurations (bench/mergekit_harvest.py, run with mergekit's
+    interpreter, records each ``MergeConfiguration`` its tests build, on mergekit's own test
+    fixtures), each as three entries: in float32, float16 and bfloat16, whatever ``dtype`` the
+    test set; and what the harvest says of each test module."""
+    out = work / "harvest.json"
+    command = [str(bin_dir / "python"), str(Path(__file__).with_name(HARVESTER))]
+    command += [
+        "--mergekit-repo",
+        str(repo),
+        "--fixtures",
+        str(work / "fixtures"),
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    harvest = json.loads(out.read_text())
+    entries = [
+        CorpusEntry(
+            config["source"],
+            recipe={**config["config"], "dtype": dtype},
+            local=True,
+            expects_failure=config["expects_failure"],
+        )
+        for config in harvest["configs"]
+        for dtype in TEST_DTYPES
+    ]
+    about = {key: harvest[key] for key in ("revision", "shrunk_fixtures", "modules")}
+    return entries, about
 
 
 # -- rewriting the model references -----------------------------------------------------------
@@ -307,27 +347,49 @@ class Outcome:
     warnings: list[str] = field(default_factory=list)
 
 
-def run_mergekit(recipe: Path, out: Path, cache: Path, bin_dir: Path) -> Outcome:
-    """``mergekit-yaml`` on the recipe file, offline, exactly as a user runs it (plus a LoRA
-    cache folder, which a ``+adapter`` reference needs)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [str(bin_dir / "mergekit-yaml"), str(recipe), str(out)]
-    command += ["--lora-merge-cache", str(cache)]
-    try:
-        done = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=MERGEKIT_TIMEOUT_S
-        )
-    except subprocess.TimeoutExpired:
-        return Outcome(False, f"timed out after {MERGEKIT_TIMEOUT_S} s")
-    if done.returncode == 0:
-        return Outcome(True)
-    return Outcome(False, last_error_line(done.stderr))
+class MergekitWorker:
+    """mergekit run in one long-lived process (bench/mergekit_worker.py, mergekit's own
+    interpreter): each recipe file is merged as ``mergekit-yaml`` merges it, without paying
+    mergekit's import time once per recipe. Restarted if it dies."""
 
+    def __init__(self, bin_dir: Path, log: Path) -> None:
+        self.bin_dir = bin_dir
+        self.log = log
+        self.process: subprocess.Popen[str] | None = None
 
-def last_error_line(stderr: str) -> str:
-    """The line of a traceback that says what went wrong (its last non-empty line)."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else "failed without a message"
+    def _start(self) -> subprocess.Popen[str]:
+        if self.process is None or self.process.poll() is not None:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            self.process = subprocess.Popen(
+                [str(self.bin_dir / "python"), str(Path(__file__).with_name(WORKER))],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self.log.open("a"),
+                text=True,
+                env=env,
+            )
+        return self.process
+
+    def run(self, recipe: Path, out: Path, cache: Path) -> Outcome:
+        """Merge the recipe file into ``out`` (plus a LoRA cache folder, which a
+        ``+adapter`` reference needs); a failure is mergekit's last error line."""
+        process = self._start()
+        assert process.stdin is not None and process.stdout is not None
+        request = {"recipe": str(recipe), "out": str(out), "lora_cache": str(cache)}
+        process.stdin.write(json.dumps(request) + "\n")
+        process.stdin.flush()
+        answer = process.stdout.readline()
+        if not answer:
+            return Outcome(False, f"mergekit's process ended (see {self.log})")
+        reply = json.loads(answer)
+        return Outcome(reply["ran"], reply["error"])
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
 
 
 def run_dammerge(recipe: Path, out: Path) -> Outcome:
@@ -348,6 +410,8 @@ def run_dammerge(recipe: Path, out: Path) -> Outcome:
     return Outcome(True, warnings=noted)
 
 
+# methods whose result depends on random draws (mergekit's and dammerge's differ by design)
+RANDOM_METHODS = {"dare_linear", "dare_ties", "della", "della_linear"}
 HALF = {
     "float16": torch.float16,
     "fp16": torch.float16,
@@ -377,13 +441,19 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def compare(ours: Path, theirs: Path, round_to: torch.dtype | None = None) -> dict[str, Any]:
+def compare(
+    ours: Path,
+    theirs: Path,
+    round_to: torch.dtype | None = None,
+    read: Callable[[Path], dict[str, torch.Tensor]] = load_tensors,
+) -> dict[str, Any]:
     """The two outputs' tensor names, shapes and dtypes, and per dammerge output dtype the
     largest difference in ulps and the entries more than one ulp apart. A float tensor that
     mergekit wrote in another dtype is rounded to dammerge's before the values are compared (and
     listed under ``dtype_differs``); ``round_to`` rounds all of mergekit's float tensors first
-    (a float32 reference rounded once)."""
-    a, b = load_tensors(ours), load_tensors(theirs)
+    (a float32 reference rounded once). ``read`` gives a folder's tensors by name: as stored,
+    or as transformers loads them (:func:`loaded_tensors`)."""
+    a, b = read(ours), read(theirs)
     if round_to is not None:
         b = {k: t.to(round_to) if t.is_floating_point() else t for k, t in b.items()}
     result: dict[str, Any] = {
@@ -434,50 +504,98 @@ def _first_few(items: list[str], count: int = 3) -> list[str]:
     return items[:count] + more
 
 
-def transformers_loads(folder: Path) -> bool | str:
-    """True when transformers loads the folder as a causal LM, else its error line."""
-    from transformers import AutoModelForCausalLM
+def model_class(folder: Path) -> Any:
+    """The transformers class ``config.json``'s ``architectures`` names (a causal LM, or e.g.
+    ``LlavaForConditionalGeneration``)."""
+    import transformers
 
+    config = json.loads((folder / "config.json").read_text())
+    names = config.get("architectures") or ["AutoModelForCausalLM"]
+    return getattr(transformers, names[0], transformers.AutoModelForCausalLM)
+
+
+def transformers_loads(folder: Path) -> bool | str:
+    """True when transformers loads the folder as its ``architectures`` class, else its error
+    line."""
     try:
-        AutoModelForCausalLM.from_pretrained(folder)
+        model_class(folder).from_pretrained(folder)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}".splitlines()[0]
     return True
 
 
-def run_entry(entry: CorpusEntry, models: TinyModels, work: Path, bin_dir: Path) -> dict:
+def loaded_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The folder's tensors as transformers loads them, under the model's own parameter names:
+    two checkpoints that store one model under different key layouts (transformers 5's
+    conversion of multimodal checkpoints) compare equal here. Parameters the checkpoint lacks
+    (which transformers initialises at random) are left out."""
+    model, info = model_class(folder).from_pretrained(
+        folder, dtype="auto", output_loading_info=True
+    )
+    missing = set(info["missing_keys"])  # initialised at random: not in the checkpoint
+    return {n: t.detach() for n, t in model.state_dict().items() if n not in missing}
+
+
+def run_entry(entry: CorpusEntry, models: TinyModels, work: Path, mergekit: MergekitWorker) -> dict:
     """Localise one recipe, run both tools on it, compare; outputs are removed afterwards."""
     assert entry.recipe is not None
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", entry.source).strip("-")
-    folder = work / "runs" / slug
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{entry.source}-{entry.recipe.get('dtype')}")
+    folder = work / "runs" / slug.strip("-")
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     recipe = folder / "recipe.yml"
-    local, mapping = localise(entry.recipe, models)
+    if entry.local:
+        local, mapping = entry.recipe, {ref: ref for ref in model_references(entry.recipe)}
+    else:
+        local, mapping = localise(entry.recipe, models)
     recipe.write_text(yaml.safe_dump(local, sort_keys=False))
     theirs, ours = folder / "mergekit", folder / "dammerge"
-    mergekit = run_mergekit(recipe, theirs, folder / "lora-cache", bin_dir)
+    theirs_outcome = mergekit.run(recipe, theirs, folder / "lora-cache")
     dammerge_outcome = run_dammerge(recipe, ours)
+    method = entry.recipe.get("merge_method")
     record: dict[str, Any] = {
         "source": entry.source,
-        "merge_method": entry.recipe.get("merge_method"),
+        "merge_method": method,
         "dtype": entry.recipe.get("dtype"),
-        "mergekit": {"ran": mergekit.ran, "error": mergekit.message},
+        "deterministic": method not in RANDOM_METHODS,
+        "mergekit": {"ran": theirs_outcome.ran, "error": theirs_outcome.message},
         "dammerge": {
             "ran": dammerge_outcome.ran,
             "refusal": dammerge_outcome.message,
             "warnings": dammerge_outcome.warnings,
         },
     }
+    if entry.expects_failure:
+        record["expects_failure"] = True
     if dammerge_outcome.ran:
         record["dammerge"]["transformers_loads"] = transformers_loads(ours)
-    if mergekit.ran and dammerge_outcome.ran:
+    if theirs_outcome.ran and dammerge_outcome.ran:
         record["comparison"] = compare(ours, theirs)
+        read = load_tensors
+        if record["comparison"]["only_dammerge"] or record["comparison"]["only_mergekit"]:
+            # the same model stored under another key layout: compare what transformers loads
+            read = loaded_tensors
+            record["stored_names_differ"] = record.pop("comparison")
+            record["comparison"] = compare(ours, theirs, read=read)
+            compared = record["comparison"]
+            record["mergekit_output_incomplete"] = bool(
+                compared["only_dammerge"] and not compared["only_mergekit"]
+            )
         half = HALF.get(str(entry.recipe.get("dtype")))
+        reference, out_dtype = theirs, None
         if half is not None and not any("+" in local for local in mapping.values()):
-            reference = float32_reference(local, mapping, half, models, folder, bin_dir)
-            if reference is not None:
-                record["comparison_float32_reference"] = compare(ours, reference, half)
+            rounded = float32_reference(local, mapping, half, models, folder, mergekit)
+            if rounded is not None:
+                reference, out_dtype = rounded, half
+                record["comparison_float32_reference"] = compare(ours, reference, half, read)
+        if method in SELECTING and read is load_tensors:
+            record["ties_at_cut"] = classify_ties(recipe, ours, reference, out_dtype)
+        closest = record.get("comparison_float32_reference", record["comparison"])
+        if record["deterministic"] and not closest["within_one_ulp"] and half is None:
+            exact = float64_reference(local, folder, mergekit)
+            if exact is not None:
+                record["comparison_float64_reference"] = compare(ours, exact, torch.float32, read)
+                record["closer_to_float64"] = closer_to_exact(ours, theirs, exact, read)
     shutil.rmtree(folder, ignore_errors=True)
     return record
 
@@ -488,7 +606,7 @@ def float32_reference(
     half: torch.dtype,
     models: TinyModels,
     folder: Path,
-    bin_dir: Path,
+    mergekit: MergekitWorker,
 ) -> Path | None:
     """mergekit's output for the recipe computed in float32 on inputs already rounded to the
     recipe's half dtype: rounded once, it is the correctly rounded result dammerge aims at
@@ -499,13 +617,122 @@ def float32_reference(
     path = folder / "recipe-float32.yml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     out = folder / "mergekit-float32"
-    outcome = run_mergekit(path, out, folder / "lora-cache", bin_dir)
+    outcome = mergekit.run(path, out, folder / "lora-cache")
     return out if outcome.ran else None
+
+
+def float64_reference(local: dict[str, Any], folder: Path, mergekit: MergekitWorker) -> Path | None:
+    """mergekit's output for a float32 recipe computed in float64: where dammerge and mergekit
+    differ by more than one ulp, it says which of the two float32 results is the accurate one."""
+    path = folder / "recipe-float64.yml"
+    path.write_text(yaml.safe_dump({**local, "dtype": "float64"}, sort_keys=False))
+    out = folder / "mergekit-float64"
+    return out if mergekit.run(path, out, folder / "lora-cache").ran else None
+
+
+def closer_to_exact(
+    ours: Path, theirs: Path, exact: Path, read: Callable[[Path], dict[str, torch.Tensor]]
+) -> dict[str, int]:
+    """Of the entries where the two float32 results are more than one ulp apart, how many of
+    dammerge's are at least as close to mergekit's float64 result as mergekit's float32 one
+    (float32 rounding where terms cancel, not a different computation)."""
+    a, b, e = read(ours), read(theirs), read(exact)
+    counts = {"entries_over_one_ulp": 0, "dammerge_as_close": 0}
+    for name in sorted(set(a) & set(b) & set(e)):
+        x, y = a[name], b[name].to(a[name].dtype)
+        if not x.is_floating_point() or x.shape != y.shape:
+            continue
+        over = ulp_distance(x, y) > 1
+        reference = e[name].double()
+        as_close = (x.double() - reference).abs() <= (y.double() - reference).abs()
+        counts["entries_over_one_ulp"] += int(over.sum())
+        counts["dammerge_as_close"] += int((over & as_close).sum())
+    counts["unexplained"] = counts["entries_over_one_ulp"] - counts["dammerge_as_close"]
+    return counts
+
+
+# methods that keep the top-k entries of a score, and the parameter giving k's share
+SELECTING = {"ties": "density", "sce": "select_topk"}
+# methods whose every entry depends on the whole selection: SCE weighs each task vector by
+# the energy of its selected entries, so a tie settled the other way moves the whole tensor
+WHOLE_TENSOR_SELECTION = {"sce"}
+
+
+def classify_ties(
+    recipe: Path, ours: Path, reference: Path, round_to: torch.dtype | None
+) -> dict[str, int]:
+    """Of the entries more than one ulp from the reference, how many sit at a tie at the
+    selection cut, where mergekit's unstable sort and dammerge's lowest-index rule may keep
+    different entries: the entry's score (``|task vector|`` per model for TIES, the variance
+    across task vectors for SCE, on the inputs as the recipe's ``dtype`` rounds them) equals
+    the k-th largest score, and so does the (k+1)-th (for SCE, any entry of a tensor with
+    such a tie: ``in_tensor_with_tie``). Parameters come from dammerge's plan
+    of the recipe, per tensor and per model (gradients and filters resolved)."""
+    from dammerge.config import load_config
+    from dammerge.plan import build_plan
+
+    plan = build_plan(load_config(recipe))
+    ours_tensors, theirs = load_tensors(ours), load_tensors(reference)
+    counts = {"entries_over_one_ulp": 0, "at_tie": 0, "in_tensor_with_tie": 0}
+    inputs: dict[Path, dict[str, torch.Tensor]] = {}
+    for tensor in plan.tensors:
+        if tensor.name not in theirs:  # a name only one tool writes is listed by compare()
+            continue
+        x = ours_tensors[tensor.name]
+        y = theirs[tensor.name].to(round_to or x.dtype).to(x.dtype)
+        over = ulp_distance(x, y) > 1 if x.is_floating_point() else x != y
+        if not over.any():
+            continue
+        counts["entries_over_one_ulp"] += int(over.sum())
+        if tensor.base_source is None or tensor.rows is not None:
+            continue
+
+        def read(source: Any) -> torch.Tensor:
+            if source.model not in inputs:
+                inputs[source.model] = load_tensors(source.model)
+            value = inputs[source.model][source.tensor]
+            return value.to(plan.input_dtype or value.dtype).float()
+
+        base = read(tensor.base_source)
+        deltas = [read(source) - base for source in tensor.sources if source != tensor.base_source]
+        tied = tied_at_cut(plan.config.merge_method, tensor, deltas)
+        counts["at_tie"] += int((over & tied).sum())
+        if plan.config.merge_method in WHOLE_TENSOR_SELECTION and tied.any():
+            counts["in_tensor_with_tie"] += int((over & ~tied).sum())
+    explained = counts["at_tie"] + counts["in_tensor_with_tie"]
+    counts["unexplained"] = counts["entries_over_one_ulp"] - explained
+    return counts
+
+
+def tied_at_cut(method: str, tensor: Any, deltas: list[torch.Tensor]) -> torch.Tensor:
+    """The entries whose score ties with the k-th largest where the (k+1)-th ties too."""
+    tied = torch.zeros_like(deltas[0], dtype=torch.bool)
+    if method == "sce":
+        share = float(tensor.params.get("select_topk", 1.0))
+        variance = torch.stack(deltas).var(dim=0, unbiased=False)
+        scored = [(variance, int(int(variance.count_nonzero()) * share))]
+    else:
+        participants = [
+            p
+            for p, s in zip(tensor.model_params, tensor.sources, strict=True)
+            if s != tensor.base_source
+        ]
+        scored = []
+        for delta, params in zip(deltas, participants, strict=True):
+            density = float(params.get("density", tensor.params.get("density", 1.0)))
+            scored.append((delta.abs(), max(1, int(density * delta.numel()))))
+    for score, k in scored:
+        if 0 < k < score.numel():
+            ordered = score.flatten().sort(descending=True).values
+            if ordered[k - 1] == ordered[k]:
+                tied |= score == ordered[k - 1]
+    return tied
 
 
 def summarise(records: list[dict], work: Path) -> dict[str, Any]:
     """Counts over the corpus, and dammerge's refusals grouped by their message."""
     both = [r for r in records if r["mergekit"]["ran"] and r["dammerge"]["ran"]]
+    compared = [r for r in both if r["deterministic"]]
     refusals: dict[str, list[str]] = {}
     for record in records:
         message = record["dammerge"]["refusal"]
@@ -516,9 +743,11 @@ def summarise(records: list[dict], work: Path) -> dict[str, Any]:
         "mergekit_ran": sum(r["mergekit"]["ran"] for r in records),
         "dammerge_ran": sum(r["dammerge"]["ran"] for r in records),
         "both_ran": len(both),
-        "within_one_ulp": sum(r["comparison"]["within_one_ulp"] for r in both),
+        "deterministic_both_ran": len(compared),
+        "within_one_ulp": sum(r["comparison"]["within_one_ulp"] for r in compared),
         "within_one_ulp_of_float32_reference": sum(
-            r.get("comparison_float32_reference", r["comparison"])["within_one_ulp"] for r in both
+            r.get("comparison_float32_reference", r["comparison"])["within_one_ulp"]
+            for r in compared
         ),
         "dammerge_refused_where_mergekit_ran": sum(
             r["mergekit"]["ran"] and not r["dammerge"]["ran"] for r in records
@@ -540,16 +769,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mergekit-bin", type=Path, default=MERGEKIT_BIN)
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--only", help="run only the entries whose source contains this text")
     args = parser.parse_args(argv)
     source = MergekitSource(args.mergekit_repo)
     entries = collect_corpus(source)
+    harvested, harvest_about = harvest_test_configs(
+        args.mergekit_repo, args.mergekit_bin, args.work
+    )
     models = TinyModels(args.work / "models")
+    mergekit = MergekitWorker(args.mergekit_bin, args.work / "mergekit.log")
     records = []
-    for entry in entries:
-        if entry.recipe is None:
-            continue
-        print(f"{entry.source} ...", flush=True)
-        records.append(run_entry(entry, models, args.work, args.mergekit_bin))
+    try:
+        for entry in entries + harvested:
+            if entry.recipe is None or (args.only and args.only not in entry.source):
+                continue
+            print(f"{entry.source} ({entry.recipe.get('dtype')}) ...", flush=True)
+            records.append(run_entry(entry, models, args.work, mergekit))
+    finally:
+        mergekit.close()
     result = {
         "benchmark": "mergekit_corpus",
         "timestamp": timestamp(),
@@ -560,18 +797,28 @@ def main(argv: list[str] | None = None) -> int:
             ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
         ).stdout.strip(),
         "machine": machine_info(),
-        "summary": summarise(records, args.work),
+        "summary": summarise([r for r in records if not is_test_config(r)], args.work),
+        "summary_test_configs": summarise([r for r in records if is_test_config(r)], args.work),
+        "test_modules": harvest_about["modules"],
+        "shrunk_fixtures": harvest_about["shrunk_fixtures"],
         "recipes": records,
         "skipped": [{"source": e.source, "reason": e.skipped} for e in entries if e.skipped],
     }
     write_json(args.out, result)
-    summary = result["summary"]
-    print(
-        f"{summary['recipes']} recipes: mergekit ran {summary['mergekit_ran']}, dammerge ran "
-        f"{summary['dammerge_ran']}, both {summary['both_ran']} (within one ulp: "
-        f"{summary['within_one_ulp']}); results in {args.out}"
-    )
+    for key in ("summary", "summary_test_configs"):
+        summary = result[key]
+        print(
+            f"{key}: {summary['recipes']} runs: mergekit ran {summary['mergekit_ran']}, dammerge "
+            f"ran {summary['dammerge_ran']}, both {summary['both_ran']} (deterministic and "
+            f"within one ulp: {summary['within_one_ulp']}, of the float32 reference: "
+            f"{summary['within_one_ulp_of_float32_reference']})"
+        )
     return 0
+
+
+def is_test_config(record: dict) -> bool:
+    """Whether a record is a harvested test configuration (named ``tests/<file>.py::...``)."""
+    return "::" in record["source"]
 
 
 if __name__ == "__main__":

@@ -156,3 +156,82 @@ def test_compare_reports_names_shapes_dtypes_and_ulps(tmp_path):
     assert not result["same_tensors"] and not result["within_one_ulp"]
     rounded = corpus.compare(tmp_path / "ours", tmp_path / "ours", round_to=torch.float16)
     assert rounded["dtype_differs"] and rounded["max_ulp"] == {"bfloat16": 0}
+
+
+def _ambiguous_by_brute_force(score: list[float], k: int) -> set[int]:
+    """Entries that some top-k choice keeps and another drops (every k-subset whose scores are
+    all at least every other entry's is a valid choice)."""
+    from itertools import combinations
+
+    valid = [
+        set(chosen)
+        for chosen in combinations(range(len(score)), k)
+        if min(score[i] for i in chosen)
+        >= max((score[j] for j in range(len(score)) if j not in chosen), default=-1.0)
+    ]
+    return set.union(*valid) - set.intersection(*valid)
+
+
+@pytest.mark.parametrize("density", [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])
+def test_ties_at_the_cut_are_the_entries_a_top_k_choice_may_keep_or_drop(density):
+    from types import SimpleNamespace
+
+    base = SimpleNamespace(model="base", tensor="w")
+    other = SimpleNamespace(model="a", tensor="w")
+    delta = torch.tensor([3.0, -5.0, 3.0, 1.0, -3.0, 4.0])
+    tensor = SimpleNamespace(
+        params={}, model_params=[{"density": density}], sources=[other], base_source=base
+    )
+    tied = corpus.tied_at_cut("ties", tensor, [delta])
+    k = max(1, int(density * delta.numel()))
+    expected = _ambiguous_by_brute_force(delta.abs().tolist(), k)
+    assert set(torch.nonzero(tied).flatten().tolist()) == expected
+
+
+def test_the_harvester_records_each_configuration_a_test_builds(tmp_path):
+    """A stand-in test module: fixtures resolved by name (and built once), a test that builds
+    two configurations gets [1] and [2], a ``pytest.raises`` block that does not raise marks
+    the configuration as expected to fail."""
+    import types
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "mergekit_harvest.py"
+    spec = importlib.util.spec_from_file_location("mergekit_harvest", path)
+    harvest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harvest)
+
+    class Config:
+        def __init__(self, method: str, model: str) -> None:
+            self.data = {"merge_method": method, "models": [{"model": model}]}
+
+        def model_dump(self, **_options):
+            return self.data
+
+    built = []
+    module = types.ModuleType("tests.test_fake")
+
+    def model_a(tmp_path_factory):
+        built.append("model_a")
+        return str(tmp_path_factory.mktemp("model_a"))
+
+    class TestFake:
+        def test_two(self, model_a):
+            module.run_and_check_merge(Config("linear", model_a))
+            module.run_and_check_merge(Config("slerp", model_a))
+
+        def test_failing(self, model_a):
+            with harvest._raises(ValueError):
+                module.run_and_check_merge(Config("della", model_a))
+
+    module.model_a = harvest.Fixture(model_a)
+    module.TestFake = TestFake
+    module.run_and_check_merge = None
+    entries = harvest.harvest_module("tests/test_fake.py", module, tmp_path)
+    assert [e["source"] for e in entries] == [
+        "tests/test_fake.py::TestFake::test_two[1]",
+        "tests/test_fake.py::TestFake::test_two[2]",
+        "tests/test_fake.py::TestFake::test_failing",
+    ]
+    assert [e["config"]["merge_method"] for e in entries] == ["linear", "slerp", "della"]
+    assert [e["expects_failure"] for e in entries] == [False, False, True]
+    assert built == ["model_a"]  # session scope: built once
+    assert entries[0]["config"]["models"][0]["model"].startswith(str(tmp_path))

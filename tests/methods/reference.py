@@ -135,11 +135,12 @@ def slerp(t: float, v0: np.ndarray, v1: np.ndarray, threshold: float = 0.9995) -
 
 
 def model_stock(base: np.ndarray, xs: Sequence[np.ndarray], filter_wise: bool) -> np.ndarray:
-    """Model Stock: per tensor (or per row), the mean pairwise cosine of the task vectors sets
-    t = N cos / (1 + (N − 1) cos); result t·mean(xᵢ) + (1 − t)·base."""
+    """Model Stock: per tensor (or per vector along the last axis), the mean pairwise cosine
+    of the task vectors sets t = N cos / (1 + (N − 1) cos), 0 where 1 + (N − 1) cos is below
+    1e-6 in size; result t·mean(xᵢ) + (1 − t)·base."""
     if filter_wise and base.ndim >= 2:
         rows = [(base[r], [x[r] for x in xs]) for r in range(base.shape[0])]
-        return np.stack([model_stock(b, rs, filter_wise=False) for b, rs in rows])
+        return np.stack([model_stock(b, rs, filter_wise=base.ndim > 2) for b, rs in rows])
     n = len(xs)
     offsets = [(x - base).ravel() for x in xs]
     cosines = []
@@ -148,7 +149,7 @@ def model_stock(base: np.ndarray, xs: Sequence[np.ndarray], filter_wise: bool) -
             norm = max(np.linalg.norm(offsets[i]) * np.linalg.norm(offsets[j]), 1e-6)
             cosines.append(min(1.0, max(-1.0, float(offsets[i] @ offsets[j]) / norm)))
     cos = sum(cosines) / len(cosines)
-    t = n * cos / (1 + (n - 1) * cos)
+    t = 0.0 if abs(1 + (n - 1) * cos) < 1e-6 else n * cos / (1 + (n - 1) * cos)
     mean = sum(xs) / n
     return t * mean + (1 - t) * base
 

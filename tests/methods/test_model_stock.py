@@ -13,7 +13,7 @@ from .harness import random_family, run, tensor
 
 @pytest.mark.parametrize("n", [2, 3])
 @pytest.mark.parametrize("filter_wise", [False, True])
-@pytest.mark.parametrize("shape", [(8, 6), (12,)])
+@pytest.mark.parametrize("shape", [(8, 6), (12,), (4, 3, 5)])
 def test_model_stock_matches_reference(n, filter_wise, shape):
     base, xs = random_family(shape, n, seed=61)
     # correlated task vectors, so cos θ is clearly positive as between real fine-tunes
@@ -49,3 +49,12 @@ def test_zero_task_vectors_give_the_base():
 def test_needs_two_models():
     with pytest.raises(ValueError, match="two models"):
         model_stock(tensor(np.zeros(3)), [tensor(np.ones(3))])
+
+
+def test_opposite_task_vectors_keep_the_base():
+    """Two exactly opposite task vectors: cos = −1, so 1 + (N − 1) cos = 0 and there is no
+    finite step; the base is kept (mergekit does the same) instead of inf or NaN."""
+    base = np.array([0.5, -1.0, 2.0])
+    delta = np.array([1.0, 2.0, -0.5])
+    got = run("model_stock", [base + delta, base - delta], base=base)
+    np.testing.assert_allclose(got, base, atol=1e-12)

@@ -7,6 +7,8 @@ from itertools import combinations
 
 import torch
 
+SINGULAR = 1e-6  # |1 + (N − 1) c| below it: no finite step, the base is kept (as mergekit)
+
 
 def model_stock(
     base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_wise: bool = False
@@ -16,12 +18,16 @@ def model_stock(
     Args:
         base: the base tensor ``B``.
         tensors: the fine-tuned tensors ``W_1 .. W_N`` (``N >= 2``).
-        filter_wise: measure the angle per row (output filter) instead of per tensor.
+        filter_wise: measure the angle per vector along the last dimension (per row of a
+            matrix: its output filter) instead of per tensor, as mergekit does; a tensor of
+            three or more dimensions (a convolution's kernel) then has one angle per kernel
+            row, not per output channel.
 
     Returns:
         ``t · mean_i(W_i) + (1 − t) · B`` with ``t = N c / (1 + (N − 1) c)``, ``c`` the mean
         cosine between the task vectors ``W_i − B`` over all pairs (norm products below
-        1e-6 count as 1e-6).
+        1e-6 count as 1e-6). Where ``|1 + (N − 1) c| < 1e-6`` (task vectors that cancel)
+        ``t`` is 0: the base, instead of an unbounded step.
 
     Raises:
         ValueError: fewer than two fine-tuned tensors.
@@ -29,8 +35,11 @@ def model_stock(
     if len(tensors) < 2:
         raise ValueError("model_stock needs at least two models besides the base")
     shape = base.shape
-    rowwise = filter_wise and base.dim() >= 2
-    flat = (lambda x: x.reshape(shape[0], -1)) if rowwise else (lambda x: x.reshape(1, -1))
+    per_vector = filter_wise and base.dim() >= 2  # else the whole tensor is one vector
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x if per_vector else x.reshape(1, -1)
+
     w0 = flat(base)
     offsets = [flat(t) - w0 for t in tensors]
     cosines = []
@@ -39,6 +48,8 @@ def model_stock(
         cosines.append(((a * b).sum(dim=-1) / denom).clamp(-1.0, 1.0))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     n = len(tensors)
-    ratio = n * cos / (1 + (n - 1) * cos)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < SINGULAR
+    ratio = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
     average = torch.stack([flat(t) for t in tensors]).mean(dim=0)
     return (ratio * average + (1 - ratio) * w0).reshape(shape)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 DOT_THRESHOLD = 0.9995
@@ -31,13 +29,17 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-8) -> to
     n0, n1 = v0.norm(), v1.norm()
     if n0 < eps or n1 < eps:
         return lerp(t, v0, v1)
-    dot = float(((v0 / n0) * (v1 / n1)).sum().clamp(-1.0, 1.0))
-    if abs(dot) > DOT_THRESHOLD:
+    dot = ((v0 / n0) * (v1 / n1)).sum().clamp(-1.0, 1.0)
+    if abs(float(dot)) > DOT_THRESHOLD:
         return lerp(t, v0, v1)
-    theta = math.acos(dot)
-    sin_theta = math.sin(theta)
-    s0 = math.sin((1 - t) * theta) / sin_theta
-    s1 = math.sin(t * theta) / sin_theta
+    # the coefficients in the tensors' own dtype, as every other step (and as mergekit):
+    # where the two terms nearly cancel, a coefficient rounded differently moves the sum by
+    # many units in its last place
+    position = torch.tensor(t, dtype=dot.dtype)
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    s0 = torch.sin((1 - position) * theta) / sin_theta
+    s1 = torch.sin(position * theta) / sin_theta
     return s0 * v0 + s1 * v1
 
 

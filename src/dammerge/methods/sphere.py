@@ -46,16 +46,18 @@ def multislerp(
     """
     if len(tensors) == 1:
         return tensors[0]
-    w = [float(v) for v in weights]
+    # the weights as tensors of the inputs' dtype, normalised there, and each weighted term
+    # rounded before it is added (no fused multiply-add): mergekit's float32 arithmetic step
+    # by step, so that entries where the terms nearly cancel round alike
+    w = torch.tensor([float(v) for v in weights], dtype=tensors[0].dtype)
     if normalize_weights:
-        total = sum(w)
-        if total == 0:
+        if sum(float(v) for v in weights) == 0:
             raise ValueError("multislerp with normalize_weights needs weights that do not sum to 0")
-        w = [v / total for v in w]
+        w = w / w.sum()
     norms = [x.norm() for x in tensors]
     chordal = torch.zeros_like(tensors[0])
     for x, n, weight in zip(tensors, norms, w, strict=True):
-        chordal.add_(x / (n + eps), alpha=weight)
+        chordal += (x / (n + eps)) * weight
     length = chordal.norm()
     if length < eps:
         if len(tensors) == 2:
@@ -68,10 +70,10 @@ def multislerp(
     tangent = torch.zeros_like(mean)
     for x, n, weight in zip(tensors, norms, w, strict=True):
         unit = x / (n + eps)
-        tangent.add_(unit.sub_(mean * (unit * mean).sum()), alpha=weight)
+        tangent += unit.sub_(mean * (unit * mean).sum()) * weight
     step = tangent.norm() + eps
     direction = mean * torch.cos(step) + tangent * (torch.sin(step) / step)
-    return direction * sum(weight * n for weight, n in zip(w, norms, strict=True))
+    return direction * (torch.stack(norms) * w).sum()
 
 
 def karcher_mean(
