@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -109,9 +108,8 @@ def test_same_seed_rebuild_is_bit_identical(micro_family, tmp_path):
 
 def test_second_build_into_the_same_folder_is_a_cache_hit(micro_family):
     before = (micro_family / "manifest.json").read_text()
-    started = time.perf_counter()
     result = build_family(micro_family, "micro", 0)
-    assert result.cached and time.perf_counter() - started < 2
+    assert result.cached
     assert (micro_family / "manifest.json").read_text() == before
 
 
@@ -331,10 +329,9 @@ def test_unknown_regime_fails_before_anything_is_written(tmp_path):
     assert not (tmp_path / "f").exists()
 
 
-def test_near_micro_family_builds_in_seconds(tmp_path):
-    started = time.perf_counter()
+def test_near_micro_family_builds(tmp_path):
+    """The near regime end to end on micro (its build time is bench/family_build.py's)."""
     result = build_family(tmp_path / "near", "micro", 0, regime="near")
-    assert time.perf_counter() - started < 150  # budget 90 s on an idle 2-core machine
     manifest = load_family(result.root).manifest
     assert manifest["regime"] == "near" and manifest["size"] == "micro"
     assert set(manifest["quality"]["scores"]) == set(MODELS)
