@@ -352,16 +352,16 @@ def _candidate(
     """The label box ``radius`` points from the marker at ``angle``, on the far side of it."""
     dx, dy = radius * math.cos(angle), radius * math.sin(angle)
     x, y = px + dx * scale, py + dy * scale
-    if math.cos(angle) > 0.38:
-        ha, x0 = "left", x
-    elif math.cos(angle) < -0.38:
-        ha, x0 = "right", x - width
-    else:
-        ha, x0 = "center", x - width / 2
-    if math.sin(angle) > 0.38:
-        va, y0 = "bottom", y
-    elif math.sin(angle) < -0.38:
-        va, y0 = "top", y - height
-    else:
-        va, y0 = "center", y - height / 2
+    ha, x0 = _aligned(math.cos(angle), x, width, ("left", "right"))
+    va, y0 = _aligned(math.sin(angle), y, height, ("bottom", "top"))
     return _Spot(Box(x0, y0, x0 + width, y0 + height), (dx, dy), ha, va)
+
+
+def _aligned(direction: float, at: float, size: float, sides: tuple[str, str]) -> tuple[str, float]:
+    """Along one axis: the label's alignment and its box's start, so that it extends away from
+    the marker (``sides``: the alignment names for a positive and a negative ``direction``)."""
+    if direction > 0.38:
+        return sides[0], at
+    if direction < -0.38:
+        return sides[1], at - size
+    return "center", at - size / 2
