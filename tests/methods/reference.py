@@ -265,8 +265,8 @@ def nearswap(t: float, base: np.ndarray, other: np.ndarray) -> np.ndarray:
 
 def arcee_fusion(base: np.ndarray, other: np.ndarray) -> np.ndarray:
     """Arcee Fusion: importance |W − B| · KL(softmax(W row) + 1e-8 ‖ softmax(B row) + 1e-8) per
-    entry, the fence median + 1.5 (Q3 − Q1) with Q at sorted index ⌊q (n − 1)⌋, W at or above
-    it, B elsewhere."""
+    entry, the fence median + 1.5 (Q3 − Q1) with Q at sorted index ⌊q (n − 1)⌋; at or above it
+    the base plus the whole change, B + (W − B) (W up to B's rounding), B elsewhere."""
     b2 = base.reshape(-1, base.shape[-1])
     w2 = other.reshape(b2.shape)
     importance = np.empty(b2.shape)
@@ -282,7 +282,7 @@ def arcee_fusion(base: np.ndarray, other: np.ndarray) -> np.ndarray:
     n = len(ranked)
     q1, median, q3 = (ranked[int(f * (n - 1))] for f in (0.25, 0.5, 0.75))
     fence = median + 1.5 * (q3 - q1)
-    return np.where(importance >= fence, w2, b2).reshape(base.shape)
+    return np.where(importance >= fence, b2 + (w2 - b2), b2).reshape(base.shape)
 
 
 def ram(

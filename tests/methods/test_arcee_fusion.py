@@ -38,6 +38,20 @@ def test_a_row_that_shifts_its_distribution_is_taken():
     np.testing.assert_array_equal(got[[0, 1, 3]], base[[0, 1, 3]])
 
 
+def test_a_taken_entry_is_the_base_plus_the_change_rounded_in_the_dtype():
+    """In float32, B + (W − B) is not W where W is far from B (unrelated models): the kernel
+    gives that sum, rounded as float32 arithmetic rounds it (mergekit's bits)."""
+    rng = np.random.default_rng(114)
+    base = np.full((4, 6), 3.0)
+    other = base + 0.01 * rng.normal(size=(4, 6))
+    other[2] = 1e-3 * np.arange(1.0, 7.0) ** 2  # row 2: small values, far from the base's 3
+    got = run("arcee_fusion", [other], base=base, dtype=torch.float32)
+    b32, w32 = base.astype(np.float32), other.astype(np.float32)
+    np.testing.assert_array_equal(got[2], b32[2] + (w32[2] - b32[2]))
+    np.testing.assert_array_equal(got[[0, 1, 3]], b32[[0, 1, 3]])
+    assert (got[2] != w32[2]).any()  # the sum rounds at the base's scale, not W's
+
+
 def test_identical_models_give_the_base():
     base, _ = random_family((5, 5), 0, seed=113)
     np.testing.assert_array_equal(fusion(base, base.copy()), base)

@@ -64,11 +64,14 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         other: the other model's tensor ``W``.
 
     Returns:
-        ``W`` where :func:`fusion_importance` is at least the upper fence
-        ``Q2 + 1.5 (Q3 − Q1)`` of all the tensor's importances (quartiles by
-        :func:`order_statistic`), ``B`` elsewhere.
+        ``B + (W − B)``, computed in the tensors' dtype, where :func:`fusion_importance` is at
+        least the upper fence ``Q2 + 1.5 (Q3 − Q1)`` of all the tensor's importances
+        (quartiles by :func:`order_statistic`); ``B`` elsewhere. The base plus the whole
+        change is mergekit's arithmetic, and its bits: it is ``W`` exactly wherever ``W`` is
+        within a factor of 2 of ``B`` (same sign), as a fine-tune's entries are; for unrelated
+        tensors it rounds at ``B``'s scale.
     """
     importance = fusion_importance(base, other)
     q1, median, q3 = (order_statistic(importance, f) for f in (0.25, 0.5, 0.75))
     threshold = median + FENCE_FACTOR * (q3 - q1)
-    return torch.where(importance >= threshold, other, base)
+    return torch.where(importance >= threshold, base + (other - base), base)
