@@ -103,6 +103,69 @@ def test_each_regime_has_its_own_folders_and_the_default_is_the_demo_regime(
     ]
 
 
+def test_full_runs_the_comparison_in_each_regime_then_writes_the_summary(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """`--full`: small-family.yaml once per regime, each into its own folders, then one summary
+    of both (the experiments are stood in for by reports written here: their averages are
+    set so that near's best single model is lang at 0.5 and far's is sql at 0.3)."""
+    monkeypatch.setitem(SIZES, "small", replace(SIZES["small"], near=SIZES["micro"].near))
+    rows = {  # (name, group, average) of each regime's report
+        "near": [
+            ("base", "reference", 0.3),
+            ("lang", "reference", 0.5),
+            ("Model Soups", "main", 0.55),
+        ],
+        "far": [
+            ("base", "reference", 0.1),
+            ("sql", "reference", 0.3),
+            ("Model Soups", "main", 0.02),
+            ("KL", "ablation", 0.2),
+        ],
+    }
+    calls = []
+
+    def fake_regime(output: Path, experiment: str, family: str, regime: str) -> Path:
+        calls.append((experiment, family, regime))
+        report = output / f"{experiment}-{regime}" / "report"
+        report.mkdir(parents=True)
+        records = [{"name": n, "group": g, "scores": [{"average": a}]} for n, g, a in rows[regime]]
+        (report / "report.json").write_text(json.dumps({"rows": records}))
+        return report
+
+    monkeypatch.setattr(demo, "run_regime", fake_regime)
+    summary = run_demo(tmp_path / "demo", full=True)
+    assert calls == [("small-family", "family", "near"), ("small-family", "family", "far")]
+    assert summary == tmp_path / "demo" / "small-family-summary.md"
+    text = summary.read_text()
+    for line in (
+        "| near | best single: lang | 0.500 |  |",
+        "| near | Model Soups | 0.550 | +0.050 |",
+        "| far | best single: sql | 0.300 |  |",
+        "| far | Model Soups | 0.020 | -0.280 |",
+    ):
+        assert line in text, text
+    assert "KL" not in text  # the ablation stays in each regime's report
+    assert "`small-family-near/report/`, `small-family-far/report/`" in text
+    printed = capsys.readouterr().out
+    assert "best single: lang" in printed and "-0.280" in printed
+
+
+def test_full_checks_every_regime_s_report_folder_before_any_work(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The far report folder holds something else: refused before the near half runs."""
+    monkeypatch.setitem(SIZES, "small", replace(SIZES["small"], near=SIZES["micro"].near))
+    monkeypatch.setattr(demo, "run_regime", lambda *args: pytest.fail("an experiment started"))
+    taken = tmp_path / "demo" / "small-family-far"
+    taken.mkdir(parents=True)
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(DammergeError, match="is not an experiment's folder"):
+        run_demo(tmp_path / "demo", full=True)
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == ["small-family-far"]
+    assert (taken / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.slow
 def test_micro_demo_end_to_end(micro_family: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     """`dammerge demo OUT --size micro --regime far` through the console entry point: the family
