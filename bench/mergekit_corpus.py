@@ -23,6 +23,8 @@ rounding difference docs/mergekit.md describes from any other.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python bench/mergekit_corpus.py
     ... --mergekit-repo PATH   # a mergekit checkout, or a bare git mirror of one (read at HEAD)
+    ... --only TEXT            # rerun the entries whose source contains TEXT (repeatable);
+                               # their runs are updated in the results, the others kept
 
 The mergekit checkout is only read (``git show`` for a bare mirror); nothing of it is copied
 into this repository. Tiny models and outputs live under bench/.work/ (git-ignored); results go
@@ -536,6 +538,31 @@ def loaded_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return {n: t.detach() for n, t in model.state_dict().items() if n not in missing}
 
 
+def loaded_names(folder: Path) -> dict[str, str]:
+    """Each tensor name stored in the folder, mapped to the parameter name transformers loads
+    it under (:func:`loaded_tensors`' names): the model class's checkpoint conversion mapping,
+    applied by transformers' own renaming function as ``from_pretrained`` applies it (for
+    LLaVA, e.g. ``vision_tower.`` becomes ``model.vision_tower.``). A tensor that a conversion
+    transforms, not only renames, is left out: what loads under the new name is not the stored
+    value."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    model = model_class(folder).from_pretrained(folder, dtype="auto")
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    parameters, prefix = model.state_dict(), model.base_model_prefix
+    names = {}
+    for stored in load_tensors(folder):
+        loaded, converted = rename_source_key(stored, renamings, converters, prefix, parameters)
+        if loaded not in parameters and stored in parameters:  # transformers' own fallback
+            loaded, converted = rename_source_key(stored, [], [], prefix, parameters)
+        if loaded in parameters and converted is None:
+            names[stored] = loaded
+    return names
+
+
 def run_entry(entry: CorpusEntry, models: TinyModels, work: Path, mergekit: MergekitWorker) -> dict:
     """Localise one recipe, run both tools on it, compare; outputs are removed afterwards."""
     assert entry.recipe is not None
@@ -588,8 +615,11 @@ def run_entry(entry: CorpusEntry, models: TinyModels, work: Path, mergekit: Merg
             if rounded is not None:
                 reference, out_dtype = rounded, half
                 record["comparison_float32_reference"] = compare(ours, reference, half, read)
-        if method in SELECTING and read is load_tensors:
-            record["ties_at_cut"] = classify_ties(recipe, ours, reference, out_dtype)
+        if method in SELECTING:
+            # dammerge's output stores the plan's (the input's) names; compared as transformers
+            # loads them, each is looked up under its loaded name
+            names = None if read is load_tensors else loaded_names(ours)
+            record["ties_at_cut"] = classify_ties(recipe, ours, reference, out_dtype, read, names)
         closest = record.get("comparison_float32_reference", record["comparison"])
         if record["deterministic"] and not closest["within_one_ulp"] and half is None:
             exact = float64_reference(local, folder, mergekit)
@@ -659,7 +689,12 @@ WHOLE_TENSOR_SELECTION = {"sce"}
 
 
 def classify_ties(
-    recipe: Path, ours: Path, reference: Path, round_to: torch.dtype | None
+    recipe: Path,
+    ours: Path,
+    reference: Path,
+    round_to: torch.dtype | None,
+    read: Callable[[Path], dict[str, torch.Tensor]] = load_tensors,
+    names: dict[str, str] | None = None,
 ) -> dict[str, int]:
     """Of the entries more than one ulp from the reference, how many sit at a tie at the
     selection cut, where mergekit's unstable sort and dammerge's lowest-index rule may keep
@@ -667,19 +702,23 @@ def classify_ties(
     across task vectors for SCE, on the inputs as the recipe's ``dtype`` rounds them) equals
     the k-th largest score, and so does the (k+1)-th (for SCE, any entry of a tensor with
     such a tie: ``in_tensor_with_tie``). Parameters come from dammerge's plan
-    of the recipe, per tensor and per model (gradients and filters resolved)."""
+    of the recipe, per tensor and per model (gradients and filters resolved). The outputs are
+    read with ``read``; ``names`` maps a planned (input) tensor name to its name there when the
+    two differ (outputs compared as transformers loads them: :func:`loaded_names`), and the
+    inputs are read by their stored names."""
     from dammerge.config import load_config
     from dammerge.plan import build_plan
 
     plan = build_plan(load_config(recipe))
-    ours_tensors, theirs = load_tensors(ours), load_tensors(reference)
+    ours_tensors, theirs = read(ours), read(reference)
     counts = {"entries_over_one_ulp": 0, "at_tie": 0, "in_tensor_with_tie": 0}
     inputs: dict[Path, dict[str, torch.Tensor]] = {}
     for tensor in plan.tensors:
-        if tensor.name not in theirs:  # a name only one tool writes is listed by compare()
+        name = tensor.name if names is None else names.get(tensor.name)
+        if name not in theirs:  # a name only one tool writes is listed by compare()
             continue
-        x = ours_tensors[tensor.name]
-        y = theirs[tensor.name].to(round_to or x.dtype).to(x.dtype)
+        x = ours_tensors[name]
+        y = theirs[name].to(round_to or x.dtype).to(x.dtype)
         over = ulp_distance(x, y) > 1 if x.is_floating_point() else x != y
         if not over.any():
             continue
@@ -687,14 +726,16 @@ def classify_ties(
         if tensor.base_source is None or tensor.rows is not None:
             continue
 
-        def read(source: Any) -> torch.Tensor:
+        def read_input(source: Any) -> torch.Tensor:
             if source.model not in inputs:
                 inputs[source.model] = load_tensors(source.model)
             value = inputs[source.model][source.tensor]
             return value.to(plan.input_dtype or value.dtype).float()
 
-        base = read(tensor.base_source)
-        deltas = [read(source) - base for source in tensor.sources if source != tensor.base_source]
+        base = read_input(tensor.base_source)
+        deltas = [
+            read_input(source) - base for source in tensor.sources if source != tensor.base_source
+        ]
         tied = tied_at_cut(plan.config.merge_method, tensor, deltas)
         counts["at_tie"] += int((over & tied).sum())
         if plan.config.merge_method in WHOLE_TENSOR_SELECTION and tied.any():
@@ -769,7 +810,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mergekit-bin", type=Path, default=MERGEKIT_BIN)
     parser.add_argument("--work", type=Path, default=WORK)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--only", help="run only the entries whose source contains this text")
+    parser.add_argument(
+        "--only",
+        action="append",
+        help="run only the entries whose source contains this text (repeatable: any of them); "
+        "their runs replace the same runs in --out, the others stay",
+    )
     args = parser.parse_args(argv)
     source = MergekitSource(args.mergekit_repo)
     entries = collect_corpus(source)
@@ -781,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     try:
         for entry in entries + harvested:
-            if entry.recipe is None or (args.only and args.only not in entry.source):
+            if entry.recipe is None or not selected(entry.source, args.only):
                 continue
             print(f"{entry.source} ({entry.recipe.get('dtype')}) ...", flush=True)
             records.append(run_entry(entry, models, args.work, mergekit))
@@ -804,6 +850,8 @@ def main(argv: list[str] | None = None) -> int:
         "recipes": records,
         "skipped": [{"source": e.source, "reason": e.skipped} for e in entries if e.skipped],
     }
+    if args.only and args.out.is_file():
+        result = merge_rerun(json.loads(args.out.read_text()), result, args.only, args.work)
     write_json(args.out, result)
     for key in ("summary", "summary_test_configs"):
         summary = result[key]
@@ -814,6 +862,42 @@ def main(argv: list[str] | None = None) -> int:
             f"{summary['within_one_ulp_of_float32_reference']})"
         )
     return 0
+
+
+def selected(source: str, only: list[str] | None) -> bool:
+    """Whether an entry runs: every entry without ``--only``, else those whose source contains
+    one of its texts (``test_nuslerp_VLM_merges[3]`` names one test configuration)."""
+    return not only or any(text in source for text in only)
+
+
+def run_key(record: dict) -> tuple[str, str | None]:
+    """A run's identity in the results: its source and the dtype it ran in."""
+    return record["source"], record["dtype"]
+
+
+def merge_rerun(previous: dict, rerun: dict, only: list[str], work: Path) -> dict:
+    """The ``previous`` results with the runs of ``rerun`` (the same corpus, some entries run
+    again) in place of the same runs, runs new to it appended, the summaries recomputed over
+    all runs and the rerun listed under ``updates``; the top-level commit and timestamp stay
+    those of the full run. Results of another mergekit revision or version are not mixed."""
+    for key in ("mergekit_revision", "mergekit_version"):
+        if previous.get(key) != rerun[key]:
+            raise SystemExit(
+                f"{key} is {rerun[key]}, the results to update have {previous.get(key)}: "
+                "run the whole corpus (without --only) instead"
+            )
+    fresh = {run_key(r): r for r in rerun["recipes"]}
+    records = [fresh.pop(run_key(r), r) for r in previous["recipes"]]
+    records += list(fresh.values())
+    update = {key: rerun[key] for key in ("timestamp", "dammerge_commit")}
+    update |= {"only": only, "runs": [f"{s} ({d})" for s, d in map(run_key, rerun["recipes"])]}
+    return {
+        **previous,
+        "summary": summarise([r for r in records if not is_test_config(r)], work),
+        "summary_test_configs": summarise([r for r in records if is_test_config(r)], work),
+        "recipes": records,
+        "updates": [*previous.get("updates", []), update],
+    }
 
 
 def is_test_config(record: dict) -> bool:

@@ -576,14 +576,19 @@ def assert_same_tensors(ours: Path, theirs: Path) -> None:
     assert not mismatched, f"{len(mismatched)} tensors differ from mergekit: {mismatched[:6]}"
 
 
+INT_VIEW = {2: torch.int16, 4: torch.int32}  # a float dtype's bits, by its size in bytes
+
+
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """How many representable values of their (shared, half) dtype lie between ``a`` and
-    ``b``, entry by entry: 0 when equal, 1 for neighbours (+0 and -0 count as equal)."""
-    assert a.dtype == b.dtype and a.element_size() == 2
+    """How many representable values of their (shared: half or float32) dtype lie between
+    ``a`` and ``b``, entry by entry: 0 when equal, 1 for neighbours (+0 and -0 count as
+    equal)."""
+    assert a.dtype == b.dtype and a.dtype.is_floating_point and a.element_size() in INT_VIEW
+    sign = 2 ** (8 * a.element_size() - 1)
 
     def ordered(x: torch.Tensor) -> torch.Tensor:
-        bits = x.contiguous().view(torch.int16).long()
-        return torch.where(bits < 0, -(2**15) - bits, bits)
+        bits = x.contiguous().view(INT_VIEW[x.element_size()]).long()
+        return torch.where(bits < 0, -sign - bits, bits)
 
     return (ordered(a) - ordered(b)).abs()
 
@@ -795,4 +800,78 @@ def test_unrelated_models_match_in_float32(method, tmp_path):
         bits = [t.view(torch.int32).long() for t in (a[name], b[name])]
         ordered = [torch.where(x < 0, -(2**31) - x, x) for x in bits]
         distance = (ordered[0] - ordered[1]).abs()
+        assert int(distance.max()) <= 1, f"{name}: {int((distance > 1).sum())} entries > 1 ulp"
+
+
+def make_tiny_llava(folder: Path, seed: int) -> str:
+    """A random-init LLaVA checkpoint: a CLIP vision tower, whose patch embedding is a 4-D
+    convolution kernel (32 output channels), a projector and a Llama language model."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        image_size=16,
+        patch_size=4,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        hidden_size=32,
+        intermediate_size=48,
+    )
+    text = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    return str(folder)
+
+
+def loaded_by_transformers(folder: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors as transformers loads them (mergekit stores a LLaVA under
+    transformers 5's key layout, dammerge under the input's), without those it initialised."""
+    from transformers import LlavaForConditionalGeneration
+
+    model, info = LlavaForConditionalGeneration.from_pretrained(
+        folder, dtype="auto", output_loading_info=True
+    )
+    missing = set(info["missing_keys"])
+    return {n: t.detach() for n, t in model.state_dict().items() if n not in missing}
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_nuslerp_row_wise_on_a_convolution_kernel_matches_mergekit(with_base, tmp_path):
+    """mergekit's ``test_nuslerp_VLM_merges`` configuration with ``nuslerp_row_wise`` and
+    without ``nuslerp_flatten``, in float32, on unrelated LLaVA models: on the vision tower's
+    4-D convolution kernel the output channels are interpolated, and every entry is within one
+    ulp of mergekit's (its float32 sums are taken in the same order)."""
+    paths = {name: make_tiny_llava(tmp_path / name, seed) for seed, name in enumerate("ABC")}
+    recipe: dict[str, Any] = {
+        "merge_method": "nuslerp",
+        "models": [
+            {"model": paths["A"], "parameters": {"weight": 0.6}},
+            {"model": paths["B"], "parameters": {"weight": 0.4}},
+        ],
+        "parameters": {"nuslerp_row_wise": True, "nuslerp_flatten": False},
+        "dtype": "float32",
+    }
+    if with_base:
+        recipe["base_model"] = paths["C"]
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    tool = mergekit_tool("mergekit-yaml")
+    run_mergekit([str(tool), str(path), str(tmp_path / "mergekit"), *MERGEKIT_OPTIONS])
+    ours = dammerge.merge(path, tmp_path / "ours", progress=False)
+    assert ours is not None
+    a, b = loaded_by_transformers(ours), loaded_by_transformers(tmp_path / "mergekit")
+    assert any(t.dim() == 4 for t in b.values())  # the kernel is among those mergekit wrote
+    for name in b:
+        distance = ulp_distance(a[name], b[name])
         assert int(distance.max()) <= 1, f"{name}: {int((distance > 1).sum())} entries > 1 ulp"

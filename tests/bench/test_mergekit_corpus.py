@@ -235,3 +235,121 @@ def test_the_harvester_records_each_configuration_a_test_builds(tmp_path):
     assert [e["expects_failure"] for e in entries] == [False, False, True]
     assert built == ["model_a"]  # session scope: built once
     assert entries[0]["config"]["models"][0]["model"].startswith(str(tmp_path))
+
+
+def test_only_selects_entries_whose_source_contains_any_text():
+    config = "tests/test_basic_merges.py::TestBasicMerges::test_nuslerp_VLM_merges[3]"
+    assert corpus.selected(config, None) and corpus.selected(config, [])
+    assert corpus.selected(config, ["test_nuslerp_VLM_merges[3]"])
+    assert not corpus.selected(config, ["test_nuslerp_VLM_merges[7]"])
+    assert corpus.selected(config, ["test_ties_VLM_merge", "VLM_merges[3]"])
+    assert not corpus.selected("examples/ties.yml", ["VLM"])
+
+
+def _results(runs: list[tuple[str, str, bool]], **top) -> dict:
+    """Results of the given (source, dtype, within one ulp) runs, both tools ran."""
+    records = [
+        {
+            "source": source,
+            "dtype": dtype,
+            "merge_method": "ties",
+            "deterministic": True,
+            "mergekit": {"ran": True, "error": None},
+            "dammerge": {"ran": True, "refusal": None},
+            "comparison": {"within_one_ulp": within},
+        }
+        for source, dtype, within in runs
+    ]
+    return {
+        "timestamp": "t0",
+        "dammerge_commit": "c0",
+        "mergekit_revision": "r",
+        "mergekit_version": "0.1.5",
+        "recipes": records,
+        **top,
+    }
+
+
+def test_a_rerun_replaces_its_runs_and_keeps_the_others(tmp_path):
+    a, b = "tests/t.py::T::test_a", "tests/t.py::T::test_b"
+    previous = _results(
+        [(a, "float32", True), (a, "float16", False), (b, "float16", False), ("x.yml", "", True)],
+        skipped=[{"source": "y.yml", "reason": "fragment"}],
+    )
+    rerun = _results(
+        [(a, "float16", True), (b, "float16", True), ("tests/t.py::T::test_c", "float32", True)],
+        timestamp="t1",
+        dammerge_commit="c1",
+    )
+    merged = corpus.merge_rerun(previous, rerun, ["t.py"], tmp_path)
+    got = [(r["source"], r["dtype"], r["comparison"]["within_one_ulp"]) for r in merged["recipes"]]
+    assert got == [
+        (a, "float32", True),
+        (a, "float16", True),  # replaced in place
+        (b, "float16", True),
+        ("x.yml", "", True),
+        ("tests/t.py::T::test_c", "float32", True),  # new: appended
+    ]
+    assert merged["summary_test_configs"]["recipes"] == 4
+    assert merged["summary_test_configs"]["within_one_ulp"] == 4
+    assert merged["summary"]["recipes"] == 1
+    assert merged["skipped"] == previous["skipped"]
+    assert (merged["timestamp"], merged["dammerge_commit"]) == ("t0", "c0")  # the full run's
+    assert merged["updates"] == [
+        {
+            "timestamp": "t1",
+            "dammerge_commit": "c1",
+            "only": ["t.py"],
+            "runs": [f"{a} (float16)", f"{b} (float16)", "tests/t.py::T::test_c (float32)"],
+        }
+    ]
+    assert previous["recipes"][1]["comparison"]["within_one_ulp"] is False  # not modified
+    again = corpus.merge_rerun(merged, rerun, ["t.py"], tmp_path)
+    assert len(again["recipes"]) == 5 and len(again["updates"]) == 2
+
+
+def test_a_rerun_of_another_mergekit_is_not_mixed_in(tmp_path):
+    previous = _results([("a.yml", "float16", True)])
+    rerun = _results([("a.yml", "float16", True)], mergekit_revision="other")
+    with pytest.raises(SystemExit, match="mergekit_revision"):
+        corpus.merge_rerun(previous, rerun, ["a.yml"], tmp_path)
+
+
+def test_loaded_names_are_the_names_transformers_loads_each_stored_tensor_under(tmp_path):
+    """A LLaVA checkpoint as transformers 5 saves it (``vision_tower.``, ``language_model.``)
+    loads under other names (``model.vision_tower.``, ...): each stored tensor is found, with
+    its stored value, under the name the map gives."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(
+        image_size=8,
+        patch_size=4,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        hidden_size=16,
+        intermediate_size=32,
+    )
+    text = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_hidden_layers=1,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=4)
+    LlavaForConditionalGeneration(config).save_pretrained(tmp_path)
+    stored, loaded = corpus.load_tensors(tmp_path), corpus.loaded_tensors(tmp_path)
+    names = corpus.loaded_names(tmp_path)
+    assert sorted(names) == sorted(stored)
+    assert any(name != names[name] for name in names)  # the layouts differ
+    assert names["vision_tower.embeddings.patch_embedding.weight"] == (
+        "model.vision_tower.embeddings.patch_embedding.weight"
+    )
+    for name, tensor in stored.items():
+        torch.testing.assert_close(loaded[names[name]], tensor, rtol=0, atol=0)

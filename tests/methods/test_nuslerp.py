@@ -34,7 +34,7 @@ def test_weights_one_minus_t_and_t_without_base_are_slerp(t):
 
 @pytest.mark.parametrize("flatten", [True, False])
 @pytest.mark.parametrize("row_wise", [False, True])
-@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6), (9,)])
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 6), (4, 3, 2, 5), (9,)])
 def test_matches_reference_with_and_without_base(flatten, row_wise, shape):
     base, (a, b) = random_family(shape, 2, seed=72, scale=0.5)
     params = {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}
@@ -58,6 +58,18 @@ def test_row_wise_chooses_which_vectors_are_interpolated():
     expected_columns = np.stack([ref.slerp(0.4, a[:, j], b[:, j]) for j in range(4)], axis=1)
     np.testing.assert_allclose(columns, expected_columns, atol=1e-12)
     assert np.abs(rows - columns).max() > 1e-3
+
+
+def test_row_wise_on_a_convolution_kernel_interpolates_each_input_position_across_outputs():
+    """On a 4-D kernel ``W[o, i, h, w]`` the row-wise vectors are ``W[:, i, h, w]``: one SLERP
+    per input channel and position, across the output channels (mergekit swaps the first and
+    last axes, which takes the same vectors)."""
+    rng = np.random.default_rng(76)
+    a, b = rng.normal(size=(6, 3, 2, 2)), rng.normal(size=(6, 3, 2, 2))
+    got = nuslerp([a, b], [0.7, 0.3], nuslerp_flatten=False, nuslerp_row_wise=True)
+    for i, h, w in np.ndindex(3, 2, 2):
+        expected = ref.slerp(0.3, a[:, i, h, w], b[:, i, h, w])
+        np.testing.assert_allclose(got[:, i, h, w], expected, atol=1e-12)
 
 
 def test_weights_summing_to_zero_interpolate_halfway():

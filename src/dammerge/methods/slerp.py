@@ -84,9 +84,14 @@ def nuslerp(
     """
     if flatten:
         a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    elif row_wise:
+        # the first axis swapped with the last, as mergekit does: moving it last instead takes
+        # the same vectors, but on three or more dimensions the intermediate results get
+        # another memory layout, which makes torch sum the cosines' terms in another order
+        # (float32 results a few ulp apart, many more where the two terms of the result cancel)
+        a, b = v0.transpose(0, -1), v1.transpose(0, -1)
     else:
-        axis = 0 if row_wise else -1
-        a, b = v0.movedim(axis, -1), v1.movedim(axis, -1)
+        a, b = v0, v1
     unit_a = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
     unit_b = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
     cos = (unit_a * unit_b).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
@@ -96,4 +101,4 @@ def nuslerp(
     result = torch.where(parallel, (1 - t) * a + t * b, curved)
     if flatten:
         return result.reshape(v0.shape)
-    return result.movedim(-1, 0 if row_wise else -1)
+    return result.transpose(0, -1) if row_wise else result
