@@ -28,7 +28,7 @@ $(MK_STAMP): bench/mergekit-requirements.txt
 	touch $(MK_STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/dammerge demo $(if $(OUT),$(OUT),demo-output) $(if $(SIZE),--size $(SIZE))
+	HF_HUB_OFFLINE=1 $(BIN)/dammerge demo $(if $(OUT),$(OUT),demo-output) $(if $(SIZE),--size $(SIZE)) $(if $(REGIME),--regime $(REGIME))
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard bench)

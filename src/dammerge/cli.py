@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from dammerge.demo import DEMO_REGIME
 from dammerge.errors import DammergeError, Interrupted
 from dammerge.terminal import print_lines, quiet_libraries
 from dammerge.threads import configure_threads
@@ -147,17 +148,21 @@ def demo_command(
         "demo-output"
     ),
     full: Annotated[
-        bool, typer.Option(help="Run the full comparison: 3 seeds, AdaMerging, the ablation.")
+        bool, typer.Option(help="Run the full comparison, 3 seeds and the ablation, per regime.")
     ] = False,
     size: Annotated[
         str, typer.Option(help="Family: small (the demo) or micro (a fast first run, tiny budgets)")
     ] = "small",
+    regime: Annotated[
+        str | None,
+        typer.Option(help=f"Family regime: near or far (default: {DEMO_REGIME}; --full: both)"),
+    ] = None,
 ) -> None:
     """Build the miniature family, merge its specialists every way, and score each merge."""
     configure_threads()  # before torch loads: it reads the thread settings once
     from dammerge.demo import run_demo
 
-    run_demo(output, full=full, size=size)
+    run_demo(output, full=full, size=size, regime=regime)
 
 
 # Commands that live with their packages. Each package keeps its typer functions in its own

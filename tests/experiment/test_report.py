@@ -6,16 +6,22 @@ import json
 import statistics
 from pathlib import Path
 
+import pytest
+
 from dammerge.experiment.config import ExperimentConfig
 from dammerge.experiment.report import (
     Row,
+    best_single,
     coefficients_figure,
     collect_rows,
     draw_plots,
     fmt,
+    print_report,
     redraw_plots,
+    regimes_summary,
     score_vs_compute_figure,
     scores_figure,
+    versus_best,
     write_report,
 )
 from dammerge.experiment.runner import Cell
@@ -64,7 +70,7 @@ def test_report_writes_tables_and_plots(tmp_path: Path) -> None:
     )
     report = write_report(config, cells, tmp_path / "out")
     text = (report / "report.md").read_text()
-    assert "| Soups | 0.400 | 0.300 | 0.200 | 0.300 | 0.250 | 1 |" in text
+    assert "| Soups | 0.400 | 0.300 | 0.200 | 0.300 | +0.200 | 0.250 | 1 |" in text
     assert "| KL | 0.500 | 0.000 |" in text  # ablation: averages 0.5 and 0.5
     assert "| Soups | 1.5 | 1,024 |" in text
     data = json.loads((report / "report.json").read_text())
@@ -73,6 +79,111 @@ def test_report_writes_tables_and_plots(tmp_path: Path) -> None:
         assert (report / plot).stat().st_size > 1000
     assert data["coefficients"] == {}  # no learned cell here
     assert "<table>" in (report / "report.html").read_text()
+
+
+def best_single_cells(root: Path) -> list[Cell]:
+    """References whose averages are 0.1 (base), 0.2 (lang, math) and 0.3 (sql); a merge run
+    once, a merge over two seeds, and an ablation row over two seeds."""
+    return [
+        make_cell(root, "base", "reference", None, (0.1, 0.1, 0.1)),
+        make_cell(root, "lang", "reference", None, (0.5, 0.0, 0.1)),
+        make_cell(root, "math", "reference", None, (0.0, 0.6, 0.0)),
+        make_cell(root, "sql", "reference", None, (0.0, 0.0, 0.9)),
+        make_cell(root, "Soups", "main", None, (0.2, 0.2, 0.2), wall=1),
+        make_cell(root, "DAM", "main", 0, (0.3, 0.3, 0.3), wall=9),
+        make_cell(root, "DAM", "main", 1, (0.5, 0.4, 0.3), wall=9),
+        make_cell(root, "KL", "ablation", 0, (0.1, 0.1, 0.1), wall=9),
+        make_cell(root, "KL", "ablation", 1, (0.2, 0.2, 0.2), wall=9),
+    ]
+
+
+def test_every_merge_row_is_set_against_the_best_single_model(tmp_path: Path, capsys) -> None:
+    """By hand: the best single model is sql (average 0.9 / 3 = 0.3). Soups: 0.2 - 0.3;
+    DAM: the mean of its seeds' averages, (0.3 + 0.4) / 2 = 0.35, so +0.05; KL (ablation):
+    (0.1 + 0.2) / 2 - 0.3 = -0.15. The regime comes from the family, shown in every format."""
+    config = ExperimentConfig.model_validate(
+        {"family": "fam", "methods": [{"name": "Soups", "recipe": {"merge_method": "linear"}}]}
+    )
+    report = write_report(config, best_single_cells(tmp_path / "cells"), tmp_path, regime="near")
+    data = json.loads((report / "report.json").read_text())
+    assert data["regime"] == "near"
+    assert data["best_single"]["name"] == "sql"
+    assert data["best_single"]["average"] == pytest.approx(0.3)
+    versus = {r["name"]: r["versus_best_single"] for r in data["rows"]}
+    assert versus == {
+        "base": None,
+        "lang": None,
+        "math": None,
+        "sql": None,
+        "Soups": pytest.approx(-0.1),
+        "DAM": pytest.approx(0.05),
+        "KL": pytest.approx(-0.15),
+    }
+    text = (report / "report.md").read_text()
+    assert "family `fam`, regime: near" in text
+    assert "Best single model: sql, average 0.300" in text
+    assert "| average | vs best single | compositional |" in text
+    assert "| sql | 0.000 | 0.000 | 0.900 | 0.300 | best | 0.250 | 1 |" in text
+    assert "| base | 0.100 | 0.100 | 0.100 | 0.100 |  | 0.250 | 1 |" in text
+    assert "| Soups | 0.200 | 0.200 | 0.200 | 0.200 | -0.100 |" in text
+    assert "| 0.350 ± 0.071 | +0.050 |" in text  # DAM's average over seeds, then the difference
+    assert "| KL | 0.150 | 0.071 | -0.150 |" in text
+    page = (report / "report.html").read_text()
+    assert "regime: near" in page and "<td>+0.050</td>" in page
+    print_report(report)
+    printed = capsys.readouterr().out
+    assert "regime: near" in printed and "Best single model: sql, average 0.300" in printed
+    assert "+0.050" in printed and "vs best single" in printed
+
+
+def test_the_first_of_equal_references_is_the_best_single_model() -> None:
+    rows = [
+        Row("base", "reference", [scores(0.0, 0.0, 0.0)]),
+        Row("lang", "reference", [scores(0.6, 0.0, 0.0)]),
+        Row("math", "reference", [scores(0.0, 0.6, 0.0)]),
+        Row("merge", "main", [scores(0.9, 0.9, 0.9)]),  # a merge is never the "single model"
+    ]
+    assert best_single(rows) is rows[1]
+    assert best_single([rows[3]]) is None
+    assert versus_best(rows[3], None) is None
+
+
+def test_the_regimes_summary_lists_each_regime_against_its_best_single_model(
+    tmp_path: Path,
+) -> None:
+    """Two regimes' reports, one table: per regime the best single model, then every main
+    merge with its average and difference (by hand: far's best is sql at 0.3, near's is lang
+    at (0.9 + 0.3 + 0.3) / 3 = 0.5); ablation rows stay in the reports."""
+    far = write_report(
+        ExperimentConfig.model_validate(
+            {"family": "far", "methods": [{"name": "Soups", "recipe": {"merge_method": "linear"}}]}
+        ),
+        best_single_cells(tmp_path / "far-cells"),
+        tmp_path / "far",
+        regime="far",
+    )
+    near_cells = [
+        make_cell(tmp_path / "near-cells", "base", "reference", None, (0.3, 0.3, 0.3)),
+        make_cell(tmp_path / "near-cells", "lang", "reference", None, (0.9, 0.3, 0.3)),
+        make_cell(tmp_path / "near-cells", "Soups", "main", None, (0.6, 0.6, 0.6), wall=1),
+    ]
+    near = write_report(
+        ExperimentConfig.model_validate(
+            {"family": "near", "methods": [{"name": "Soups", "recipe": {"merge_method": "linear"}}]}
+        ),
+        near_cells,
+        tmp_path / "near",
+        regime="near",
+    )
+    header, body = regimes_summary({"near": near, "far": far})
+    assert header == ["regime", "model / method", "average", "vs best single"]
+    assert body == [
+        ["near", "best single: lang", "0.500", ""],
+        ["near", "Soups", "0.600", "+0.100"],
+        ["far", "best single: sql", "0.300", ""],
+        ["far", "Soups", "0.200", "-0.100"],
+        ["far", "DAM", "0.350", "+0.050"],
+    ]
 
 
 # The shipped full comparison's rows: long names, a tight cluster of DAM objectives, small scores.

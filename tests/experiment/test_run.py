@@ -15,7 +15,8 @@ import yaml
 
 from dammerge.errors import DammergeError
 from dammerge.experiment.config import ExperimentConfig
-from dammerge.experiment.runner import run_experiment
+from dammerge.experiment.runner import family_regime, run_experiment
+from dammerge.family.manifest import Family
 
 from ..cli_helpers import run_cli
 
@@ -126,6 +127,20 @@ def test_killed_experiment_finishes_only_missing_cells(micro_family: Path, tmp_p
     assert first.stat().st_mtime_ns == mtime  # the finished merge was not redone
     assert (out / "cells" / "ties" / "scores.json").is_file()
     assert (out / "report" / "report.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("manifest", "regime"),
+    [
+        ({"regime": "near", "dammerge_version": "0.1"}, "near"),
+        ({"regime": "far", "dammerge_version": "0.1"}, "far"),
+        ({"dammerge_version": "0.1"}, "far"),  # built before there were two regimes
+        ({}, None),  # a family assembled by hand in the family format
+    ],
+)
+def test_the_report_takes_the_regime_from_the_family_manifest(manifest, regime) -> None:
+    family = Family(Path("fam"), manifest, domains={}, compositional=None)
+    assert family_regime(family) == regime
 
 
 @pytest.mark.parametrize(

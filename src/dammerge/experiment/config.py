@@ -6,7 +6,7 @@ An experiment names a family folder (models + representative data + eval sets, s
 describes the same merge for any family. Example::
 
     name: small-family
-    family: demo-output/family
+    family: demo-output/family-near
     build: {size: small, seed: 0, regime: near}   # build the family first if it is missing
     seeds: [0, 1, 2]
     evaluation: {limit: 64}

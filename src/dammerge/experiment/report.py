@@ -3,6 +3,9 @@
 Everything here reads what the runner wrote (``merge.json``, ``scores.json``, the merged
 checkpoints) and nothing else, so a report can be re-drawn at any time without recomputing.
 Outputs: ``report.md``, ``report.json``, ``report.html`` and PNG plots in the report folder.
+
+Every merge row is set against the best single model (the reference row, base or specialist,
+with the highest average): a merge is worth running only if it beats picking that model.
 """
 
 from __future__ import annotations
@@ -15,16 +18,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dammerge.experiment.runner import REFERENCE_GROUP
 from dammerge.outputs import StagedFolder
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from rich.console import Console
 
     from dammerge.experiment.config import ExperimentConfig
     from dammerge.experiment.runner import Cell
 
 DOMAINS = ("lang", "math", "sql")
-EXTRA_COLUMNS = ("average", "compositional")
 COMPUTE_KEYS = ("forward_passes", "backward_passes", "fitness_evaluations")
 UNBOUNDED_WIDTH = 10_000  # characters: a table printed into a file is never folded
 TITLES = {
@@ -32,6 +36,7 @@ TITLES = {
     "ablation": "DAM objective ablation (mean ± std over seeds)",
     "compute": "Compute per merge",
 }
+VERSUS_BEST = "vs best single"  # the column: a merge's average minus the best single model's
 
 
 @dataclass
@@ -92,17 +97,61 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def scores_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
-    header = ["model / method", *DOMAINS, *EXTRA_COLUMNS, "runs"]
+def average(row: Row) -> float | None:
+    """A row's average over the domains, as a mean over its seeds (None if never scored)."""
+    return mean_std(row.values("average"))[0]
+
+
+def best_single(rows: list[Row]) -> Row | None:
+    """The reference row (base or a specialist) with the highest average: the model a user
+    would pick instead of merging. The first such row wins a tie; None without references."""
+    scored = [r for r in rows if r.group == REFERENCE_GROUP and average(r) is not None]
+    return max(scored, key=lambda r: average(r) or 0.0, default=None)
+
+
+def versus_best(row: Row, best: Row | None) -> float | None:
+    """A merge row's average minus the best single model's (None for a reference row)."""
+    if best is None or row.group == REFERENCE_GROUP:
+        return None
+    mine, theirs = average(row), average(best)
+    return None if mine is None or theirs is None else mine - theirs
+
+
+def versus_best_cell(row: Row, best: Row | None) -> str:
+    """The ``vs best single`` cell: a signed difference, ``best`` on the best row itself."""
+    if row is best:
+        return "best"
+    difference = versus_best(row, best)
+    return "" if difference is None else f"{difference:+.3f}"
+
+
+def best_single_line(best: dict[str, Any] | None) -> str:
+    """One sentence naming the best single model (as ``report.json`` records it)."""
+    if best is None:
+        return "No reference row was scored: no best single model to compare merges with."
+    return (
+        f"Best single model: {best['name']}, average {best['average']:.3f}; "
+        f"`{VERSUS_BEST}` is each merge's average minus that."
+    )
+
+
+def scores_table(rows: list[Row], best: Row | None = None) -> tuple[list[str], list[list[str]]]:
+    header = ["model / method", *DOMAINS, "average", VERSUS_BEST, "compositional", "runs"]
     body = [
-        [row.name, *(fmt(row.values(c)) for c in (*DOMAINS, *EXTRA_COLUMNS)), str(len(row.scores))]
+        [
+            row.name,
+            *(fmt(row.values(c)) for c in (*DOMAINS, "average")),
+            versus_best_cell(row, best),
+            fmt(row.values("compositional")),
+            str(len(row.scores)),
+        ]
         for row in rows
     ]
     return header, body
 
 
-def ablation_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
-    header = ["objective", "average (mean)", "std", *DOMAINS, "runs"]
+def ablation_table(rows: list[Row], best: Row | None = None) -> tuple[list[str], list[list[str]]]:
+    header = ["objective", "average (mean)", "std", VERSUS_BEST, *DOMAINS, "runs"]
     body = []
     for row in rows:
         mean, std = mean_std(row.values("average"))
@@ -111,6 +160,7 @@ def ablation_table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
                 row.name,
                 "–" if mean is None else f"{mean:.3f}",
                 "–" if std is None else f"{std:.3f}",
+                versus_best_cell(row, best),
                 *(fmt(row.values(d)) for d in DOMAINS),
                 str(len(row.scores)),
             ]
@@ -275,48 +325,77 @@ def redraw_plots(report: Path) -> list[str]:
     return draw_plots(rows, data.get("coefficients", {}), Path(report))
 
 
-def write_report(config: ExperimentConfig, cells: list[Cell], out: Path) -> Path:
+def write_report(
+    config: ExperimentConfig, cells: list[Cell], out: Path, regime: str | None = None
+) -> Path:
     """Write ``out/report/``: report.md / report.json / report.html and the plots, built in a
-    temporary folder and renamed into place whole; return the report folder."""
+    temporary folder and renamed into place whole; return the report folder. ``regime`` is the
+    family's (``near``/``far``; None when its manifest records none)."""
     with StagedFolder(out / "report", replace=True) as staged:
-        _write_report_files(config, cells, staged.tmp)
+        _write_report_files(config, cells, staged.tmp, regime)
         return staged.commit()
 
 
-def _write_report_files(config: ExperimentConfig, cells: list[Cell], report: Path) -> None:
+def _write_report_files(
+    config: ExperimentConfig, cells: list[Cell], report: Path, regime: str | None
+) -> None:
     import platform
 
     rows = collect_rows(cells)
     main = [r for r in rows if r.group != "ablation"]
     ablation = [r for r in rows if r.group == "ablation"]
     merged = [r for r in rows if r.compute]
+    best = best_single(rows)
 
-    tables = {"scores": scores_table(main), "compute": compute_table(merged)}
+    tables = {"scores": scores_table(main, best), "compute": compute_table(merged)}
     if ablation:
-        tables["ablation"] = ablation_table(ablation)
+        tables["ablation"] = ablation_table(ablation, best)
     profiles = learned_profiles(rows)
     plots = draw_plots(rows, profiles, report)
 
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.machine()}, {_cpu_count()} cores, device {config.device}"
-    sections = [f"# Experiment: {config.name}\n\n{when}; {machine}; family `{config.family}`"]
-    for key, (header, body) in tables.items():
-        sections.append(f"## {TITLES[key]}\n\n{markdown_table(header, body)}")
-    sections.append("\n".join(f"![{p}]({p})" for p in plots))
-    (report / "report.md").write_text("\n\n".join(sections) + "\n")
+    best_record = None if best is None else {"name": best.name, "average": average(best)}
     data = {
         "name": config.name,
         "date": when,
         "machine": machine,
+        "family": config.family,
+        "regime": regime,
+        "best_single": best_record,
         "rows": [
-            {"name": r.name, "group": r.group, "scores": r.scores, "compute": r.compute}
+            {
+                "name": r.name,
+                "group": r.group,
+                "scores": r.scores,
+                "compute": r.compute,
+                "versus_best_single": versus_best(r, best),
+            }
             for r in rows
         ],
         "tables": {k: {"title": TITLES[k], "header": h, "rows": b} for k, (h, b) in tables.items()},
         "coefficients": profiles,
     }
+    lead = header_lines(data)
+    sections = [f"# Experiment: {config.name}", *lead]
+    for key, (header, body) in tables.items():
+        sections.append(f"## {TITLES[key]}\n\n{markdown_table(header, body)}")
+    sections.append("\n".join(f"![{p}]({p})" for p in plots))
+    (report / "report.md").write_text("\n\n".join(sections) + "\n")
     (report / "report.json").write_text(json.dumps(data, indent=2))
-    (report / "report.html").write_text(_html(config.name, when, machine, tables, TITLES, plots))
+    (report / "report.html").write_text(_html(config.name, lead, tables, TITLES, plots))
+
+
+def header_lines(data: dict[str, Any]) -> list[str]:
+    """The lines under a report's title, from ``report.json``: when and where it ran, on which
+    family and regime, and the best single model (older reports lack the last three)."""
+    lines = [f"{data['date']}; {data['machine']}"]
+    if "family" in data:
+        regime = data.get("regime") or "not recorded"
+        lines.append(f"family `{data['family']}`, regime: {regime}")
+    if "best_single" in data:
+        lines.append(best_single_line(data["best_single"]))
+    return lines
 
 
 def print_report(report: Path) -> None:
@@ -325,22 +404,59 @@ def print_report(report: Path) -> None:
     Read from ``report.json``; in a terminal rich fits them to its width, and into a file or a
     pipe each table is printed at its natural width rather than folded at 80 columns.
     """
-    from rich.console import Console
-    from rich.table import Table
-
     data = json.loads((report / "report.json").read_text())
+    console = table_console()
+    console.print(f"Experiment {data['name']}", markup=False)
+    for line in header_lines(data):
+        console.print(line.replace("`", ""), markup=False)
+    for key, table_data in data["tables"].items():
+        title = table_data.get("title", TITLES.get(key, key))
+        print_table(console, title, table_data["header"], table_data["rows"])
+
+
+def table_console() -> Console:
+    """A console for tables on stdout: fitted to a terminal, never folded into a file."""
+    from rich.console import Console
+
     console = Console(highlight=False)
     if not console.is_terminal:
         console = Console(highlight=False, width=UNBOUNDED_WIDTH)
-    console.print(f"Experiment {data['name']}: {data['date']}; {data['machine']}", markup=False)
-    for key, table_data in data["tables"].items():
-        title = table_data.get("title", TITLES.get(key, key))
-        table = Table(title=title, title_justify="left")
-        for index, column in enumerate(table_data["header"]):
-            table.add_column(column, justify="left" if index == 0 else "right")
-        for cells in table_data["rows"]:
-            table.add_row(*cells)
-        console.print(table)
+    return console
+
+
+def print_table(console: Console, title: str, header: list[str], rows: list[list[str]]) -> None:
+    """Print one table, its first column left-aligned and the others (numbers) right-aligned."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for index, column in enumerate(header):
+        table.add_column(column, justify="left" if index == 0 else "right")
+    for cells in rows:
+        table.add_row(*cells)
+    console.print(table)
+
+
+def regimes_summary(reports: dict[str, Path]) -> tuple[list[str], list[list[str]]]:
+    """One table over several reports of the same experiment, keyed by regime: per regime the
+    best single model's average, then each main merge's average and its difference to it (the
+    ablation stays in each report)."""
+    header = ["regime", "model / method", "average", VERSUS_BEST]
+    body = []
+    for regime, report in reports.items():
+        data = json.loads((Path(report) / "report.json").read_text())
+        rows = [Row(r["name"], r["group"], r["scores"]) for r in data["rows"]]
+        best = best_single(rows)
+        if best is not None:
+            body.append([regime, f"best single: {best.name}", _mean_text(best), ""])
+        for row in rows:
+            if row.group == "main":
+                body.append([regime, row.name, _mean_text(row), versus_best_cell(row, best)])
+    return header, body
+
+
+def _mean_text(row: Row) -> str:
+    mean = average(row)
+    return "–" if mean is None else f"{mean:.3f}"
 
 
 def _cpu_count() -> int:
@@ -351,8 +467,7 @@ def _cpu_count() -> int:
 
 def _html(
     name: str,
-    when: str,
-    machine: str,
+    lead: list[str],
     tables: dict[str, tuple[list[str], list[list[str]]]],
     titles: dict[str, str],
     plots: list[str],
@@ -363,7 +478,7 @@ def _html(
         "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em}</style>",
         f"<h1>Experiment: {html.escape(name)}</h1>",
-        f"<p>{html.escape(when)}; {html.escape(machine)}</p>",
+        *(f"<p>{html.escape(line.replace('`', ''))}</p>" for line in lead),
     ]
     for key, (header, body) in tables.items():
         parts.append(f"<h2>{html.escape(titles[key])}</h2><table><tr>")

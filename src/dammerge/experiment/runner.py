@@ -266,7 +266,7 @@ def run_experiment(
             f"experiment stopped; {finished} of {len(cells)} cells are finished and kept in {out}",
             "run the same command again to compute only the missing cells",
         ) from None
-    return write_report(config, cells, out)
+    return write_report(config, cells, out, regime=family_regime(family))
 
 
 def _forget_if_changed(cell: Cell, key: str, prefix: str) -> None:
@@ -284,6 +284,15 @@ def _forget_if_changed(cell: Cell, key: str, prefix: str) -> None:
         print_lines([f"{prefix}: changed since the last run, recomputing"], style="yellow")
         shutil.rmtree(cell.folder)
     write_json(cell.key_record, {"cell": cell.label, "key": key})
+
+
+def family_regime(family: Family) -> str | None:
+    """The family's regime from its manifest: a dammerge build without one predates the near
+    regime and is ``far``; a family assembled by hand records none (None)."""
+    regime = family.manifest.get("regime")
+    if regime is None and "dammerge_version" in family.manifest:
+        return "far"
+    return regime
 
 
 def _family(config: ExperimentConfig) -> Family:
