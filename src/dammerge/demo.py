@@ -27,9 +27,9 @@ from dammerge.terminal import print_lines
 
 SHIPPED = Path(__file__).parent / "experiment" / "shipped"
 
-# The regime of the demo's family when --regime is not given. It becomes "near" (the regime
-# users merge in) once the small family has a near recipe.
-DEMO_REGIME = "far"
+# The regime of the demo's family when --regime is not given: near, the regime users merge in
+# (fine-tunes that stay close to their base; docs/family.md).
+DEMO_REGIME = "near"
 
 # The shipped experiment each family size's demo runs, and the stem of its family's folder.
 DEMO_SIZES = {"small": ("quick", "family"), "micro": ("micro", "family-micro")}

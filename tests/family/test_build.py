@@ -290,6 +290,31 @@ def test_regimes_follow_their_recipes_from_one_pre_trained_base(tmp_path):
             assert torch.equal(reference[key], tensor), (name, key)
 
 
+def test_specialists_side_by_side_are_those_trained_one_after_the_other_on_one_thread(
+    tmp_path, monkeypatch
+):
+    """Worker processes change where the near fine-tunes run, not their bits: each runs on one
+    thread however many run at once (and in this process where there is one CPU)."""
+    import dammerge.threads
+
+    nano = with_steps(SIZES["micro"], "nano", pretrain=4, finetune=5, warm_start=5)
+    side_by_side = replace(nano, near=replace(nano.near, side_by_side=True))
+    monkeypatch.setattr(dammerge.threads, "usable_cpus", lambda: 3)
+    workers = build_family(tmp_path / "workers", side_by_side, 0, threads=1, regime="near")
+    monkeypatch.setattr(dammerge.threads, "usable_cpus", lambda: 1)
+    one_cpu = build_family(tmp_path / "one-cpu", side_by_side, 0, threads=1, regime="near")
+    in_turn = build_family(tmp_path / "in-turn", nano, 0, threads=1, regime="near")
+    assert workers.manifest["spec"]["near"]["side_by_side"] is True
+    expected = tensors(in_turn.root)
+    for other in (workers, one_cpu):
+        built = tensors(other.root)
+        for name in MODELS:
+            for key, tensor in expected[name].items():
+                assert torch.equal(built[name][key], tensor), (name, key)
+        assert other.manifest["content_hash"] == in_turn.manifest["content_hash"]
+        assert other.manifest["quality"] == in_turn.manifest["quality"]
+
+
 def test_regime_is_part_of_the_cache_key(tmp_path):
     from dammerge.errors import DammergeError
     from dammerge.family.build import cached_manifest

@@ -55,6 +55,12 @@ class NearRecipe:
     it, a specialist's change from the base also carries forgetting the other domains, and the
     uniform average of three specialists adds those forgetting directions up, so that Model
     Soups falls below the base. With it, each change carries its own skill and little else.
+
+    With ``side_by_side`` set, the specialists train at the same time in worker processes, one
+    thread each (as many at once as there are CPUs): a model this small gains little from a
+    second thread within a step, so fine-tunes side by side finish well before the same ones
+    one after the other. Each fine-tune runs on one thread however many run at once, so the
+    family's bits do not depend on the machine's CPU count.
     """
 
     warm_start: Schedule
@@ -63,6 +69,7 @@ class NearRecipe:
     finetune_overrides: dict[str, Schedule] = field(default_factory=dict)
     frozen: tuple[str, ...] = ()
     replay_every: int = 0
+    side_by_side: bool = False
 
     def finetune_schedule(self, domain: str) -> Schedule:
         return self.finetune_overrides.get(domain, self.finetune)
@@ -126,6 +133,21 @@ SIZES: dict[str, FamilySpec] = {
         n_train=4000,
         n_eval=100,
         quality_records=32,
+        # A constant learning rate after warm-up, every fourth batch rehearsing the warm start.
+        # Lang and maths learn more slowly than SQL, hence their longer schedules (the trials
+        # behind these numbers: docs/results/2026-12-03-near-regime.md).
+        near=NearRecipe(
+            warm_start=Schedule(steps=400, batch=16, lr=2e-3),
+            warm_start_records=1000,
+            finetune=Schedule(steps=400, batch=16, lr=1e-3, min_lr_ratio=1.0),
+            finetune_overrides={
+                "lang": Schedule(steps=1400, batch=16, lr=1e-3, min_lr_ratio=1.0),
+                "math": Schedule(steps=1000, batch=16, lr=1e-3, min_lr_ratio=1.0),
+            },
+            frozen=("embeddings", "lm_head", "norms"),
+            replay_every=4,
+            side_by_side=True,
+        ),
     ),
 }
 
@@ -400,19 +422,13 @@ def _build_into(
     final_loss = {"base": _tail_mean(losses)}
 
     models = {"base": base}
-    for index, domain in enumerate(DOMAINS):
-        model, losses = _finetune(
-            base,
-            specialist_training(spec, regime, domain, splits),
-            seed + 1000 * (index + 1),
-            tokenizer,
-            spec,
-            domain,
-        )
+    jobs = specialist_jobs(spec, regime, seed, splits)
+    for domain, model, losses, seconds in _train_specialists(spec, regime, base, jobs, tokenizer):
         _save_model(model, tokenizer, root / domain)
         models[domain] = model
         final_loss[domain] = _tail_mean(losses)
-        t = lap(f"finetune_{domain}", t)
+        timings[f"finetune_{domain}"] = round(seconds, 2)
+    t = lap("specialists", t)
 
     quality = measure_quality(models, tokenizer, splits, spec.quality_records)
     quality["final_train_loss"] = final_loss
@@ -481,6 +497,94 @@ def specialist_training(
     )
 
 
+@dataclass(frozen=True)
+class SpecialistJob:
+    """One specialist's fine-tune: its domain, training and seed."""
+
+    domain: str
+    training: Training
+    seed: int
+
+
+def specialist_jobs(
+    spec: FamilySpec, regime: str, seed: int, splits: dict[str, Any]
+) -> list[SpecialistJob]:
+    """Every specialist's fine-tune, in ``DOMAINS`` order (seeds ``seed + 1000 * (i + 1)``)."""
+    return [
+        SpecialistJob(domain, specialist_training(spec, regime, domain, splits), seed + 1000 * i)
+        for i, domain in enumerate(DOMAINS, start=1)
+    ]
+
+
+TrainedSpecialist = tuple[str, Any, list[float], float]
+
+
+def _train_specialists(
+    spec: FamilySpec, regime: str, base: Any, jobs: list[SpecialistJob], tokenizer: Any
+) -> Iterator[TrainedSpecialist]:
+    """Each job's (domain, model, losses, seconds), in job order: one after the other on the
+    build's threads, or side by side if the near recipe says so (see ``NearRecipe``)."""
+    if regime == "near" and _near_recipe(spec).side_by_side:
+        yield from _side_by_side(spec, base, jobs, tokenizer)
+        return
+    for job in jobs:
+        yield _finetune_job(base, job, tokenizer, spec)
+
+
+def _finetune_job(
+    base: Any, job: SpecialistJob, tokenizer: Any, spec: FamilySpec, position: int | None = None
+) -> TrainedSpecialist:
+    started = time.perf_counter()
+    model, losses = _finetune(base, job.training, job.seed, tokenizer, spec, job.domain, position)
+    return job.domain, model, losses, time.perf_counter() - started
+
+
+def _side_by_side(
+    spec: FamilySpec, base: Any, jobs: list[SpecialistJob], tokenizer: Any
+) -> Iterator[TrainedSpecialist]:
+    """The jobs on one thread each, in as many worker processes as there are usable CPUs
+    (in this process, one after the other, where there is only one)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dammerge.threads import usable_cpus
+
+    workers = min(len(jobs), usable_cpus())
+    if workers < 2:
+        with deterministic_torch(1):
+            for job in jobs:
+                yield _finetune_job(base, job, tokenizer, spec)
+        return
+    # spawn, not fork: a child forked from a process whose OpenMP pool is running can hang
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [
+            pool.submit(_finetune_in_worker, base, job, tokenizer, spec, position)
+            for position, job in enumerate(jobs)
+        ]
+        for job, future in zip(jobs, futures, strict=True):
+            state, losses, seconds = future.result()
+            model = _copy_model(base)
+            model.load_state_dict(state)
+            yield job.domain, model, losses, seconds
+
+
+def _finetune_in_worker(
+    base: Any, job: SpecialistJob, tokenizer: Any, spec: FamilySpec, position: int
+) -> tuple[dict[str, Any], list[float], float]:
+    """A worker process's fine-tune, on one thread; returns the weights rather than the model
+    (a state dict crosses the process boundary in shared memory)."""
+    with deterministic_torch(1), reuse_freed_memory():
+        _, model, losses, seconds = _finetune_job(base, job, tokenizer, spec, position)
+    return model.state_dict(), losses, seconds
+
+
+def _copy_model(model: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(model)
+
+
 def warm_start_records(spec: FamilySpec, splits: dict[str, Any]) -> list[dict[str, Any]]:
     """The near regime's multi-task warm-start data: the first records of every domain."""
     count = _near_recipe(spec).warm_start_records
@@ -512,11 +616,11 @@ def _finetune(
     tokenizer: Any,
     spec: FamilySpec,
     what: str,
+    position: int | None = None,
 ) -> tuple[Any, list]:
     """A fine-tune of a copy of ``base`` (response-only loss) of every parameter but the
-    frozen parts, rehearsing ``training.replay`` if it says so."""
-    import copy
-
+    frozen parts, rehearsing ``training.replay`` if it says so (``position``: the line of its
+    progress bar, for fine-tunes that run side by side)."""
     from dammerge.family.train import (
         finetuning_batches,
         freeze,
@@ -530,13 +634,15 @@ def _finetune(
         examples = tokenize_examples(records, tokenizer, spec.max_example_tokens)
         return finetuning_batches(examples, training.schedule.batch, tokenizer.pad_token_id, seed)
 
-    model = copy.deepcopy(base)
+    model = _copy_model(base)
     freeze(model, training.frozen)
     batches = batches_of(training.records, seed)
     if training.replay_every:
         rehearsal = batches_of(training.replay, seed + REPLAY_SEED_OFFSET)
         batches = interleaved_batches(batches, rehearsal, training.replay_every)
-    losses = run_steps(model, batches, training.schedule, f"fine-tuning {what}", response_loss)
+    losses = run_steps(
+        model, batches, training.schedule, f"fine-tuning {what}", response_loss, position
+    )
     return model, losses
 
 

@@ -127,12 +127,14 @@ def run_steps(
     schedule: Schedule,
     description: str,
     loss_fn: LossFn = causal_lm_loss,
+    position: int | None = None,
 ) -> list[float]:
-    """Train ``model`` for ``schedule.steps`` batches; returns the loss of every step."""
+    """Train ``model`` for ``schedule.steps`` batches; returns the loss of every step
+    (``position``: the progress bar's line, where several trainings run at once)."""
     model.train()
     optimizer = _optimizer(model, schedule)
     losses: list[float] = []
-    bar = tqdm(range(schedule.steps), desc=description, unit="step", leave=False)
+    bar = tqdm(range(schedule.steps), desc=description, unit="step", leave=False, position=position)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, schedule)
