@@ -11,12 +11,13 @@ family is only a test bed if every specialist has learned its domain for every s
 lucky one. Model Soups (the uniform average of the three specialists) is scored beside them,
 with whether it lands strictly between the base and each specialist. The results go to
 ``bench/results/family_seeds.json``, written again after each build so a long run keeps what it
-measured.
+measured; runs of other regimes and seeds already there (same size and record count) are kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -152,6 +153,28 @@ def bench_one(size: str, regime: str, seed: int, limit: int) -> dict[str, Any]:
     }
 
 
+def earlier_runs(output: Path, size: str, limit: int) -> list[dict[str, Any]]:
+    """The runs already in ``output`` measured the same way (same size and record count), so
+    that building one regime or seed again keeps what was measured for the others."""
+    try:
+        earlier = json.loads(output.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    if earlier.get("size") != size or earlier.get("records_per_domain") != limit:
+        return []
+    return list(earlier.get("runs", []))
+
+
+def record(results: dict[str, Any], run: dict[str, Any]) -> None:
+    """Put ``run`` in ``results`` in place of an earlier run of its regime and seed, and
+    recompute the spread of every regime."""
+    key = (run["regime"], run["seed"])
+    runs = [r for r in results["runs"] if (r["regime"], r["seed"]) != key] + [run]
+    results["runs"] = sorted(runs, key=lambda r: (r["regime"], r["seed"]))
+    regimes = sorted({r["regime"] for r in runs})
+    results["spread"] = {g: spread([r for r in runs if r["regime"] == g]) for g in regimes}
+
+
 def print_run(run: dict[str, Any]) -> None:
     margins = "  ".join(f"{d} {run['margins'][d]:+.3f}" for d in DOMAINS)
     soup = "".join("b" if run["soup_between_score"][d] else "-" for d in DOMAINS)
@@ -182,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
         "spread": {},
     }
+    for run in earlier_runs(args.output, args.size, args.limit):
+        record(results, run)
     warning = busy_warning(results["machine"])
     if warning:
         print(warning)
@@ -189,9 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             run = bench_one(args.size, regime, seed, args.limit)
             print_run(run)
-            results["runs"].append(run)
-            done = [r for r in results["runs"] if r["regime"] == regime]
-            results["spread"][regime] = spread(done)
+            record(results, run)
             write_json(args.output, results)
     print(f"results written to {args.output}")
     return 0

@@ -58,3 +58,35 @@ def test_micro_run_records_margins_and_the_soup(tmp_path, monkeypatch):
     assert run["margins_ok"] == (run["min_margin"] >= 0.10)
     spread = result["spread"]["near"]["math"]
     assert spread["min"] == spread["max"] == spread["mean"] == run["margins"]["math"]
+
+
+def test_a_new_run_replaces_its_regime_and_seed_and_keeps_the_others(tmp_path):
+    seeds = load_bench("family_seeds")
+
+    def run(regime, seed, lang):
+        return {"regime": regime, "seed": seed, "margins": {"lang": lang, "math": 0.2, "sql": 0.3}}
+
+    output = tmp_path / "seeds.json"
+    earlier = {
+        "size": "small",
+        "records_per_domain": 64,
+        "runs": [run("far", 1, 0.1), run("near", 0, 0.5)],
+    }
+    output.write_text(json.dumps(earlier))
+    results = {"runs": [], "spread": {}}
+    for kept in seeds.earlier_runs(output, "small", 64):
+        seeds.record(results, kept)
+    seeds.record(results, run("near", 0, 0.3))
+    seeds.record(results, run("near", 2, 0.1))
+    assert [(r["regime"], r["seed"]) for r in results["runs"]] == [
+        ("far", 1),
+        ("near", 0),
+        ("near", 2),
+    ]
+    assert results["spread"]["near"]["lang"] == {"mean": 0.2, "min": 0.1, "max": 0.3}
+    assert results["spread"]["far"]["lang"] == {"mean": 0.1, "min": 0.1, "max": 0.1}
+    # measured another way (another record count): nothing is kept
+    assert (
+        seeds.earlier_runs(output, "small", 32) == []
+        and seeds.earlier_runs(tmp_path, "small", 64) == []
+    )
