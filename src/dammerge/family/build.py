@@ -58,7 +58,7 @@ class NearRecipe:
 
     With ``side_by_side`` set, the specialists train at the same time in worker processes, one
     thread each (as many at once as there are CPUs): a model this small gains little from a
-    second thread within a step, so fine-tunes side by side finish well before the same ones
+    second thread within a step, so fine-tunes side by side finish sooner than the same ones
     one after the other. Each fine-tune runs on one thread however many run at once, so the
     family's bits do not depend on the machine's CPU count.
     """
