@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 import dammerge
 from dammerge.config import load_config
 from dammerge.plan import build_plan
-from dammerge.testing import make_lora_adapter
+from dammerge.testing import make_lora_adapter, make_tiny_llava
 
 pytestmark = pytest.mark.slow
 
@@ -805,37 +805,6 @@ def test_unrelated_models_match_in_float32(method, tmp_path):
         ordered = [torch.where(x < 0, -(2**31) - x, x) for x in bits]
         distance = (ordered[0] - ordered[1]).abs()
         assert int(distance.max()) <= 1, f"{name}: {int((distance > 1).sum())} entries > 1 ulp"
-
-
-def make_tiny_llava(folder: Path, seed: int) -> str:
-    """A random-init LLaVA checkpoint: a CLIP vision tower, whose patch embedding is a 4-D
-    convolution kernel (32 output channels), a projector and a Llama language model."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        image_size=16,
-        patch_size=4,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        hidden_size=32,
-        intermediate_size=48,
-    )
-    text = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_attention_heads=4,
-        num_hidden_layers=1,
-    )
-    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16)
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-    return str(folder)
 
 
 def loaded_by_transformers(folder: Path) -> dict[str, torch.Tensor]:

@@ -161,3 +161,34 @@ def make_lora_adapter(
     folder = Path(folder)
     peft_model.save_pretrained(folder, safe_serialization=safe_serialization)
     return folder
+
+
+def make_tiny_llava(folder: str | Path, seed: int = 0) -> str:
+    """A random-init LLaVA checkpoint: a CLIP vision tower, whose patch embedding is a 4-D
+    convolution kernel (32 output channels), a projector and a Llama language model."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        image_size=16,
+        patch_size=4,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        hidden_size=32,
+        intermediate_size=48,
+    )
+    text = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    return str(folder)

@@ -319,31 +319,9 @@ def test_loaded_names_are_the_names_transformers_loads_each_stored_tensor_under(
     """A LLaVA checkpoint as transformers 5 saves it (``vision_tower.``, ``language_model.``)
     loads under other names (``model.vision_tower.``, ...): each stored tensor is found, with
     its stored value, under the name the map gives."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
+    from dammerge.testing import make_tiny_llava
 
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(
-        image_size=8,
-        patch_size=4,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        hidden_size=16,
-        intermediate_size=32,
-    )
-    text = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_attention_heads=2,
-        num_hidden_layers=1,
-    )
-    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=4)
-    LlavaForConditionalGeneration(config).save_pretrained(tmp_path)
+    make_tiny_llava(tmp_path)
     stored, loaded = corpus.load_tensors(tmp_path), corpus.loaded_tensors(tmp_path)
     names = corpus.loaded_names(tmp_path)
     assert sorted(names) == sorted(stored)

@@ -135,7 +135,7 @@ SIZES: dict[str, FamilySpec] = {
         quality_records=32,
         # A constant learning rate after warm-up, every fourth batch rehearsing the warm start.
         # Lang and maths learn more slowly than SQL, hence their longer schedules (the trials
-        # behind these numbers: docs/results/2026-12-03-near-regime.md).
+        # behind these numbers: docs/family.md, "Two regimes").
         near=NearRecipe(
             warm_start=Schedule(steps=400, batch=16, lr=2e-3),
             warm_start_records=1000,
