@@ -18,6 +18,7 @@ complete family of the same size, seed and dammerge version is reused instead of
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -509,7 +510,8 @@ class SpecialistJob:
 def specialist_jobs(
     spec: FamilySpec, regime: str, seed: int, splits: dict[str, Any]
 ) -> list[SpecialistJob]:
-    """Every specialist's fine-tune, in ``DOMAINS`` order (seeds ``seed + 1000 * (i + 1)``)."""
+    """Every specialist's fine-tune, in ``DOMAINS`` order (the i-th, from 1, seeded
+    ``seed + 1000 * i``)."""
     return [
         SpecialistJob(domain, specialist_training(spec, regime, domain, splits), seed + 1000 * i)
         for i, domain in enumerate(DOMAINS, start=1)
@@ -564,7 +566,7 @@ def _side_by_side(
         ]
         for job, future in zip(jobs, futures, strict=True):
             state, losses, seconds = future.result()
-            model = _copy_model(base)
+            model = copy.deepcopy(base)
             model.load_state_dict(state)
             yield job.domain, model, losses, seconds
 
@@ -577,12 +579,6 @@ def _finetune_in_worker(
     with deterministic_torch(1), reuse_freed_memory():
         _, model, losses, seconds = _finetune_job(base, job, tokenizer, spec, position)
     return model.state_dict(), losses, seconds
-
-
-def _copy_model(model: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def warm_start_records(spec: FamilySpec, splits: dict[str, Any]) -> list[dict[str, Any]]:
@@ -634,7 +630,7 @@ def _finetune(
         examples = tokenize_examples(records, tokenizer, spec.max_example_tokens)
         return finetuning_batches(examples, training.schedule.batch, tokenizer.pad_token_id, seed)
 
-    model = _copy_model(base)
+    model = copy.deepcopy(base)
     freeze(model, training.frozen)
     batches = batches_of(training.records, seed)
     if training.replay_every:
