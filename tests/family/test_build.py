@@ -315,23 +315,6 @@ def test_specialists_side_by_side_are_those_trained_one_after_the_other_on_one_t
         assert other.manifest["quality"] == in_turn.manifest["quality"]
 
 
-def test_near_base_trained_data_parallel_is_the_same_bits_every_build(tmp_path):
-    """Pre-training and the warm start split across two worker processes give one family,
-    whatever the build's thread count: each rank runs one thread (and so does each specialist,
-    side by side)."""
-    nano = with_steps(SIZES["micro"], "nano", pretrain=4, finetune=3, warm_start=4)
-    parallel = replace(nano, near=replace(nano.near, data_parallel=2, side_by_side=True))
-    first = build_family(tmp_path / "first", parallel, 0, threads=1, regime="near")
-    again = build_family(tmp_path / "again", parallel, 0, threads=2, regime="near")
-    in_one = build_family(tmp_path / "in-one", nano, 0, threads=1, regime="near")
-    assert first.manifest["spec"]["near"]["data_parallel"] == 2
-    assert again.manifest["content_hash"] == first.manifest["content_hash"]
-    assert in_one.manifest["content_hash"] != first.manifest["content_hash"]
-    # the same training in other float order: the bases agree to float32's precision
-    for key, tensor in tensors(in_one.root)["base"].items():
-        torch.testing.assert_close(tensors(first.root)["base"][key], tensor, rtol=1e-3, atol=1e-4)
-
-
 def test_regime_is_part_of_the_cache_key(tmp_path):
     from dammerge.errors import DammergeError
     from dammerge.family.build import cached_manifest

@@ -25,7 +25,6 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +62,6 @@ class NearRecipe:
     second thread within a step, so fine-tunes side by side finish sooner than the same ones
     one after the other. Each fine-tune runs on one thread however many run at once, so the
     family's bits do not depend on the machine's CPU count.
-
-    With ``data_parallel`` above 1, pre-training and the warm start, which train one model each,
-    split every batch across that many worker processes of one thread each instead
-    (:mod:`dammerge.family.data_parallel`), for the same reason.
     """
 
     warm_start: Schedule
@@ -76,7 +71,6 @@ class NearRecipe:
     frozen: tuple[str, ...] = ()
     replay_every: int = 0
     side_by_side: bool = False
-    data_parallel: int = 1
 
     def finetune_schedule(self, domain: str) -> Schedule:
         return self.finetune_overrides.get(domain, self.finetune)
@@ -146,15 +140,14 @@ SIZES: dict[str, FamilySpec] = {
         near=NearRecipe(
             warm_start=Schedule(steps=400, batch=16, lr=2e-3),
             warm_start_records=1000,
-            finetune=Schedule(steps=300, batch=16, lr=1e-3, min_lr_ratio=1.0),
+            finetune=Schedule(steps=400, batch=16, lr=1e-3, min_lr_ratio=1.0),
             finetune_overrides={
                 "lang": Schedule(steps=1400, batch=16, lr=1e-3, min_lr_ratio=1.0),
-                "math": Schedule(steps=1200, batch=16, lr=1e-3, min_lr_ratio=1.0),
+                "math": Schedule(steps=1000, batch=16, lr=1e-3, min_lr_ratio=1.0),
             },
             frozen=("embeddings", "lm_head", "norms"),
             replay_every=4,
             side_by_side=True,
-            data_parallel=2,
         ),
     ),
 }
@@ -421,7 +414,7 @@ def _build_into(
     tokenizer = train_tokenizer(_tokenizer_texts(corpus, splits), spec.vocab_size)
     t = lap("tokenizer", t)
 
-    base, losses = _pretrain(spec, seed, corpus, tokenizer, _ranks(spec, regime))
+    base, losses = _pretrain(spec, seed, corpus, tokenizer)
     t = lap("pretrain", t)
     if regime == "near":
         base, losses = _warm_start(spec, seed, base, splits, tokenizer)
@@ -462,22 +455,14 @@ def _tail_mean(losses: list[float], n: int = 20) -> float:
     return round(sum(tail) / max(1, len(tail)), 4)
 
 
-def _pretrain(
-    spec: FamilySpec, seed: int, corpus: list[str], tokenizer: Any, ranks: int = 1
-) -> tuple[Any, list]:
-    from dammerge.family.data_parallel import train_steps
-    from dammerge.family.train import causal_lm_loss, new_model, pack_corpus, pretraining_batches
+def _pretrain(spec: FamilySpec, seed: int, corpus: list[str], tokenizer: Any) -> tuple[Any, list]:
+    from dammerge.family.train import new_model, pack_corpus, pretraining_batches, run_steps
 
     rows = pack_corpus(corpus, tokenizer, spec.seq_len)
     model = new_model(spec.shape, tokenizer, seed)
-    batches = partial(pretraining_batches, rows, spec.pretrain.batch, seed)
-    losses = train_steps(model, batches, spec.pretrain, "pre-training base", causal_lm_loss, ranks)
+    batches = pretraining_batches(rows, spec.pretrain.batch, seed)
+    losses = run_steps(model, batches, spec.pretrain, "pre-training base")
     return model, losses
-
-
-def _ranks(spec: FamilySpec, regime: str) -> int:
-    """Worker processes that pre-training and the warm start split each batch across."""
-    return spec.near.data_parallel if regime == "near" and spec.near is not None else 1
 
 
 @dataclass(frozen=True)
@@ -612,11 +597,8 @@ def _warm_start(
     spec: FamilySpec, seed: int, pretrained: Any, splits: dict[str, Any], tokenizer: Any
 ) -> tuple[Any, list]:
     """The near regime's base: the pre-trained model trained on every domain at once."""
-    near = _near_recipe(spec)
-    training = Training(warm_start_records(spec, splits), near.warm_start)
-    return _finetune(
-        pretrained, training, seed + 500, tokenizer, spec, "all domains", ranks=near.data_parallel
-    )
+    training = Training(warm_start_records(spec, splits), _near_recipe(spec).warm_start)
+    return _finetune(pretrained, training, seed + 500, tokenizer, spec, "all domains")
 
 
 # The rehearsal batches of a fine-tune are shuffled with its seed plus this offset.
@@ -631,42 +613,33 @@ def _finetune(
     spec: FamilySpec,
     what: str,
     position: int | None = None,
-    ranks: int = 1,
 ) -> tuple[Any, list]:
     """A fine-tune of a copy of ``base`` (response-only loss) of every parameter but the
     frozen parts, rehearsing ``training.replay`` if it says so (``position``: the line of its
-    progress bar, for fine-tunes that run side by side; ``ranks``: worker processes that split
-    each batch, see :mod:`dammerge.family.data_parallel`)."""
-    from dammerge.family.data_parallel import train_steps
-    from dammerge.family.train import freeze, response_loss
+    progress bar, for fine-tunes that run side by side)."""
+    from dammerge.family.train import (
+        finetuning_batches,
+        freeze,
+        interleaved_batches,
+        response_loss,
+        run_steps,
+        tokenize_examples,
+    )
+
+    def batches_of(records: list[dict[str, Any]], seed: int) -> Iterator[Any]:
+        examples = tokenize_examples(records, tokenizer, spec.max_example_tokens)
+        return finetuning_batches(examples, training.schedule.batch, tokenizer.pad_token_id, seed)
 
     model = copy.deepcopy(base)
     freeze(model, training.frozen)
-    batches = partial(_finetuning_stream, training, seed, tokenizer, spec.max_example_tokens)
-    description = f"fine-tuning {what}"
-    losses = train_steps(
-        model, batches, training.schedule, description, response_loss, ranks, position
-    )
-    return model, losses
-
-
-def _finetuning_stream(
-    training: Training, seed: int, tokenizer: Any, max_example_tokens: int
-) -> Iterator[Any]:
-    """The endless batches of a fine-tune: its own records', every ``replay_every``-th batch
-    replaced by one of the rehearsed records (a module-level function: worker processes that
-    split the batches rebuild the same stream from it)."""
-    from dammerge.family.train import finetuning_batches, interleaved_batches, tokenize_examples
-
-    def batches_of(records: list[dict[str, Any]], seed: int) -> Iterator[Any]:
-        examples = tokenize_examples(records, tokenizer, max_example_tokens)
-        return finetuning_batches(examples, training.schedule.batch, tokenizer.pad_token_id, seed)
-
     batches = batches_of(training.records, seed)
     if training.replay_every:
         rehearsal = batches_of(training.replay, seed + REPLAY_SEED_OFFSET)
         batches = interleaved_batches(batches, rehearsal, training.replay_every)
-    return batches
+    losses = run_steps(
+        model, batches, training.schedule, f"fine-tuning {what}", response_loss, position
+    )
+    return model, losses
 
 
 def measure_quality(

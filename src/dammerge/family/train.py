@@ -122,28 +122,19 @@ def causal_lm_loss(model: LlamaForCausalLM, batch: Batch) -> torch.Tensor:
 
 
 def run_steps(
-    model: torch.nn.Module,
+    model: LlamaForCausalLM,
     batches: Iterator[Batch],
     schedule: Schedule,
-    description: str | None,
+    description: str,
     loss_fn: LossFn = causal_lm_loss,
     position: int | None = None,
-    loss_value: Callable[[torch.Tensor], float] = torch.Tensor.item,
 ) -> list[float]:
-    """Train ``model`` for ``schedule.steps`` batches; returns ``loss_value`` of every step's
-    loss (``description``: the progress bar's, None for none; ``position``: its line, where
-    several trainings run at once)."""
+    """Train ``model`` for ``schedule.steps`` batches; returns the loss of every step
+    (``position``: the progress bar's line, where several trainings run at once)."""
     model.train()
     optimizer = _optimizer(model, schedule)
     losses: list[float] = []
-    bar = tqdm(
-        range(schedule.steps),
-        desc=description,
-        unit="step",
-        leave=False,
-        position=position,
-        disable=description is None,
-    )
+    bar = tqdm(range(schedule.steps), desc=description, unit="step", leave=False, position=position)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, schedule)
@@ -152,7 +143,7 @@ def run_steps(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss_value(loss))
+        losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     bar.close()
