@@ -10,6 +10,9 @@ seconds of the build and of each phase, the budget, the machine's load average (
 shared, so wall time is noisy; CPU seconds are the steadier number), and the quality table of
 the base and each specialist on each domain, plus Model Soups (the uniform average of the three
 specialists) scored the same way: the point of the family is that merging trades skills off.
+Runs of other sizes, regimes and seeds already in the file are kept (each run carries its own
+timestamp), so one regime can be measured again alone. Threads are chosen as
+``dammerge family build`` chooses them, before torch loads.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ def bench_size(size: str, seed: int, regime: str) -> dict:
         "size": size,
         "regime": regime,
         "seed": seed,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_seconds": round(wall, 1),
         "cpu_seconds": round(cpu, 1),
         "budget_seconds": BUDGET_SECONDS[size],
@@ -110,6 +114,26 @@ def print_table(entry: dict) -> None:
         print(f"{model:8} " + " ".join(f"{row[d]:13.3f}" for d in DOMAINS))
 
 
+def earlier_runs(output: Path) -> list[dict]:
+    """The runs already in ``output``, so that measuring one size or regime again keeps the
+    others (a run from before runs carried a seed counts as seed 0)."""
+    try:
+        return list(json.loads(output.read_text()).get("runs", []))
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
+def record(runs: list[dict], run: dict) -> list[dict]:
+    """``runs`` with ``run`` in place of an earlier run of its size, regime and seed."""
+
+    def key(r: dict) -> tuple:
+        return (r["size"], r.get("regime", "far"), r.get("seed", 0))
+
+    kept = [r for r in runs if key(r) != key(run)]
+    order = {"micro": 0, "small": 1}
+    return sorted([*kept, run], key=lambda r: (order.get(r["size"], 2), *key(r)[1:]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="micro,small")
@@ -117,6 +141,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=HERE / "results" / "family_build.json")
     args = parser.parse_args()
+    from dammerge.threads import configure_threads
+
+    configure_threads()  # as `dammerge family build` does, before torch loads
     from dammerge import memory
 
     results = {
@@ -126,13 +153,13 @@ def main() -> None:
         # the build keeps freed memory for reuse (dammerge.memory) unless this is False
         "cpu_memory_reuse": memory.available(),
         "note": "shared machine: wall time depends on other users' load; see load_average_*",
-        "runs": [],
+        "runs": earlier_runs(args.output),
     }
     for size in args.sizes.split(","):
         for regime in args.regimes.split(","):
             entry = bench_size(size.strip(), args.seed, regime.strip())
             print_table(entry)
-            results["runs"].append(entry)
+            results["runs"] = record(results["runs"], entry)
             args.output.parent.mkdir(parents=True, exist_ok=True)
             args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nresults written to {args.output}")

@@ -4,8 +4,9 @@ Usage: ``.venv/bin/python bench/family_seeds.py [--regimes near,far] [--seeds 0,
 [--size small] [--limit 64]``
 
 For each regime and seed it builds the family into ``bench/.work/seeds/<size>-<regime>-<seed>``
-(a complete build there is reused), scores the base on every domain and each specialist on its
-own domain with dammerge's evaluator (greedy score and NLL of the reference responses, on the
+with ``dammerge family build`` in a process of its own (a complete build there is reused),
+scores the base on every domain and each specialist on its own domain with dammerge's
+evaluator (greedy score and NLL of the reference responses, on the
 first ``--limit`` held-out records), and records each specialist's margin over the base: the
 family is only a test bed if every specialist has learned its domain for every seed, not for a
 lucky one. Model Soups (the uniform average of the three specialists) is scored beside them,
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -132,21 +134,35 @@ def spread(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def bench_one(size: str, regime: str, seed: int, limit: int) -> dict[str, Any]:
-    from dammerge.family.build import build_family
+def build_fresh(out: Path, size: str, regime: str, seed: int) -> tuple[dict[str, Any], bool]:
+    """Build with ``dammerge family build`` in its own process, as a user would; returns the
+    manifest and whether the folder already held this family (a cache hit).
 
+    One process per build, not several builds in this one: a build's bits should not depend
+    on what ran before it, and this way a recorded hash is the one the command gives.
+    """
+    from dammerge.family.build import cached_manifest, resolve_spec
+
+    cached = cached_manifest(out, resolve_spec(size, regime), seed, regime=regime) is not None
+    command = [sys.executable, "-m", "dammerge", "family", "build", str(out)]
+    command += ["--size", size, "--seed", str(seed), "--regime", regime]
+    subprocess.run(command, check=True)
+    return json.loads((out / "manifest.json").read_text()), cached
+
+
+def bench_one(size: str, regime: str, seed: int, limit: int) -> dict[str, Any]:
     out = WORK / f"{size}-{regime}-{seed}"
     started = time.perf_counter()
-    result = build_family(out, size, seed, regime=regime, report=print)
+    manifest, cached = build_fresh(out, size, regime, seed)
     wall = time.perf_counter() - started
     scores = score_family(out, limit)
     return {
         "size": size,
         "regime": regime,
         "seed": seed,
-        "content_hash": result.manifest["content_hash"],
-        "build_seconds": result.manifest.get("build_seconds"),
-        "cached": result.cached,
+        "content_hash": manifest["content_hash"],
+        "build_seconds": manifest.get("build_seconds"),
+        "cached": cached,
         "wall_seconds": round(wall, 1),
         "scores": scores,
         **summarise_run(scores),

@@ -124,6 +124,7 @@ def test_different_seed_differs_and_thread_count_is_part_of_the_cache_key(tmp_pa
     again = build_family(tmp_path / "again", nano, 0, threads=1)
     assert again.manifest["content_hash"] == a.manifest["content_hash"]
     assert a.manifest["threads"] == 1
+    assert a.manifest["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     # Another thread count may change the bits, so it never reuses a build made with this one.
     assert build_family(tmp_path / "a", nano, 0, threads=1).cached
     assert not build_family(tmp_path / "a", nano, 0, threads=2, force=True).cached
