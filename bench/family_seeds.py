@@ -138,8 +138,8 @@ def build_fresh(out: Path, size: str, regime: str, seed: int) -> tuple[dict[str,
     """Build with ``dammerge family build`` in its own process, as a user would; returns the
     manifest and whether the folder already held this family (a cache hit).
 
-    One process per build, not several builds in this one: a build's bits should not depend
-    on what ran before it, and this way a recorded hash is the one the command gives.
+    One process per build, as a user runs it: the recorded hash and build time are the
+    command's, with nothing of an earlier build in the same process.
     """
     from dammerge.family.build import cached_manifest, resolve_spec
 
