@@ -23,10 +23,14 @@ import json
 import os
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import timestamp
 
 HERE = Path(__file__).resolve().parent
 BUDGET_SECONDS = {"micro": 90, "small": 600}
@@ -86,7 +90,7 @@ def bench_size(size: str, seed: int, regime: str) -> dict:
         "size": size,
         "regime": regime,
         "seed": seed,
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "timestamp": timestamp(),
         "wall_seconds": round(wall, 1),
         "cpu_seconds": round(cpu, 1),
         "budget_seconds": BUDGET_SECONDS[size],
@@ -94,6 +98,8 @@ def bench_size(size: str, seed: int, regime: str) -> dict:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "content_hash": manifest["content_hash"],
+        # runs of other days stay in the file: each says which kernels built its bits
+        "cpu_capability": manifest.get("cpu_capability"),
         "spec": manifest["spec"],
         "quality": {
             "records_per_domain": quality["records_per_domain"],
@@ -148,7 +154,7 @@ def main() -> None:
 
     results = {
         "benchmark": "family_build",
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "timestamp": timestamp(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         # the build keeps freed memory for reuse (dammerge.memory) unless this is False
         "cpu_memory_reuse": memory.available(),

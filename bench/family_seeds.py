@@ -161,6 +161,8 @@ def bench_one(size: str, regime: str, seed: int, limit: int) -> dict[str, Any]:
         "regime": regime,
         "seed": seed,
         "content_hash": manifest["content_hash"],
+        # runs of other days stay in the file: each says which kernels built its bits
+        "cpu_capability": manifest.get("cpu_capability"),
         "build_seconds": manifest.get("build_seconds"),
         "cached": cached,
         "wall_seconds": round(wall, 1),

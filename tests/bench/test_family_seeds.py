@@ -45,6 +45,7 @@ def test_micro_run_records_margins_and_the_soup(tmp_path, monkeypatch):
     assert (run["regime"], run["seed"]) == ("near", 1)
     manifest = json.loads((tmp_path / "work" / "micro-near-1" / "manifest.json").read_text())
     assert run["content_hash"] == manifest["content_hash"] and manifest["seed"] == 1
+    assert run["cpu_capability"] == manifest["cpu_capability"] and not run["cached"]
     scores = run["scores"]
     assert set(scores) == {"base", "lang", "math", "sql", "soup"}
     assert set(scores["base"]) == set(scores["soup"]) == {"lang", "math", "sql"}
