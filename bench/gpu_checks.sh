@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Everything a session with a lent CUDA GPU checks, in one call of the device tool, within ten
-# minutes on an H200:
+# Everything a session with a lent CUDA GPU checks, in one script, each part within its time
+# limit on an H200:
 #   run: bash bench/gpu_checks.sh [PART ...]    (carry: .whl, the wheels the GPU image lacks)
 # Parts (default: all, in this order), each cut at its time limit so the script always ends:
-#   tests  140 s  the CUDA tests: data-free merges and the DAM engine on the GPU against the CPU,
+#   tests  170 s  the CUDA tests: data-free merges and the DAM engine on the GPU against the CPU,
 #                 bf16 training, the fused KL gradient, the compiled merge kernels against the
-#                 eager ones and the definition, a DAM training with compiled kernels
+#                 eager ones and the definition, a DAM training with compiled kernels, layer
+#                 streaming against resident stores, torchrun ranks over nccl against one process
+#   offload 120 s bench/dam_memory.py --gpu: 3 x ~1B bf16, 2,048 tokens, offload none | layers
+#                 with and without checkpointing: step time, max_memory_allocated against the plan
 #   merge   65 s  bench/merge_speed.py, TIES with the merge on the GPU (the I/O-bound ratio)
 #   profile 15 s  bench/merge_profile.py: the same merge once under torch.profiler, on the
 #                 inputs the merge part made (stages of the loop, operators, pinned allocator)
@@ -17,14 +20,17 @@
 #                 random checkpoints of more layers does not fit the ten minutes); compiled vs
 #                 eager, N = 2, 3, 5, on the fly and precomputed, plain step
 #   then   10 s  bench/targets.py: every target of the parts that ran, PASS or FAIL
-# Limits add up to 560 s, plus ~15 s of setup. The small shape compiles the kernels first (bf16,
-# N = 2, 3, 5); the 7b shape finds them in inductor's cache (the same graphs: dynamic sizes).
+# Limits add up to 710 s, plus ~15 s of setup per call: more than one call's ten minutes, so a
+# fifteen-minute lease runs two calls back to back, the second within the machine's warm
+# half-minute: `bash bench/gpu_checks.sh tests offload merge`, then `... small 7b`. The small
+# shape compiles the kernels first (bf16, N = 2, 3, 5); the 7b shape finds them in inductor's
+# cache (the same graphs: dynamic sizes).
 # Results land in $OUT (the device tool's folder) or bench/.work/gpu; the random models in
 # /dev/shm when it has room (faster to write and read than the disk), else bench/.work/dam_step.
 set -uo pipefail
 OUT=${OUT:-bench/.work/gpu}
 DAM_7B_LAYERS=${DAM_7B_LAYERS:-8}
-PARTS=${*:-tests merge profile small 7b}
+PARTS=${*:-tests offload merge profile small 7b}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -46,8 +52,16 @@ results=()
 
 if wants tests; then
     echo "== tests: CUDA tests"
-    timeout 140 python3 -m pytest -q -p no:cacheprovider -k "cuda or reading_ahead" \
-        tests/learned/test_cuda.py tests/test_merge_e2e.py 2>&1 | tail -25 | tee "$OUT/pytest.log"
+    timeout 170 python3 -m pytest -q -p no:cacheprovider -k "cuda or reading_ahead" \
+        tests/learned/test_cuda.py tests/learned/test_distributed_cli.py tests/test_merge_e2e.py \
+        2>&1 | tail -40 | tee "$OUT/pytest.log"
+fi
+
+if wants offload; then
+    echo "== offload: DAM on 3 x ~1B bf16, streamed against resident stores, against the plan"
+    timeout 120 python3 bench/dam_memory.py --gpu --work "$WORK" \
+        --output "$OUT/dam_memory_gpu.json" 2>&1 | tee "$OUT/dam_memory_gpu.log"
+    results+=("$OUT/dam_memory_gpu.json")
 fi
 
 if wants merge; then

@@ -1,4 +1,5 @@
-"""Fixtures for learned merging: tiny 2-layer Llama families (untied and tied) and JSONL data."""
+"""Fixtures for learned merging: tiny 2-layer Llama families (untied and tied), a 4-layer one
+for layer streaming with a log of what it keeps resident, and JSONL data."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from dammerge.learned import offload
 from dammerge.testing import make_family
+
+from .helpers import DEEP_LAYERS
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -66,3 +70,40 @@ def _dam_recipe(base: Path, sources: list[Path], data: Path, **training) -> dict
 def dam_recipe():
     """A function building a DAM recipe dict over a family and the datasets folder."""
     return _dam_recipe
+
+
+@pytest.fixture(scope="module")
+def deep_family(tmp_path_factory):
+    """Base + 2 fine-tunes with four decoder layers (two resident must be fewer than all)."""
+    root = tmp_path_factory.mktemp("deep")
+    return make_family(root, "llama", n=2, tie_word_embeddings=False, num_hidden_layers=DEEP_LAYERS)
+
+
+class ResidencyLog:
+    """Records every resident set a streamer reports, and how many copies it made."""
+
+    def __init__(self) -> None:
+        self.sets: list[tuple[int, ...]] = []
+        self.streamers: list[offload.LayerStreamer] = []
+
+    def attach(self, streamer: offload.LayerStreamer) -> None:
+        self.streamers.append(streamer)
+        streamer.observe(self.sets.append)
+
+    @property
+    def most(self) -> int:
+        return max(len(s) for s in self.sets)
+
+
+@pytest.fixture
+def residency(monkeypatch) -> ResidencyLog:
+    """Every streamer created during the test reports to the returned log."""
+    log = ResidencyLog()
+    original = offload.LayerStreamer.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        log.attach(self)
+
+    monkeypatch.setattr(offload.LayerStreamer, "__init__", init)
+    return log

@@ -12,6 +12,7 @@ from dammerge.registry import load_recipe
 
 IDS = torch.tensor([[1, 5, 7, 9, 11, 40, 3], [2, 8, 100, 4, 6, 12, 13]])
 ALL_MERGED = MergeOptions(merge_embeddings=True, merge_norms=True)
+DEEP_LAYERS = 4  # the deep family's layers: layer streaming keeps two resident, fewer than all
 
 
 def build_merged(family, options=None, **kwargs):

@@ -1,7 +1,8 @@
 """The learned-merge engine on a CUDA GPU: float32 on the GPU gives the CPU's numbers, bf16 on
 the GPU trains float32 coefficients and exports a checkpoint that transformers loads, the
-compiled merge kernels (``training.kernels``) give the eager kernels' values, and the loss chunks
-are sized for the device.
+compiled merge kernels (``training.kernels``) give the eager kernels' values, the loss chunks
+are sized for the device, and layer streaming (``training.offload: layers``) keeps its stores in
+pinned host memory and gives the resident run's coefficients.
 
 Skipped where no GPU is visible (CI); run on a lent GPU machine with
 ``pytest tests/learned/test_cuda.py tests/test_merge_e2e.py -k cuda``.
@@ -17,9 +18,17 @@ import dammerge
 from dammerge.learned import kernels, losses
 from dammerge.learned.functional import EAGER
 from dammerge.learned.kernels import CompiledPasses, store_passes
+from dammerge.learned.layers import MergedLinear
 from dammerge.learned.run import train_plan
 
-from .helpers import ALL_MERGED, IDS, build_merged, naive_forward_kl, training_plan
+from .helpers import (
+    ALL_MERGED,
+    DEEP_LAYERS,
+    IDS,
+    build_merged,
+    naive_forward_kl,
+    training_plan,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -156,3 +165,43 @@ def test_loss_chunks_on_gpu_are_device_sized():
         assert elements == losses.CUDA_CHUNK_ELEMENTS
     assert 2**20 <= elements <= losses.CUDA_CHUNK_ELEMENTS
     assert losses.CUDA_CHUNK_ELEMENTS >= 2048 * 32000
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_training_on_gpu_gives_the_resident_coefficients(
+    deep_family, datasets_dir, tmp_path, dam_recipe, residency, dtype
+):
+    """``offload: layers`` on the GPU: the stores in pinned host memory, two decoder layers'
+    copies on the device, the coefficients of resident stores. The same kernels see the same
+    values in the same order (copies land at 512-byte aligned addresses, as the caching
+    allocator's do), so the result is bit for bit; the message bounds the difference if not."""
+    common = {"steps": 3, "lr": 0.01, "dtype": dtype, "device": "cuda"}
+    states = []
+    for name, extra in (("resident", {}), ("streamed", {"offload": "layers"})):
+        plan = training_plan(
+            dam_recipe, deep_family, datasets_dir, tmp_path / name, **common, **extra
+        )
+        model, result = train_plan(plan, progress=False)
+        assert result.steps == 3
+        states.append({k: v.cpu() for k, v in model.coefficient_state().items()})
+    resident, streamed = states
+    assert resident.keys() == streamed.keys()
+    worst = max(float((streamed[k] - resident[k]).abs().max()) for k in resident)
+    for name in resident:
+        assert torch.equal(streamed[name], resident[name]), f"{name}: largest difference {worst}"
+    assert max(float((t - 0.5).abs().max()) for t in streamed.values()) > 1e-4  # it trained
+    assert len(residency.streamers) == 1 and residency.most == 2
+    assert {layer for s in residency.sets for layer in s} == set(range(DEEP_LAYERS))
+
+
+def test_streamed_stores_are_pinned_host_memory_and_their_copies_on_the_gpu(deep_family):
+    model = build_merged(deep_family, ALL_MERGED, device="cuda", offload="layers")
+    streamed = [
+        m for _, m in model.merge_modules() if isinstance(m, MergedLinear) and m.store_source
+    ]
+    assert streamed and all(m.weights.device.type == "cpu" for m in streamed)
+    assert all(m.weights.is_pinned() for m in streamed)  # asynchronous copies to the device
+    with torch.no_grad():
+        model(IDS.cuda())
+    resident = [m for m in streamed if m.layer in model.streamer.resident_layers()]
+    assert resident and all(m.stores()[0].is_cuda for m in resident)

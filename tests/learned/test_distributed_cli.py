@@ -260,6 +260,36 @@ def _checkpoint_step(path: Path) -> int:
         return -1
 
 
+# The CUDA twins (nccl): every rank on its own GPU, against one process on the GPU. One GPU runs
+# the one-rank cases (the nccl group, FSDP2 and the collectives for real, over one rank); the
+# two-rank ones need two GPUs. Skipped without a GPU (CI).
+@pytest.mark.parametrize(
+    ("ranks", "strategy", "offload"),
+    [
+        (1, "replicate", "none"),
+        (1, "shard", "none"),
+        (1, "shard", "layers"),
+        (2, "replicate", "none"),
+        (2, "shard", "layers"),
+    ],
+)
+def test_cuda_ranks_over_nccl_match_one_process_on_the_gpu(
+    micro_family, tmp_path, ranks, strategy, offload
+):
+    if torch.cuda.device_count() < ranks:
+        pytest.skip(f"needs {ranks} CUDA GPU(s), {torch.cuda.device_count()} visible")
+    recipe = _micro_recipe(micro_family, distributed=strategy, offload=offload)
+    reference = tmp_path / "single"
+    dammerge.merge(recipe, reference, device="cuda", progress=False)
+    _write(recipe, tmp_path)
+    done = _torchrun(ranks, "merge", "dam.yaml", "out", "--device", "cuda", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_close(tmp_path / "out", reference, 1e-5)
+    stats = json.loads((tmp_path / "out" / STATS_FILE).read_text())["distributed"]
+    assert stats["strategy"] == strategy and stats["world_size"] == ranks
+    assert stats["backend"] == "nccl"
+
+
 def test_nan_on_one_rank_stops_every_rank_with_one_message(micro_family, derive, tmp_path):
     def poison(state: dict) -> dict:
         state["model.norm.weight"][0] = float("nan")  # only teacher 'sql' uses its own norm

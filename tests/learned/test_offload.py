@@ -19,48 +19,10 @@ from dammerge.learned.presets import DAM
 from dammerge.learned.run import train_plan
 from dammerge.learned.settings import parse_settings
 from dammerge.learned.train import enable_gradient_checkpointing
-from dammerge.testing import make_family
 
-from .helpers import IDS, build_merged, prepare_recipe, training_plan
+from .helpers import DEEP_LAYERS, IDS, build_merged, prepare_recipe, training_plan
 
-LAYERS = 4
-
-
-@pytest.fixture(scope="module")
-def deep_family(tmp_path_factory):
-    """Base + 2 fine-tunes with four decoder layers (two resident must be fewer than all)."""
-    root = tmp_path_factory.mktemp("deep")
-    return make_family(root, "llama", n=2, tie_word_embeddings=False, num_hidden_layers=LAYERS)
-
-
-class ResidencyLog:
-    """Records every resident set a streamer reports, and how many copies it made."""
-
-    def __init__(self) -> None:
-        self.sets: list[tuple[int, ...]] = []
-        self.streamers: list[offload.LayerStreamer] = []
-
-    def attach(self, streamer: offload.LayerStreamer) -> None:
-        self.streamers.append(streamer)
-        streamer.observe(self.sets.append)
-
-    @property
-    def most(self) -> int:
-        return max(len(s) for s in self.sets)
-
-
-@pytest.fixture
-def residency(monkeypatch) -> ResidencyLog:
-    """Every streamer created during the test reports to the returned log."""
-    log = ResidencyLog()
-    original = offload.LayerStreamer.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        log.attach(self)
-
-    monkeypatch.setattr(offload.LayerStreamer, "__init__", init)
-    return log
+LAYERS = DEEP_LAYERS
 
 
 def _train(dam_recipe, family, data, out, **options):
