@@ -16,6 +16,7 @@ from dammerge.errors import ConfigError
 from dammerge.learned import kernels
 from dammerge.learned.functional import EAGER, merged_linear, naive_merged_linear
 from dammerge.learned.kernels import CompiledPasses, compiled_passes, store_passes
+from dammerge.learned.layers import frozen
 from dammerge.learned.model import MergeOptions
 from dammerge.learned.presets import DAM
 from dammerge.learned.run import train_plan
@@ -101,13 +102,15 @@ def test_compiled_passes_with_bf16_stores_match_eager():
 
 def test_compiled_once_per_number_of_sources_whatever_the_shapes_and_tokens():
     """Layer shapes, token counts, coefficient granularity (an expanded scale row) and
-    requires_grad do not recompile; a different number of sources does, once."""
+    requires_grad do not recompile; a different number of sources does, once. The stores are
+    frozen parameters, as in a merge module (dynamo would give their shapes static sizes)."""
     counter = CompileCounter()
     passes = CompiledPasses(backend=counter)
     try:
-        for out, inp in [(7, 13), (3, 17), (16, 8)]:
+        for out, inp in [(7, 13), (3, 17), (16, 8), (16, 16), (9, 11), (5, 5), (12, 4), (4, 12)]:
             for tokens in [(1, 5), (2, 9)]:
-                x, scales, weights, _, _, upstream = _layer(3, out, inp, tokens=tokens)
+                x, scales, store, _, _, upstream = _layer(3, out, inp, tokens=tokens)
+                weights = frozen(store)
                 coarse = scales[:, :1].expand(3, inp)
                 for s in (scales, coarse, scales.clone().requires_grad_(True)):
                     passes.merged(s, weights, torch.float64)

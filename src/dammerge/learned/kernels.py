@@ -114,7 +114,7 @@ class CompiledPasses(StorePasses):
             # detached and contiguous: one compiled pass whatever the coefficients' granularity
             wide = scales.detach().to(accumulation_dtype(scales)).contiguous()
             try:
-                return self._merge(wide, weights, dtype)
+                return self._merge(wide, _plain(weights), dtype)
             except Exception as exc:  # whatever the compiler raised: the eager pass is exact
                 if _allocation_failed(exc):
                     raise
@@ -127,12 +127,20 @@ class CompiledPasses(StorePasses):
         if _fallback_reason is None:
             outer = g2.transpose(0, 1) @ x2  # G = gᵀx: one matrix product, out × in
             try:
-                return self._columns(outer, weights, accumulation_dtype(scales)).to(scales.dtype)
+                acc = accumulation_dtype(scales)
+                return self._columns(outer, _plain(weights), acc).to(scales.dtype)
             except Exception as exc:
                 if _allocation_failed(exc):
                     raise
                 fall_back(_compile_error(exc))
         return super().column_grads(g2, x2, scales, weights)
+
+
+def _plain(store: torch.Tensor) -> torch.Tensor:
+    """The store as a plain tensor: dynamo gives parameters static shapes whatever ``dynamic``
+    says (``force_parameter_static_shapes``), so frozen stores would compile once per layer
+    shape and, past its recompile limit (8), leave the remaining shapes to run uncompiled."""
+    return store.detach()
 
 
 _compiled: CompiledPasses | None = None
