@@ -167,19 +167,26 @@ def test_loss_chunks_on_gpu_are_device_sized():
     assert losses.CUDA_CHUNK_ELEMENTS >= 2048 * 32000
 
 
+# Largest difference allowed between streamed and resident coefficients with compiled passes. On
+# an H200 (2026-12-04) they differed by up to 1.5e-7 (2-3 float32 ulps at 0.5) while resident
+# stores, being parameters, got static-shape graphs and streamed copies dynamic ones (Triton
+# reductions tiled differently); both now get the same dynamic graphs, so this is a bound.
+COMPILED_STREAMING_BOUND = 1e-6
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kernels_choice", ["eager", "compiled"])
 def test_streamed_training_on_gpu_gives_the_resident_coefficients(
-    deep_family, datasets_dir, tmp_path, dam_recipe, residency, dtype
+    deep_family, datasets_dir, tmp_path, dam_recipe, residency, dtype, kernels_choice
 ):
     """``offload: layers`` on the GPU: the stores in pinned host memory, two decoder layers'
-    copies on the device, the coefficients of resident stores. The same kernels see the same
-    values in the same order (copies land at 512-byte aligned addresses, as the caching
-    allocator's do), so the result is bit for bit; the message bounds the difference if not."""
-    common = {"steps": 3, "lr": 0.01, "dtype": dtype, "device": "cuda"}
+    copies on the device, the resident run's coefficients: bit for bit with eager passes (the
+    same kernels on the same values in the same order), within a bound with compiled ones."""
+    common = {"steps": 3, "lr": 0.01, "dtype": dtype, "kernels": kernels_choice}
     states = []
     for name, extra in (("resident", {}), ("streamed", {"offload": "layers"})):
         plan = training_plan(
-            dam_recipe, deep_family, datasets_dir, tmp_path / name, **common, **extra
+            dam_recipe, deep_family, datasets_dir, tmp_path / name, device="cuda", **common, **extra
         )
         model, result = train_plan(plan, progress=False)
         assert result.steps == 3
@@ -187,8 +194,10 @@ def test_streamed_training_on_gpu_gives_the_resident_coefficients(
     resident, streamed = states
     assert resident.keys() == streamed.keys()
     worst = max(float((streamed[k] - resident[k]).abs().max()) for k in resident)
-    for name in resident:
-        assert torch.equal(streamed[name], resident[name]), f"{name}: largest difference {worst}"
+    if kernels_choice == "eager":
+        assert worst == 0.0, f"streamed coefficients differ by up to {worst}"
+    else:
+        assert worst <= COMPILED_STREAMING_BOUND, worst
     assert max(float((t - 0.5).abs().max()) for t in streamed.values()) > 1e-4  # it trained
     assert len(residency.streamers) == 1 and residency.most == 2
     assert {layer for s in residency.sets for layer in s} == set(range(DEEP_LAYERS))
