@@ -14,7 +14,7 @@ example, on the CPU, where device and host memory are one budget (its ``peak``).
 Freed CPU memory is kept for reuse during the steps, as the engine's training loop does
 (:mod:`dammerge.memory`), so the high-water mark includes what glibc keeps.
 
-On a CUDA GPU (``--gpu``) the run is issue 15's: three ~1B bf16 sources (TinyLlama's widths,
+On a CUDA GPU (``--gpu``) the run is a realistic one: three ~1B bf16 sources (TinyLlama's widths,
 22 layers) at 2,048-token examples, each configuration in turn in one process (the caching
 allocator counts exactly what the run holds: ``torch.cuda.max_memory_allocated`` minus what was
 allocated before, no baseline to guess), one warm-up step (compiling the store passes) and
@@ -67,8 +67,8 @@ CONFIGURATIONS = (
     {"offload": "layers", "gradient_checkpointing": False},
     {"offload": "layers", "gradient_checkpointing": True},
 )
-# On a GPU the pair of issue 15 first (streamed against resident), so a run cut at its time
-# limit still has it; each row is written as soon as it is measured.
+# On a GPU the streamed-against-resident pair without checkpointing first, so a run cut at its
+# time limit still has it; each row is written as soon as it is measured.
 GPU_ORDER = (0, 2, 1, 3)
 
 
@@ -97,7 +97,7 @@ QUICK = MemoryBench(
     seq_len=64,
     steps=1,
 )
-# Issue 15's GPU measurement: 3 x ~1B bf16 (TinyLlama-like: GQA 32/4), the paper's 2,048 tokens.
+# The GPU measurement: 3 x ~1B bf16 (TinyLlama-like: GQA 32/4), the paper's 2,048 tokens.
 GPU = MemoryBench(
     size=ModelSize(hidden=2048, layers=22, intermediate=5632, heads=32, kv_heads=4, vocab=32000),
     n=3,
