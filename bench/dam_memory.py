@@ -54,7 +54,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # bench scripts run as files, not as a package: import the helpers beside them
 import dam_step
 from _common import busy_warning, gib, machine_info, timestamp, write_json
-from dam_step import ModelSize, _status_bytes, ensure_direct_family, ensure_family, make_data
+from dam_step import (
+    ModelSize,
+    _status_bytes,
+    ensure_direct_family,
+    ensure_family,
+    make_data,
+    store_bytes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "bench" / ".work" / "dam_memory"
@@ -287,7 +294,7 @@ def measure_on_gpu(
         torch.cuda.synchronize(device)
         times.append(time.perf_counter() - began)
     peak = torch.cuda.max_memory_allocated(device) - baseline
-    host = _streamed_store_bytes(model)
+    host = store_bytes(model, streamed_only=True)
     del trainer, model
     measured = {
         "baseline_allocated_bytes": baseline,
@@ -299,19 +306,6 @@ def measure_on_gpu(
         "mean_step_s": round(sum(times) / len(times), 4),
     }
     return compared(bench, config, base, measured, peak)
-
-
-def _streamed_store_bytes(model: Any) -> int:
-    """Host bytes of the stores that stream (their layer's copies come to the device)."""
-    from dammerge.learned.layers import MergedLinear
-
-    total = 0
-    for module in model.modules():
-        if isinstance(module, MergedLinear) and module.store_source is not None:
-            for store in (module.weights, module.bias_store()):
-                if store is not None:
-                    total += store.numel() * store.element_size()
-    return total
 
 
 def gpu_comparisons(rows: list[dict]) -> list[dict]:

@@ -652,12 +652,16 @@ class Group:
     store_bytes: int  # the N weight stores of the merged linears
 
 
-def store_bytes(model: Any) -> int:
+def store_bytes(model: Any, streamed_only: bool = False) -> int:
+    """Bytes of the merged linears' weight stores (``streamed_only``: of those that stream,
+    which stay in host memory with ``offload: layers``)."""
     from dammerge.learned.layers import MergedLinear
 
     total = 0
     for module in model.modules():
         if isinstance(module, MergedLinear):
+            if streamed_only and module.store_source is None:
+                continue
             for store in (module.weight_store(), module.bias_store()):
                 if store is not None:
                     total += store.numel() * store.element_size()

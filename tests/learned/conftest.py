@@ -80,7 +80,7 @@ def deep_family(tmp_path_factory):
 
 
 class ResidencyLog:
-    """Records every resident set a streamer reports, and how many copies it made."""
+    """Records every streamer created and every resident set it reports."""
 
     def __init__(self) -> None:
         self.sets: list[tuple[int, ...]] = []
