@@ -196,12 +196,13 @@ def data_and_tokenizer_hash(root: Path) -> str:
 
 
 def reference_finetune(
-    model, records, schedule, seed, tokenizer, max_tokens, replay=None, replay_every=0
+    model, records, schedule, seed, tokenizer, max_tokens, replay=None, replay_every=0, frozen=None
 ):
     """The family's fine-tune written out from its definition, on a copy of ``model``.
 
-    With ``replay``: the embeddings, ``lm_head`` and norms stay as they are, and batches number
-    ``replay_every``, ``2 * replay_every``, ... come from ``replay`` (shuffled with seed + 7).
+    ``frozen`` (by default: whether there is ``replay``): the embeddings, ``lm_head`` and norms
+    stay as they are. With ``replay``, batches number ``replay_every``, ``2 * replay_every``, ...
+    come from ``replay`` (shuffled with seed + 7).
     """
     import copy
 
@@ -218,9 +219,10 @@ def reference_finetune(
 
     model = copy.deepcopy(model)
     batches = batches_of(records, seed)
-    if replay is not None:
+    if replay is not None if frozen is None else frozen:
         for name, param in model.named_parameters():
             param.requires_grad_(not any(k in name for k in ("embed_tokens", "lm_head", "norm")))
+    if replay is not None:
         own, rehearsal = batches, batches_of(replay, seed + 7)
         picks = [next(rehearsal) if n % replay_every == 0 else next(own) for n in range(1, 99)]
         batches = iter(picks[: schedule.steps])
@@ -242,6 +244,7 @@ def test_regimes_follow_their_recipes_from_one_pre_trained_base(tmp_path):
     from dammerge.family.tasks import generate_splits
 
     nano = with_steps(SIZES["micro"], "nano", pretrain=4, finetune=5, warm_start=5)
+    nano = replace(nano, near=replace(nano.near, replay_overrides={"lang": 0}))
     far = build_family(tmp_path / "far", nano, 0, threads=1, regime="far")
     near = build_family(tmp_path / "near", nano, 0, threads=1, regime="near")
     assert (far.manifest["regime"], near.manifest["regime"]) == ("far", "near")
@@ -281,11 +284,22 @@ def test_regimes_follow_their_recipes_from_one_pre_trained_base(tmp_path):
             replay=warm_records,
             replay_every=4,
         )
+        # ... and lang, whose override says it does not rehearse, frozen all the same
+        near_lang = reference_finetune(
+            pretrained,
+            splits["lang"]["train"][count:],
+            recipe.finetune,
+            1000,
+            tokenizer,
+            192,
+            frozen=True,
+        )
     built = tensors(far.root), tensors(near.root)
     for reference, family, name in (
         (far_sql, built[0], "sql"),
         (near_base, built[1], "base"),
         (near_sql, built[1], "sql"),
+        (near_lang, built[1], "lang"),
     ):
         for key, tensor in family[name].items():
             assert torch.equal(reference[key], tensor), (name, key)
