@@ -3,14 +3,14 @@
 # limit on an H200:
 #   run: bash bench/gpu_checks.sh [PART ...]    (carry: .whl, the wheels the GPU image lacks)
 # Parts (default: all, in this order), each cut at its time limit so the script always ends:
-#   tests  170 s  the CUDA tests: data-free merges and the DAM engine on the GPU against the CPU,
+#   tests  240 s  the CUDA tests: data-free merges and the DAM engine on the GPU against the CPU,
 #                 bf16 training, the fused KL gradient, the compiled merge kernels against the
 #                 eager ones and the definition, a DAM training with compiled kernels, layer
 #                 streaming against resident stores, torchrun ranks over nccl against one process
 #   offload 120 s bench/dam_memory.py --gpu: 3 x ~1B bf16, 2,048 tokens, offload none | layers
 #                 with and without checkpointing: step time, max_memory_allocated against the plan
-#   merge   65 s  bench/merge_speed.py, TIES with the merge on the GPU (the I/O-bound ratio)
-#   profile 15 s  bench/merge_profile.py: the same merge once under torch.profiler, on the
+#   merge   80 s  bench/merge_speed.py, TIES with the merge on the GPU (the I/O-bound ratio)
+#   profile 45 s  bench/merge_profile.py: the same merge once under torch.profiler, on the
 #                 inputs the merge part made (stages of the loop, operators, pinned allocator)
 #   small  150 s  bench/dam_step.py --gpu --shape small: hidden 2048, 512 tokens, bf16;
 #                 compiled vs eager kernels, N = 2, 3, 5, teachers on the fly and precomputed,
@@ -20,9 +20,9 @@
 #                 random checkpoints of more layers does not fit the ten minutes); compiled vs
 #                 eager, N = 2, 3, 5, on the fly and precomputed, plain step
 #   then   10 s  bench/targets.py: every target of the parts that ran, PASS or FAIL
-# Limits add up to 710 s, plus ~15 s of setup per call: more than one call's ten minutes, so a
+# Limits add up to 825 s, plus ~15 s of setup per call: more than one call's ten minutes, so a
 # fifteen-minute lease runs two calls back to back, the second within the machine's warm
-# half-minute: `bash bench/gpu_checks.sh tests offload merge`, then `... small 7b`. The small
+# half-minute: `bash bench/gpu_checks.sh tests offload merge profile` (485 s), then `... small 7b`. The small
 # shape compiles the kernels first (bf16, N = 2, 3, 5); the 7b shape finds them in inductor's
 # cache (the same graphs: dynamic sizes).
 # Results land in $OUT (the device tool's folder) or bench/.work/gpu; the random models in
@@ -52,7 +52,7 @@ results=()
 
 if wants tests; then
     echo "== tests: CUDA tests"
-    timeout 170 python3 -m pytest -q -p no:cacheprovider -k "cuda or reading_ahead" \
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -k "cuda or reading_ahead" \
         tests/learned/test_cuda.py tests/learned/test_distributed_cli.py tests/test_merge_e2e.py \
         2>&1 | tail -40 | tee "$OUT/pytest.log"
 fi
@@ -66,14 +66,14 @@ fi
 
 if wants merge; then
     echo "== merge: merge speed, TIES on the GPU"
-    timeout 65 python3 bench/merge_speed.py --device cuda --ours-only --repeats 2 \
+    timeout 80 python3 bench/merge_speed.py --device cuda --ours-only --repeats 2 \
         --output "$OUT/merge_speed_cuda.json" 2>&1 | grep -v -E "it/s|shard/s" | tee "$OUT/merge.log"
     results+=("$OUT/merge_speed_cuda.json")
 fi
 
 if wants profile; then
     echo "== profile: the GPU merge under torch.profiler"
-    timeout 15 python3 bench/merge_profile.py --device cuda \
+    timeout 45 python3 bench/merge_profile.py --device cuda \
         --output "$OUT/merge_profile_cuda.txt" 2>&1 | tee "$OUT/merge_profile.log"
 fi
 

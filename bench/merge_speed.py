@@ -18,7 +18,9 @@ Targets (issue 2): ours <= 0.5x mergekit's wall time, <= 1x its peak RSS, <= 2x 
 
 Our time is also split into its fixed part (interpreter start, imports, reading the headers and
 planning: a ``--dry-run`` of the same recipe) and the rest, the streaming merge itself, which
-is what grows with model size.
+is what grows with model size. ``torch_start`` times what no merge in a fresh process can
+avoid: starting an interpreter, importing torch and touching the device (on a GPU: creating
+the CUDA context); that plus the I/O bound is the floor our time is also compared with.
 
 Checkpoints are generated once under bench/.work/ (git-ignored) and reused.
 """
@@ -273,17 +275,20 @@ def ours_command() -> list[str | Path]:
 def run_tools(
     recipe: Path, out_root: Path, repeats: int, device: str, ours_only: bool
 ) -> dict[str, list[RunResult]]:
-    """Alternating runs of each tool; ``ours_dry_run`` times our fixed cost (start + plan)."""
+    """Alternating runs of each tool; ``ours_dry_run`` times our fixed cost (start + plan),
+    ``torch_start`` the part of it any torch process pays (start, import, first device use)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     ours_out, mk_out = out_root / "ours", out_root / "mergekit"
     ours = [*ours_command(), "merge", recipe, ours_out, "--overwrite", "--device", device]
     commands = {
         "ours": ours,
         "ours_dry_run": [*ours, "--dry-run"],
+        "torch_start": [sys.executable, "-c", f"import torch; torch.empty(1, device={device!r})"],
         "mergekit": [MERGEKIT, recipe, mk_out, "--lazy-unpickle", "--no-copy-tokenizer"],
     }
-    labels = ["ours", "ours_dry_run"] if ours_only else ["ours", "ours_dry_run", "mergekit"]
-    outs = {"ours": ours_out, "ours_dry_run": out_root / "unused", "mergekit": mk_out}
+    labels = ["ours", "ours_dry_run", "torch_start"] + ([] if ours_only else ["mergekit"])
+    unused = out_root / "unused"
+    outs = {"ours": ours_out, "ours_dry_run": unused, "torch_start": unused, "mergekit": mk_out}
     runs: dict[str, list[RunResult]] = {label: [] for label in labels}
     for i in range(repeats):
         for label in labels:
@@ -355,10 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = run_tools(recipe, out_root, args.repeats, args.device, args.ours_only)
 
     ours, fixed = summarise(runs["ours"]), summarise(runs["ours_dry_run"])
+    torch_start = summarise(runs["torch_start"])
     streaming_s = ours["wall_s_median"] - fixed["wall_s_median"]
     ratios = {
         "time_vs_io_bound": ours["wall_s_median"] / io_seconds,
         "streaming_time_vs_io_bound": streaming_s / io_seconds,
+        "time_vs_start_plus_io_bound": ours["wall_s_median"]
+        / (torch_start["wall_s_median"] + io_seconds),
     }
     mk, agreement = None, None
     if not args.ours_only:
@@ -395,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         "commands": {
             "ours": f"dammerge merge recipe.yml OUT --overwrite --device {args.device}",
             "ours_dry_run": "the same with --dry-run (start, imports, headers, plan)",
+            "torch_start": f"python -c 'import torch; torch.empty(1, device={args.device!r})'",
             "mergekit": None
             if args.ours_only
             else f"{MERGEKIT.relative_to(REPO)} recipe.yml OUT --lazy-unpickle --no-copy-tokenizer",
@@ -407,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "ours": ours,
         "ours_dry_run": fixed,
+        "torch_start": torch_start,
         "ours_streaming_s": streaming_s,
         "mergekit": mk,
         "ratios": ratios,
@@ -420,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key:18s} {t['value']:.3f} (target <= {t['target_at_most']}) {verdict}")
     streaming = ratios["streaming_time_vs_io_bound"]
     print(f"  streaming part of our time vs the I/O bound: {streaming:.3f}")
+    floor = ratios["time_vs_start_plus_io_bound"]
+    print(f"  our time vs torch's start plus the I/O bound: {floor:.3f}")
     return 0
 
 
