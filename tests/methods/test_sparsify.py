@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from dammerge.methods import sparsify
 from dammerge.methods.sparsify import (
     bernoulli_mask,
+    kth_smallest,
     magnitude_band,
     magnitude_prune,
     magnitude_ranked_drop,
@@ -130,4 +132,30 @@ def test_top_k_mask_when_the_sampled_bracket_misses():
     values = torch.zeros(1 << 21)
     values[1::4096] = torch.arange(1, 513, dtype=torch.float32)  # the sample's stride skips them
     k = 300
+    assert torch.equal(top_k_mask(values, k), _stable_top_k(values, k))
+
+
+@pytest.mark.parametrize("by_sort", [False, True], ids=["kthvalue", "sort"])
+def test_kth_smallest_is_the_entry_of_that_rank_in_numpys_sort(by_sort):
+    """The CPU's selection and the GPU's sort answer alike, ties and NaN (largest) included."""
+    rng = np.random.default_rng(5)
+    cases = (rng.normal(size=1001), np.round(rng.normal(size=999), 1), np.array([3, np.nan, 1, 2]))
+    for values in cases:
+        ordered = np.sort(values)  # NaN last
+        for rank in (1, 2, len(values) // 2, len(values)):
+            got = kth_smallest(torch.tensor(values), rank, by_sort=by_sort)
+            np.testing.assert_array_equal(got.numpy(), ordered[rank - 1])
+
+
+@pytest.mark.parametrize("levels", [None, 7], ids=["continuous", "7-levels"])
+def test_top_k_mask_selecting_by_sort_as_on_a_gpu_matches_the_stable_sort(levels, monkeypatch):
+    """The GPU's path through the sampled bracket, forced on the CPU."""
+    monkeypatch.setattr(
+        sparsify, "kth_smallest", lambda values, rank: kth_smallest(values, rank, by_sort=True)
+    )
+    generator = torch.Generator().manual_seed(12)
+    values = torch.rand((1 << 21) + 7, generator=generator)
+    if levels is not None:
+        values = torch.floor(values * levels) / levels
+    k = int(0.4 * values.numel())
     assert torch.equal(top_k_mask(values, k), _stable_top_k(values, k))

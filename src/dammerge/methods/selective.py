@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dammerge.methods.sparsify import kth_smallest
+
 NEARSWAP_MIN_DISTANCE = 1e-6  # distances below it count as it: no division by zero
 FUSION_SOFTMAX_EPS = 1e-8  # added to both distributions so the KL divergence stays finite
 FENCE_FACTOR = 1.5  # Tukey's upper fence: median + 1.5 × interquartile range
@@ -52,7 +54,7 @@ def order_statistic(values: torch.Tensor, fraction: float) -> torch.Tensor:
     "lower" quantile at ``fraction``, computed exactly over all entries."""
     flat = values.reshape(-1)
     index = int(fraction * (flat.numel() - 1))
-    return torch.kthvalue(flat, index + 1).values
+    return kth_smallest(flat, index + 1)
 
 
 def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

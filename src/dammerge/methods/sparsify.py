@@ -83,26 +83,42 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     ``kthvalue`` on a large tensor copies it and allocates an int64 index per entry (3x the
     tensor's memory) and runs on one core. Instead, a strided sample brackets the answer
     between two values, two vectorised counting passes check that the bracket holds it, and
-    ``kthvalue`` runs only on the few entries inside. If the bracket misses (adversarial
-    data), the direct ``kthvalue`` is used: the answer is exact either way.
+    the selection runs only on the few entries inside. If the bracket misses (adversarial
+    data), the whole tensor is selected from: the answer is exact either way.
     """
     n = values.numel()
     if n <= SELECT_DIRECTLY_BELOW:
-        return torch.kthvalue(values, n - k + 1).values
+        return kth_smallest(values, n - k + 1)
     sample = values[:: max(1, n // (1 << 18))].contiguous()
     s = sample.numel()
     centre, margin = k / n * s, 4.0 * s**0.5 + 2  # k-th largest's rank in the sample, +- slack
     high_rank, low_rank = max(1, int(centre - margin)), min(s, int(centre + margin) + 1)
-    high = torch.kthvalue(sample, s - high_rank + 1).values
-    low = torch.kthvalue(sample, s - low_rank + 1).values
+    high = kth_smallest(sample, s - high_rank + 1)
+    low = kth_smallest(sample, s - low_rank + 1)
     above = int(torch.count_nonzero(values > high))
     band = (values >= low) & (values <= high)
     inside = int(torch.count_nonzero(band))
     if above < k <= above + inside:
         candidates = values[band]
         del band
-        return torch.kthvalue(candidates, candidates.numel() - (k - above) + 1).values
-    return torch.kthvalue(values, n - k + 1).values
+        return kth_smallest(candidates, candidates.numel() - (k - above) + 1)
+    return kth_smallest(values, n - k + 1)
+
+
+def kth_smallest(values: torch.Tensor, rank: int, by_sort: bool | None = None) -> torch.Tensor:
+    """The ``rank``-th smallest entry (from 1) of a flat tensor, as a 0-d tensor.
+
+    On the CPU ``kthvalue`` (a selection, O(n)) is the fastest. On a GPU it selects each slice
+    in one thread block, so a single long slice runs on one of the device's ~100
+    multiprocessors: a sort (a radix sort over all of them) is several times faster there.
+    Both give the same value, NaN counting as the largest. ``by_sort`` forces the choice
+    (default: sort on a GPU).
+    """
+    if by_sort is None:
+        by_sort = values.device.type == "cuda"
+    if by_sort:
+        return torch.sort(values).values[rank - 1]
+    return torch.kthvalue(values, rank).values
 
 
 def magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
