@@ -253,11 +253,12 @@ def measure_on_gpu(
     """One configuration on the GPU, in this process: build, one warm-up step, ``bench.steps``
     timed ones; the device bytes counted by the caching allocator from an empty start."""
     from dammerge.checkpoint.reader import Checkpoint
+    from dammerge.devices import resolve_device
     from dammerge.learned.model import MergeOptions, build_merged_model
     from dammerge.learned.teachers import OnTheFlyTeacher
     from dammerge.learned.train import Trainer
 
-    device = torch.device(bench.device)
+    device = resolve_device(bench.device)  # as `dammerge dam` resolves it (pinning settings)
     settings = settings_for(config)
     gc.collect()
     torch.cuda.empty_cache()
