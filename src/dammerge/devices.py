@@ -39,9 +39,9 @@ def pin_host_memory_by_registering() -> None:
     """Have torch pin host memory with ``cudaHostRegister`` over eight threads.
 
     The merge executor and streamed DAM stores read into pinned memory so that copies to the
-    GPU overlap compute. ``cudaHostAlloc`` pins on one thread under a global lock: in a
-    profiled TIES merge of 3 x 1.2 GB on an H200 it took 1.5 s of CPU time, more than the
-    merge itself. Settings the user gave (any of torch's allocator variables) are kept, and
+    GPU overlap compute. ``cudaHostAlloc`` pins on one thread under a global lock, and in a
+    profiled GPU merge it cost more than the merging (docs/performance.md). Settings the user
+    gave (any of torch's allocator variables) are kept, and
     nothing changes once CUDA is initialised (torch has read its settings by then). Called
     only for CUDA devices: a CPU build of torch does not know these keys.
     """
