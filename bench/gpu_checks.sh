@@ -22,9 +22,9 @@
 #   then   10 s  bench/targets.py: every target of the parts that ran, PASS or FAIL
 # Limits add up to 825 s, plus ~15 s of setup per call: more than one call's ten minutes, so a
 # fifteen-minute lease runs two calls back to back, the second within the machine's warm
-# half-minute: `bash bench/gpu_checks.sh tests offload merge profile` (485 s), then `... small 7b`. The small
-# shape compiles the kernels first (bf16, N = 2, 3, 5); the 7b shape finds them in inductor's
-# cache (the same graphs: dynamic sizes).
+# half-minute: `bash bench/gpu_checks.sh tests offload merge profile` (485 s), then
+# `... small 7b`. The small shape compiles the kernels first (bf16, N = 2, 3, 5); the 7b shape
+# finds them in inductor's cache (the same graphs: dynamic sizes).
 # Results land in $OUT (the device tool's folder) or bench/.work/gpu; the random models in
 # /dev/shm when it has room (faster to write and read than the disk), else bench/.work/dam_step.
 set -uo pipefail
