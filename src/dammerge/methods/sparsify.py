@@ -109,8 +109,8 @@ def kth_smallest(values: torch.Tensor, rank: int, by_sort: bool | None = None) -
     """The ``rank``-th smallest entry (from 1) of a flat tensor, as a 0-d tensor.
 
     On the CPU ``kthvalue`` (a selection, O(n)) is the fastest. On a GPU it selects each slice
-    in one thread block, so a single long slice runs on one of the device's ~100
-    multiprocessors: a sort (a radix sort over all of them) is several times faster there.
+    in one thread block, so a single long slice runs on one of the device's multiprocessors: a
+    sort (a radix sort over all of them) is several times faster there.
     Both give the same value, NaN counting as the largest. ``by_sort`` forces the choice
     (default: sort on a GPU).
     """
