@@ -199,3 +199,85 @@ def test_other_architectures_teachers_and_uniform_merge(architecture, tmp_path):
             progress=False,
         )
         torch.testing.assert_close(model(IDS), _logits(linear), rtol=0, atol=1e-5)
+
+
+def _teacher_rows(model, sources: list[int], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each source's teacher on its own rows, one forward each (the reference)."""
+    rows = ids.shape[0] // len(sources)
+    outs = []
+    for g, source in enumerate(sources):
+        with torch.no_grad(), model.teacher(source):
+            part = slice(g * rows, (g + 1) * rows)
+            outs.append(model(ids[part], mask[part]))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "tied"),
+    [
+        ("llama", False),
+        ("llama", True),
+        ("qwen2", False),
+        ("qwen3", False),
+        ("gemma", True),
+        ("phi3", False),
+    ],
+)
+@pytest.mark.parametrize("sources", [[0, 1], [1, 0], [1, 1, 0]])
+def test_batched_teachers_give_each_sources_logits(architecture, tied, sources, tmp_path):
+    """All teachers in one forward (``teachers(sources)``: batched products over the stores,
+    norms with per-row weights, embeddings per group) against one forward per teacher: biases
+    (Qwen2), q/k norms on 4-d inputs (Qwen3), scaled embeddings and 1+w norms with a tied head
+    (Gemma), fused qkv (Phi-3); source order reversed (a gathered store) and repeated; right
+    padding in one group; two rows per group."""
+    base, paths = make_family(tmp_path, architecture, n=2, tie_word_embeddings=tied)
+    model = build_merged_model(Checkpoint(base), [Checkpoint(s) for s in paths], ALL_MERGED)
+    ids = torch.cat([IDS] * len(sources))  # two rows per group
+    mask = torch.ones_like(ids)
+    mask[-1, -2:] = 0  # the last group's last row is right-padded
+    with torch.no_grad(), model.teachers(sources):
+        batched = model(ids, mask)
+    torch.testing.assert_close(batched, _teacher_rows(model, sources, ids, mask), rtol=0, atol=1e-5)
+    assert all(m.selected is None for _, m in model.merge_modules())  # the mode is left again
+
+
+def test_batched_teachers_broadcast_norms_and_fall_back_where_they_must(untied_family):
+    """Norms take the one-call path with per-row weights (checked against one call per group on
+    first use); embeddings, whose weight is a table, take one call per group."""
+    model = _build(untied_family, ALL_MERGED)
+    with torch.no_grad(), model.teachers([0, 1]):
+        model(IDS)
+    norm = model.model.model.layers[0].input_layernorm
+    assert norm._rows_broadcast is True and model.model.model.norm._rows_broadcast is True
+    assert model.model.model.embed_tokens._rows_broadcast is False
+
+
+def test_batched_teachers_fall_back_for_a_module_that_checks_shapes():
+    """A LayerNorm (``layer_norm`` rejects per-row weights) runs once per group instead, with
+    the same result; rows that do not split into equal groups are refused."""
+    from dammerge.learned.layers import CoefficientScheme, MergedParameterModule, RowGroups
+
+    torch.manual_seed(0)
+    stacks = {"weight": torch.randn(2, 6), "bias": torch.randn(2, 6)}
+    module = MergedParameterModule(torch.nn.LayerNorm(6), stacks, CoefficientScheme(2), None)
+    x = torch.randn(4, 3, 6)
+    module.selected = RowGroups((1, 0))
+    got = module(x)
+    assert module._rows_broadcast is False
+    expected = [
+        torch.nn.functional.layer_norm(
+            x[2 * g : 2 * g + 2], (6,), stacks["weight"][s], stacks["bias"][s]
+        )
+        for g, s in enumerate((1, 0))
+    ]
+    torch.testing.assert_close(got, torch.cat(expected))
+    with pytest.raises(ValueError, match="equal groups"):
+        module(torch.randn(3, 3, 6))
+
+
+def test_batched_teachers_refuse_unknown_sources(untied_family):
+    model = _build(untied_family)
+    with pytest.raises(IndexError, match="out of range"), model.teachers([0, 2]):
+        pass
+    with pytest.raises(ValueError, match="no teachers"), model.teachers([]):
+        pass

@@ -241,3 +241,33 @@ def test_ctrl_c_during_the_update_is_held_until_the_step_is_whole():
         finished.append(True)
     assert finished == [True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_teachers_on_the_fly_run_as_one_forward_per_step(
+    untied_family, datasets_dir, tmp_path, dam_recipe, monkeypatch
+):
+    """The fused step runs every source's teacher in one batched forward (never one call per
+    source), and trains the same coefficients as one teacher call per source."""
+    from dammerge.learned.teachers import OnTheFlyTeacher
+
+    calls = {"batched": 0, "single": 0}
+    batched, single = OnTheFlyTeacher.batched, OnTheFlyTeacher.__call__
+
+    def count(kind, fn):
+        def wrapper(*args, **kwargs):
+            calls[kind] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(OnTheFlyTeacher, "batched", count("batched", batched))
+    monkeypatch.setattr(OnTheFlyTeacher, "__call__", count("single", single))
+    common = {"steps": 2, "batch_size": 2}
+    together, _ = _train(_plan(dam_recipe, untied_family, datasets_dir, tmp_path / "a", **common))
+    assert calls == {"batched": 2, "single": 0}
+    monkeypatch.setattr(train_module.Trainer, "_batched_teachers", lambda *args: None)
+    one_by_one, _ = _train(_plan(dam_recipe, untied_family, datasets_dir, tmp_path / "b", **common))
+    assert calls == {"batched": 2, "single": 4}
+    for name in together:
+        torch.testing.assert_close(together[name], one_by_one[name], rtol=0, atol=1e-6)
+    assert max(float((v - 0.5).abs().max()) for v in together.values()) > 1e-4

@@ -24,8 +24,10 @@ Every figure follows the engine's code, not a rule of thumb:
   checkpointing each layer keeps only its input (``a·d``) and one layer is recomputed at a time;
 - the fused step: every source's batch goes through the merge together, so the step holds
   ``N × batch_size × longest`` positions of activations and logits (``replicate`` and ``shard``
-  split those positions over the ranks), one teacher's logits at a time when teachers run on
-  the fly, and the logit gradient written over the logits when the head is a merged linear.
+  split those positions over the ranks), and as many again for the teachers' logits when
+  teachers run on the fly (all of them in one forward; one at a time on sharded ranks, whose
+  forwards must keep in step), and the logit gradient written over the logits when the head is
+  a merged linear.
 
 On a CPU, device and host are the same memory: the plan adds them and compares the sum with
 the memory available. ``bench/dam_memory.py`` measures a CPU run against this plan.
@@ -528,10 +530,11 @@ def _activation_item(checkpointing: bool, activations: dict[bool, int]) -> Memor
 
 
 def _logits(p: _Inputs, c: _Counts, positions: int) -> MemoryItem:
-    logits, transient = _logit_buffers(p, positions, c.on_the_fly)
+    batched = p.strategy != "shard"  # sharded ranks run their teachers one at a time
+    logits, transient = _logit_buffers(p, positions, c.on_the_fly, batched)
     note = f"{c.sequences} sequences × {p.longest} tokens × {p.shape.vocab:,} logits"
     if c.on_the_fly:
-        note += ", one teacher's logits at a time"
+        note += ", and every teacher's" if batched else ", one teacher's logits at a time"
     return MemoryItem("logits and loss buffers", logits + transient, 0, note)
 
 
@@ -595,8 +598,9 @@ def _activations(
     return shape.layers * per_layer + outside + backward
 
 
-def _logit_buffers(p: _Inputs, positions: int, on_the_fly: bool) -> tuple[int, int]:
-    """(logits kept through the step, the largest transient beside them) in bytes."""
+def _logit_buffers(p: _Inputs, positions: int, on_the_fly: bool, batched: bool) -> tuple[int, int]:
+    """(logits kept through the step, the largest transient beside them) in bytes; teachers
+    on the fly ``batched`` give every source's logits at once."""
     s, shape, a = p.settings, p.shape, p.dtype_bytes
     logits = positions * shape.vocab * a
     head_is_merged = not shape.tied or s.merge_embeddings
@@ -606,7 +610,7 @@ def _logit_buffers(p: _Inputs, positions: int, on_the_fly: bool) -> tuple[int, i
     if s.objective == "entropy":
         teacher = 0
     elif on_the_fly:
-        teacher = rows * shape.vocab * a
+        teacher = (positions if batched else rows) * shape.vocab * a
     else:
         teacher = rows * s.top_k * 16  # values and indices, read and selected
     # The loss chunks counted at their smallest: on a GPU they grow into at most a quarter of

@@ -36,6 +36,8 @@ from dammerge.learned.layers import (
     MergedLinear,
     MergedParameterModule,
     Parametrization,
+    RowGroups,
+    Selection,
     TiedHead,
 )
 from dammerge.learned.offload import (
@@ -102,14 +104,30 @@ class MergedModel(nn.Module):
             if isinstance(module, MergedLinear | MergedParameterModule):
                 yield name, module
 
-    @contextlib.contextmanager
-    def teacher(self, index: int) -> Iterator[MergedModel]:
+    def teacher(self, index: int) -> contextlib.AbstractContextManager[MergedModel]:
         """Within the block, the module *is* source ``index`` (its own tensors, no arithmetic)."""
+        self._check_source(index)
+        return self._selecting(index)
+
+    def teachers(self, sources: list[int]) -> contextlib.AbstractContextManager[MergedModel]:
+        """Within the block, the batch's rows come in ``len(sources)`` equal groups and group g
+        goes through source ``sources[g]`` (every teacher in one forward; the same logits as
+        :meth:`teacher` within float rounding)."""
+        if not sources:
+            raise ValueError("no teachers to run")
+        for index in sources:
+            self._check_source(index)
+        return self._selecting(RowGroups(tuple(sources)))
+
+    def _check_source(self, index: int) -> None:
         if not 0 <= index < len(self.source_names):
             raise IndexError(f"teacher index {index} out of range")
+
+    @contextlib.contextmanager
+    def _selecting(self, selection: Selection) -> Iterator[MergedModel]:
         modules = [m for _, m in self.merge_modules()]
         for module in modules:
-            module.selected = index
+            module.selected = selection
         try:
             yield self
         finally:

@@ -2,6 +2,10 @@
 
 *On the fly*: teacher i is the merge module itself in ``teacher(i)`` mode (source i's own
 linears, embeddings and norms, selected from the store), so no second copy of any weight exists.
+The trainer runs every source's teacher in one forward over the step's stacked batch
+(``teachers(sources)`` mode: batched matrix products over the stores), so a step makes one
+teacher forward instead of N: the same arithmetic, N times fewer operations for the host to
+queue, which on a GPU is what small layers wait for.
 
 *Precomputed*: before training, each source model is loaded alone (one at a time) and the top-K
 logits of every position of its representative data are written to
@@ -50,6 +54,13 @@ class OnTheFlyTeacher:
     @torch.no_grad()
     def __call__(self, source: int, batch: Batch) -> TeacherOutput:
         with self.model.teacher(source):
+            return TeacherOutput(logits=self.model(batch.input_ids, batch.attention_mask))
+
+    @torch.no_grad()
+    def batched(self, sources: list[int], batch: Batch) -> TeacherOutput:
+        """Several teachers in one forward: ``batch`` is ``len(sources)`` equal groups of rows,
+        group g for teacher ``sources[g]`` (logits of every row, in the batch's order)."""
+        with self.model.teachers(sources):
             return TeacherOutput(logits=self.model(batch.input_ids, batch.attention_mask))
 
 

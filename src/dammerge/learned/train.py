@@ -48,7 +48,7 @@ from dammerge.learned.functional import MergedLinearFunction
 from dammerge.learned.kernels import store_passes
 from dammerge.learned.model import MergedModel
 from dammerge.learned.settings import TrainingSettings
-from dammerge.learned.teachers import TeacherOutput, to_device
+from dammerge.learned.teachers import OnTheFlyTeacher, TeacherOutput, to_device
 from dammerge.memory import reuse_freed_memory
 
 CHECKPOINT = "checkpoint.pt"
@@ -547,9 +547,9 @@ class Trainer:
         The merged weights are the same for every source within a step, so one pass forms
         each merged weight once (forward) and once more (backward) and computes ``G = gᵀx``
         once per layer, instead of once per source: the per-step merge cost stops growing
-        as N². Each source's loss and logit gradient are formed on its own logit rows only
-        (its teacher's logits are freed before the next teacher runs); the model's backward
-        then runs once with the gathered logit gradient. Returns each source's loss (this
+        as N². Teachers on the fly run together in one more forward (see
+        :meth:`_batched_teachers`). Each source's loss and logit gradient are formed on its own
+        logit rows only; the model's backward then runs once with the gathered logit gradient. Returns each source's loss (this
         rank's part of it; 0 for a source it has no rows of).
 
         Nothing here waits for the device before the backward is queued: counted positions come
@@ -569,13 +569,22 @@ class Trainer:
         in_place = _output_not_saved(logits)
         grad = flat if in_place else torch.zeros_like(flat)
         width = stacked.input_ids.shape[1]
+        teachers = self._batched_teachers(portions, stacked)
         pending: list[tuple[int, torch.Tensor]] = []
         row = 0
         for portion in portions:
             batch, mask = portion.batch, portion.positions_mask
             rows = _flat_positions(mask, row, width, flat.device)
-            row += batch.input_ids.shape[0]
-            target = None if self.teacher is None else self.teacher(portion.source, batch)
+            count = batch.input_ids.shape[0]
+            if teachers is not None:  # this portion's rows and own length of every teacher's
+                target = TeacherOutput(
+                    logits=teachers.narrow(0, row, count)[:, : batch.input_ids.shape[1]]
+                )
+            elif self.teacher is not None:
+                target = self.teacher(portion.source, batch)
+            else:
+                target = None
+            row += count
             target = _select_target(target, mask)
             merged = _take_rows(flat, rows)
             # Sources own disjoint rows: a contiguous run gets its gradient written straight
@@ -590,6 +599,7 @@ class Trainer:
             if not direct:
                 grad.index_copy_(0, rows, grad_rows)
             del merged, grad_rows, target
+        del teachers
         if in_place:  # padding and uncounted positions get no gradient (only their rows)
             counted = _stack_masks([p.positions_mask for p in portions], width)
             uncounted = to_device((~counted.reshape(-1)).nonzero().squeeze(1), grad.device)
@@ -599,6 +609,17 @@ class Trainer:
         for source, loss in pending:
             losses[source] += float(loss)
         return losses
+
+    def _batched_teachers(self, portions: list[Portion], stacked: Batch) -> torch.Tensor | None:
+        """Every portion's teacher logits from one forward over the stacked batch, when the
+        teacher runs on the fly and the portions hold equal numbers of rows (else None: one
+        teacher call per portion). One forward instead of N: the same arithmetic as batched
+        matrix products, N times fewer operations for the host to launch."""
+        if not isinstance(self.teacher, OnTheFlyTeacher):  # a lockstep teacher counts calls
+            return None
+        if len({p.batch.input_ids.shape[0] for p in portions}) != 1:
+            return None
+        return self.teacher.batched([p.source for p in portions], stacked).logits
 
     # -- loop -----------------------------------------------------------------------------
     def _train_until(self, end: int, result: TrainResult, bar: Any) -> None:
