@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per variant")
     parser.add_argument("--rows", type=int, default=25, help="operators listed per variant")
     parser.add_argument("--output", type=Path, help="also write the report here")
+    parser.add_argument("--work", type=Path, help="folder of the generated models (reused)")
     args = parser.parse_args(argv)
+    if args.work:  # the models dam_step.py made there (gpu_checks.sh: /dev/shm)
+        dam_step.WORK = args.work.resolve()
     options = argparse.Namespace(
         **{key: None for key in ("ns", "seq_len", "repeats", "warmup")},
         quick=False,

@@ -15,22 +15,27 @@
 #   small  150 s  bench/dam_step.py --gpu --shape small: hidden 2048, 512 tokens, bf16;
 #                 compiled vs eager kernels, N = 2, 3, 5, teachers on the fly and precomputed,
 #                 plain step and reference
+#   stepprof 75 s bench/dam_profile.py --gpu --shape small --kernels compiled --n 5: where the
+#                 small shape's DAM step spends device and host time (plain, on the fly,
+#                 precomputed), on the models the small part made
 #   7b     180 s  bench/dam_step.py --gpu --shape 7b: Mistral-7B layer widths, 2,048 tokens,
 #                 bf16, $DAM_7B_LAYERS decoder layers (default 8: making and reading the
 #                 random checkpoints of more layers does not fit the ten minutes); compiled vs
 #                 eager, N = 2, 3, 5, on the fly and precomputed, plain step
 #   then   10 s  bench/targets.py: every target of the parts that ran, PASS or FAIL
-# Limits add up to 825 s, plus ~15 s of setup per call: more than one call's ten minutes, so a
+# Limits add up to 900 s, plus ~15 s of setup per call: more than one call's ten minutes, so a
 # fifteen-minute lease runs two calls back to back, the second within the machine's warm
-# half-minute: `bash bench/gpu_checks.sh tests offload merge profile` (485 s), then
-# `... small 7b`. The small shape compiles the kernels first (bf16, N = 2, 3, 5); the 7b shape
-# finds them in inductor's cache (the same graphs: dynamic sizes).
+# half-minute: `bash bench/gpu_checks.sh small stepprof 7b` (405 s; the targets still open
+# first), then `... tests offload merge profile` (485 s). Parts end well inside their limits
+# (a whole lease used ~680 s of command time). The small shape compiles the kernels first
+# (bf16, N = 2, 3, 5); the 7b shape finds them in inductor's cache (the same graphs: dynamic
+# sizes).
 # Results land in $OUT (the device tool's folder) or bench/.work/gpu; the random models in
 # /dev/shm when it has room (faster to write and read than the disk), else bench/.work/dam_step.
 set -uo pipefail
 OUT=${OUT:-bench/.work/gpu}
 DAM_7B_LAYERS=${DAM_7B_LAYERS:-8}
-PARTS=${*:-tests offload merge profile small 7b}
+PARTS=${*:-tests offload merge profile small stepprof 7b}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -89,6 +94,13 @@ dam_step() {  # dam_step SHAPE OUTPUT LIMIT [ARGS...]
 if wants small; then
     echo "== small: DAM step, hidden 2048, 512 tokens, bf16, compiled vs eager"
     dam_step small dam_step_gpu 150
+fi
+
+if wants stepprof; then
+    echo "== stepprof: the small shape's DAM step under torch.profiler, N = 5, compiled kernels"
+    timeout 75 python3 bench/dam_profile.py --gpu --shape small --kernels compiled --n 5 \
+        --steps 2 --rows 30 --work "$WORK" --output "$OUT/dam_profile_gpu_small.txt" 2>&1 \
+        | grep -v -E "it/s" | tail -5 | tee "$OUT/dam_profile.log"
 fi
 
 if wants 7b; then

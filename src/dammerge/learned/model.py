@@ -175,11 +175,6 @@ class MergedModel(nn.Module):
                 for name, p in self.coefficient_groups()
             }
 
-    def project_(self) -> None:
-        """Apply the optional [0, 1] clamp after an optimizer step."""
-        for param in self.coefficient_parameters():
-            self.scheme.project_(param.data)
-
     def coefficient_state(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().cpu().clone() for name, p in self.coefficient_groups()}
 

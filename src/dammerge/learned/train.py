@@ -46,6 +46,7 @@ from dammerge.learned.data import SourceData
 from dammerge.learned.distributed import Distributed, Portion
 from dammerge.learned.functional import MergedLinearFunction
 from dammerge.learned.kernels import store_passes
+from dammerge.learned.layers import CoefficientScheme
 from dammerge.learned.model import MergedModel
 from dammerge.learned.settings import TrainingSettings
 from dammerge.learned.teachers import OnTheFlyTeacher, TeacherOutput, to_device
@@ -173,9 +174,13 @@ def objective_with_grad(
     return loss.detach()
 
 
-def regularisers(settings: TrainingSettings, model: MergedModel) -> dict[str, torch.Tensor]:
-    """The weighted regulariser terms that are switched on (λ > 0)."""
-    groups = [model.scheme.activate(p) for p in model.coefficient_parameters()]
+def regularisers(
+    settings: TrainingSettings, scheme: CoefficientScheme, params: list[torch.nn.Parameter]
+) -> dict[str, torch.Tensor]:
+    """The weighted regulariser terms that are switched on (λ > 0), over the coefficient
+    tensors ``params`` (the trainer's list: walking the model for them every step costs the
+    host more than the terms themselves)."""
+    groups = [scheme.activate(p) for p in params]
     terms: dict[str, torch.Tensor] = {}
     if settings.lambda_cos > 0:
         terms["cosine"] = settings.lambda_cos * losses.cosine_similarity_loss(groups)
@@ -465,7 +470,7 @@ class Trainer:
             self.step_length = self.ranks.largest(self.step_length)
             raise self._out_of_memory(sums.failed_ranks)
         terms, total = self._checked(sums.losses)
-        reg = regularisers(self.settings, self.model)
+        reg = regularisers(self.settings, self.model.scheme, self.params)
         if reg:
             reg_total = sum(reg.values())
             for key, term in reg.items():
@@ -482,7 +487,8 @@ class Trainer:
         with ctrl_c_deferred():
             self._updating = True  # from here until the step counter moves, state is mid-update
             self.optimizer.step()
-            self.model.project_()
+            for param in self.params:  # the optional [0, 1] clamp
+                self.model.scheme.project_(param.data)
             self.step += 1
             self._updating = False
         terms["loss"] = total
@@ -549,8 +555,9 @@ class Trainer:
         once per layer, instead of once per source: the per-step merge cost stops growing
         as N². Teachers on the fly run together in one more forward (see
         :meth:`_batched_teachers`). Each source's loss and logit gradient are formed on its own
-        logit rows only; the model's backward then runs once with the gathered logit gradient. Returns each source's loss (this
-        rank's part of it; 0 for a source it has no rows of).
+        logit rows only; the model's backward then runs once with the gathered logit
+        gradient. Returns each source's loss (this rank's part of it; 0 for a source it has no
+        rows of).
 
         Nothing here waits for the device before the backward is queued: counted positions come
         from the loss masks' host copies, and the losses are read once the backward is queued.
