@@ -69,19 +69,47 @@ def test_compiled_passes_equal_eager_and_the_definition(n):
     assert kernels.fallback_reason() is None
 
 
-@pytest.mark.parametrize("n", [2, 5])
-def test_merged_linear_with_compiled_passes_and_bias_matches_autograd(n):
-    """Forward values and the gradients of x, the scales and the bias scales, float64."""
-    out, inp = SHAPES[0]
-    x, scales, weights, bias_scales, biases, upstream = _layer(n, out, inp, seed=1)
-    leaves = [t.clone().requires_grad_(True) for t in (x, scales, bias_scales)]
-    results = []
-    for fn in (merged_linear, naive_merged_linear):
-        kwargs = {"passes": compiled_passes()} if fn is merged_linear else {}
-        y = fn(leaves[0], leaves[1], weights, leaves[2], biases, **kwargs)
-        results.append((y, *torch.autograd.grad(y, leaves, upstream)))
-    for ours, reference in zip(*results, strict=True):
-        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("needs", ["x and scales", "scales only", "x only"])
+def test_merged_linear_with_compiled_passes_and_bias_matches_autograd(n, needs):
+    """Forward values and the gradients of x, the scales and the bias scales, float64, through
+    the compiled forward and backward (one compiled call each); a layer whose input needs no
+    gradient (the first one) or whose scales need none skips that part."""
+    for out, inp in SHAPES:
+        x, scales, weights, bias_scales, biases, upstream = _layer(n, out, inp, seed=1)
+        leaves = [t.clone() for t in (x, scales, bias_scales)]
+        leaves[0].requires_grad_(needs != "scales only")
+        leaves[1].requires_grad_(needs != "x only")
+        leaves[2].requires_grad_(True)
+        wanted = [t for t in leaves if t.requires_grad]
+        results = []
+        for fn in (merged_linear, naive_merged_linear):
+            kwargs = {"passes": compiled_passes()} if fn is merged_linear else {}
+            y = fn(leaves[0], leaves[1], weights, leaves[2], biases, **kwargs)
+            results.append((y, *torch.autograd.grad(y, wanted, upstream)))
+        for ours, reference in zip(*results, strict=True):
+            torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    assert kernels.fallback_reason() is None
+
+
+def test_compiled_layer_passes_with_bf16_stores_match_eager():
+    """The compiled forward and backward calls against the eager passes with bf16 weights and
+    activations and float32 coefficients (the GPU's case): the same products, the merge and
+    the column sums in float32 in both."""
+    x, scales, weights, _, biases, upstream = _layer(5, 7, 13, dtype=torch.float32, seed=3)
+    weights, x, upstream, bias = weights.bfloat16(), x.bfloat16(), upstream.bfloat16(), None
+    compiled = compiled_passes()
+    for bias in (None, biases[0].bfloat16()):
+        y = compiled.linear(x, scales, weights, bias)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, EAGER.linear(x, scales, weights, bias))
+    g2, x2 = upstream.reshape(-1, 7), x.reshape(-1, 13)
+    grad_x, grads = compiled.backward(g2, x2, scales, weights, True, True)
+    eager_x, eager_grads = EAGER.backward(g2, x2, scales, weights, True, True)
+    assert grad_x.dtype == torch.bfloat16 and grads.dtype == torch.float32
+    torch.testing.assert_close(grad_x, eager_x)
+    torch.testing.assert_close(grads, eager_grads)
+    assert compiled.backward(g2, x2, scales, weights, False, False) == (None, None)
 
 
 def test_compiled_passes_with_bf16_stores_match_eager():
@@ -104,6 +132,7 @@ def test_compiled_once_per_number_of_sources_whatever_the_shapes_and_tokens():
     """Layer shapes, token counts, coefficient granularity (an expanded scale row) and
     requires_grad do not recompile; a different number of sources does, once. The stores are
     frozen parameters, as in a merge module (dynamo would give their shapes static sizes)."""
+    torch._dynamo.reset()  # recompile limits count per function across earlier tests' dtypes
     counter = CompileCounter()
     passes = CompiledPasses(backend=counter)
     try:
@@ -115,11 +144,16 @@ def test_compiled_once_per_number_of_sources_whatever_the_shapes_and_tokens():
                 for s in (scales, coarse, scales.clone().requires_grad_(True)):
                     passes.merged(s, weights, torch.float64)
                     passes.column_grads(upstream.reshape(-1, out), x.reshape(-1, inp), s, weights)
-        assert counter.frame_count == 2  # the merge pass and the column pass
+                    passes.linear(x, s, weights, None)
+                    passes.backward(
+                        upstream.reshape(-1, out), x.reshape(-1, inp), s, weights, True, True
+                    )
+        # the merge and column passes, a layer's forward and its backward
+        assert counter.frame_count == 4
         x, scales, weights, _, _, upstream = _layer(4, 7, 13)
         passes.merged(scales, weights, torch.float64)
         passes.column_grads(upstream.reshape(-1, 7), x.reshape(-1, 13), scales, weights)
-        assert counter.frame_count == 4
+        assert counter.frame_count == 6
     finally:
         torch._dynamo.reset()  # leave no counting entries in the shared compile caches
 

@@ -163,6 +163,31 @@ class StorePasses:
         """``grad_s_m = column-sums((g2ᵀ x2) ⊙ W_m)`` for every m, in the scales' dtype."""
         return _column_grads(g2, x2, scales, weights)
 
+    def linear(
+        self,
+        x: torch.Tensor,
+        scales: torch.Tensor,
+        weights: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The layer's forward: ``x · merged(scales, weights)ᵀ + bias``."""
+        return torch.nn.functional.linear(x, self.merged(scales, weights, x.dtype), bias)
+
+    def backward(
+        self,
+        g2: torch.Tensor,
+        x2: torch.Tensor,
+        scales: torch.Tensor,
+        weights: torch.Tensor,
+        need_x: bool,
+        need_scales: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The layer's backward: ``(g2 · merged, column_grads)``, each None when not needed
+        (the merged weight is freed before ``G`` is formed)."""
+        grad_x = g2 @ self.merged(scales, weights, g2.dtype) if need_x else None
+        grad_scales = self.column_grads(g2, x2, scales, weights) if need_scales else None
+        return grad_x, grad_scales
+
 
 EAGER = StorePasses()
 
@@ -181,11 +206,10 @@ class MergedLinearFunction(torch.autograd.Function):
         refetch: StoreFetch | None,
         passes: StorePasses,
     ) -> torch.Tensor:
-        weight = passes.merged(scales, weights, x.dtype)
         bias = None
         if biases is not None and bias_scales is not None:
             bias = merge_bias(bias_scales, biases).to(x.dtype)
-        out = torch.nn.functional.linear(x, weight, bias)
+        out = passes.linear(x, scales, weights, bias)
         # Only references: x (needed anyway), the small scales, and the resident weight store
         # (or, when streamed, not even the store: backward fetches it again).
         ctx.refetch = refetch
@@ -204,15 +228,12 @@ class MergedLinearFunction(torch.autograd.Function):
             x, scales, bias_scales = ctx.saved_tensors
             weights, biases = ctx.refetch()
         need_x, need_scales, _, need_bias_scales, _, _, _ = ctx.needs_input_grad
-        grad_x = grad_scales = grad_bias_scales = None
+        grad_bias_scales = None
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        if need_x:
-            weight = ctx.passes.merged(scales, weights, grad_out.dtype)
-            grad_x = (g2 @ weight).reshape(x.shape)
-            del weight
-        if need_scales:
-            x2 = x.reshape(-1, x.shape[-1])
-            grad_scales = ctx.passes.column_grads(g2, x2, scales, weights)
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x, grad_scales = ctx.passes.backward(g2, x2, scales, weights, need_x, need_scales)
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x.shape)
         if need_bias_scales and biases is not None:
             acc = accumulation_dtype(bias_scales)
             grad_bias_scales = (biases.to(acc) @ g2.sum(0, dtype=acc)).to(bias_scales.dtype)

@@ -60,6 +60,29 @@ def column_pass(outer: torch.Tensor, weights: torch.Tensor, acc: torch.dtype) ->
     return torch.stack([(wide * weights[m].to(acc)).sum(0) for m in range(weights.shape[0])])
 
 
+def linear_pass(
+    x: torch.Tensor, scales: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """A merged linear's forward as one compiled call: the merge pass, then the product (an
+    extern BLAS/cuBLAS call inside the compiled code, not fused into the merge)."""
+    return torch.nn.functional.linear(x, merge_pass(scales, weights, x.dtype), bias)
+
+
+def backward_pass(
+    g2: torch.Tensor,
+    x2: torch.Tensor,
+    scales: torch.Tensor,
+    weights: torch.Tensor,
+    need_x: bool,
+    need_scales: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A merged linear's backward as one compiled call: ``g2 · merged`` and the column
+    gradients of ``G = g2ᵀ x2``, the two products extern, the two store passes fused."""
+    grad_x = g2 @ merge_pass(scales, weights, g2.dtype) if need_x else None
+    grads = column_pass(g2.transpose(0, 1) @ x2, weights, scales.dtype) if need_scales else None
+    return grad_x, grads
+
+
 _fallback_reason: str | None = None
 
 
@@ -96,29 +119,33 @@ def _allocation_failed(exc: BaseException) -> bool:
 
 
 class CompiledPasses(StorePasses):
-    """The two store passes compiled with ``torch.compile`` (dynamic sizes), eager as fallback.
+    """The store passes compiled with ``torch.compile`` (dynamic sizes), eager as fallback.
 
+    A layer's forward and its backward are each one compiled call (:func:`linear_pass`,
+    :func:`backward_pass`): every call into compiled code costs the host tens of
+    microseconds of guards and wrappers, about what a small layer's kernels take on a GPU.
     ``backend`` is ``torch.compile``'s (tests count compilations with a counting backend).
     """
 
     name = "compiled"
 
     def __init__(self, backend: Any = "inductor") -> None:
-        self._merge = torch.compile(merge_pass, dynamic=True, backend=backend)
-        self._columns = torch.compile(column_pass, dynamic=True, backend=backend)
+        def compiled(fn: Any) -> Any:
+            return torch.compile(fn, dynamic=True, backend=backend)
+
+        self._merge = compiled(merge_pass)
+        self._columns = compiled(column_pass)
+        self._linear = compiled(linear_pass)
+        self._backward = compiled(backward_pass)
 
     def merged(
         self, scales: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype
     ) -> torch.Tensor:
         if _fallback_reason is None:
-            # detached and contiguous: one compiled pass whatever the coefficients' granularity
-            wide = scales.detach().to(accumulation_dtype(scales)).contiguous()
             try:
-                return self._merge(wide, _plain(weights), dtype)
+                return self._merge(_wide(scales), _plain(weights), dtype)
             except Exception as exc:  # whatever the compiler raised: the eager pass is exact
-                if _allocation_failed(exc):
-                    raise
-                fall_back(_compile_error(exc))
+                _give_up_unless_out_of_memory(exc)
         return super().merged(scales, weights, dtype)
 
     def column_grads(
@@ -130,17 +157,67 @@ class CompiledPasses(StorePasses):
                 acc = accumulation_dtype(scales)
                 return self._columns(outer, _plain(weights), acc).to(scales.dtype)
             except Exception as exc:
-                if _allocation_failed(exc):
-                    raise
-                fall_back(_compile_error(exc))
+                _give_up_unless_out_of_memory(exc)
         return super().column_grads(g2, x2, scales, weights)
 
+    def linear(
+        self,
+        x: torch.Tensor,
+        scales: torch.Tensor,
+        weights: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if _fallback_reason is None:
+            try:  # tokens as one dimension: batch or length 1 would specialise a graph
+                rows = _plain(x.reshape(-1, x.shape[-1]))
+                y = self._linear(rows, _wide(scales), _plain(weights), bias)
+                # not a view: the trainer writes the logits' gradient over a layer's output
+                return _plain(y.reshape(*x.shape[:-1], y.shape[-1]))
+            except Exception as exc:
+                _give_up_unless_out_of_memory(exc)
+        return super().linear(x, scales, weights, bias)
 
-def _plain(store: torch.Tensor) -> torch.Tensor:
-    """The store as a plain tensor: dynamo gives parameters static shapes whatever ``dynamic``
-    says (``force_parameter_static_shapes``), so frozen stores would compile once per layer
-    shape and, past its recompile limit (8), leave the remaining shapes to run uncompiled."""
-    return store.detach()
+    def backward(
+        self,
+        g2: torch.Tensor,
+        x2: torch.Tensor,
+        scales: torch.Tensor,
+        weights: torch.Tensor,
+        need_x: bool,
+        need_scales: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if _fallback_reason is None and (need_x or need_scales):
+            try:
+                grad_x, grads = self._backward(
+                    _plain(g2), _plain(x2), _wide(scales), _plain(weights), need_x, need_scales
+                )
+                return grad_x, None if grads is None else grads.to(scales.dtype)
+            except Exception as exc:
+                _give_up_unless_out_of_memory(exc)
+        return super().backward(g2, x2, scales, weights, need_x, need_scales)
+
+
+def _give_up_unless_out_of_memory(exc: BaseException) -> None:
+    """A compiled call failed: use eager passes from now on (they are exact), unless it ran
+    out of memory, which is the step's failure, not the compiler's: re-raised."""
+    if _allocation_failed(exc):
+        raise exc
+    fall_back(_compile_error(exc))
+
+
+def _wide(scales: torch.Tensor) -> torch.Tensor:
+    """Detached and contiguous in the accumulation dtype: one compiled graph whatever the
+    coefficients' granularity (an expanded (N, 1) tensor would compile a graph of its own)."""
+    return scales.detach().to(accumulation_dtype(scales)).contiguous()
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a plain tensor, neither a parameter nor a view. Dynamo gives parameters
+    static shapes whatever ``dynamic`` says (``force_parameter_static_shapes``), so frozen stores
+    would compile once per layer shape and, past its recompile limit (8), leave the remaining
+    shapes to run uncompiled; and it guards a view's sizes against its base's, which differ
+    from layer to layer."""
+    return tensor.detach()
 
 
 _compiled: CompiledPasses | None = None
