@@ -59,6 +59,19 @@ def test_the_7b_shape_on_a_cpu_is_a_one_layer_smoke_run(bench):
     assert bench.default_output(cfg).name == "dam_step_7b_cpu.json"
 
 
+def test_the_host_shape_is_the_small_shapes_depth_at_toy_widths_without_targets(bench):
+    """A CPU proxy of the small GPU shape's host time: its 8 layers, both kernels, no targets
+    (judging it against the GPU's would pass or fail the wrong thing)."""
+    _, cfg = _config(bench, "--shape", "host")
+    assert (cfg.device, cfg.size.layers) == ("cpu", bench.GPU.size.layers)
+    assert cfg.size.hidden == 64 and cfg.ns == (2, 3, 5) and not cfg.reference
+    assert cfg.kernels == ("compiled", "eager") and cfg.targets == {}
+    assert bench.default_output(cfg).name == "dam_step_host.json"
+    ratios = {v: 2.5 for v in cfg.variants}
+    timing = {f"N={n}": {"ratio_vs_plain": ratios, "median_s": ratios} for n in cfg.ns}
+    assert bench.targets(cfg, timing, None) == []
+
+
 def test_kernels_give_one_variant_per_teacher_mode_and_value(bench):
     _, cfg = _config(bench, "--kernels", "compiled,eager", "--ns", "5,2,3", "--repeats", "4")
     assert cfg.kernels == ("compiled", "eager") and cfg.ns == (2, 3, 5) and cfg.repeats == 4
