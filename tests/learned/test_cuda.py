@@ -53,6 +53,24 @@ def test_merged_model_on_gpu_matches_cpu(untied_family):
     assert all(p.dtype == torch.float32 and p.is_cuda for _, p in gpu_bf16.coefficient_groups())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_teachers_on_gpu_give_each_teachers_logits(untied_family, dtype):
+    """All teachers in one forward on the GPU against one forward per teacher, and the norms
+    keep the one-call path (their first-use check accepts the GPU's summation order)."""
+    model = _merged(untied_family, "cuda", dtype)
+    ids = torch.cat([IDS, IDS]).cuda()
+    with torch.no_grad():
+        with model.teachers([0, 1]):
+            batched = model(ids).float()
+        expected = []
+        for i in range(2):
+            with model.teacher(i):
+                expected.append(model(ids[2 * i : 2 * i + 2]).float())
+    tolerance = 1e-4 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(batched, torch.cat(expected), rtol=tolerance, atol=tolerance)
+    assert model.model.model.layers[0].input_layernorm._rows_broadcast is True
+
+
 def test_forward_kl_with_grad_on_gpu_matches_autograd():
     generator = torch.Generator().manual_seed(0)
     merged = (torch.randn(64, 1000, generator=generator) * 3).cuda()

@@ -275,6 +275,33 @@ def test_batched_teachers_fall_back_for_a_module_that_checks_shapes():
         module(torch.randn(3, 3, 6))
 
 
+class _SummedScale(torch.nn.Module):
+    """Scales by the sum of its weight: per-row weights raise nothing, but sum over all rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.sum()
+
+
+def test_batched_teachers_catch_a_module_that_misuses_per_row_weights():
+    """Broadcasting runs without an error here and computes the wrong thing: the first-use
+    check against one call per group catches it, and the module runs once per group."""
+    from dammerge.learned.layers import CoefficientScheme, MergedParameterModule, RowGroups
+
+    torch.manual_seed(0)
+    stacks = {"weight": torch.randn(2, 6)}
+    module = MergedParameterModule(_SummedScale(), stacks, CoefficientScheme(2), None)
+    module.selected = RowGroups((0, 1))
+    x = torch.randn(4, 3, 6)
+    expected = torch.cat([x[:2] * stacks["weight"][0].sum(), x[2:] * stacks["weight"][1].sum()])
+    for _ in range(2):  # the check's verdict, then its memory of it
+        torch.testing.assert_close(module(x), expected)
+        assert module._rows_broadcast is False
+
+
 def test_batched_teachers_refuse_unknown_sources(untied_family):
     model = _build(untied_family)
     with pytest.raises(IndexError, match="out of range"), model.teachers([0, 2]):
