@@ -109,7 +109,7 @@ WORK = REPO / "bench" / ".work" / "dam_step"
 RESULTS = REPO / "bench" / "results"
 
 TEACHER_MODES = ("on_the_fly", "precomputed")
-KERNEL_CHOICES = ("auto", "compiled", "eager")
+KERNEL_CHOICES = ("auto", "compiled", "eager", "layers")
 CPU_TARGETS = {
     "on_the_fly_vs_plain": 1.5,
     "precomputed_vs_plain": 1.15,
@@ -297,7 +297,7 @@ HOST = replace(
     warmup=5,
     repeats=21,
     shape="host",
-    kernels=("compiled", "eager"),
+    kernels=("compiled", "eager", "layers"),
     reference=False,
     targets={},
 )
@@ -593,7 +593,7 @@ def dam_step_on(
 ) -> Step:
     """The engine's own training step (``Trainer.train_step``) with the ``dam`` preset, on
     ``model`` (which other variants may share: each step first selects its own passes)."""
-    from dammerge.learned.kernels import store_passes
+    from dammerge.learned.kernels import compile_layers, store_passes
     from dammerge.learned.teachers import OnTheFlyTeacher, PrecomputedTeacher
     from dammerge.learned.train import Trainer
 
@@ -606,12 +606,17 @@ def dam_step_on(
         model, data, signal, settings, WORK / "trainer", device=cfg.torch_device, progress=False
     )
     passes = store_passes(settings.kernels, cfg.torch_device)
+    layers = kernels == "layers" and passes.name == "compiled"
 
     def step() -> None:
-        model.use_passes(passes)
+        if getattr(model, "bench_kernels", None) != kernels:  # variants share the model
+            model.use_passes(passes)
+            compile_layers(model.model, enabled=layers)
+            model.bench_kernels = kernels
         trainer.train_step()
 
     step.passes = passes  # type: ignore[attr-defined]  # what the variant ran (reported)
+    step.layers = layers  # type: ignore[attr-defined]
     return step
 
 
@@ -722,7 +727,7 @@ def kernels_ran(step: Any) -> str:
 
     if step.passes.name == "compiled" and fallback_reason() is not None:
         return "eager (compiling failed)"
-    return step.passes.name
+    return "layers" if getattr(step, "layers", False) else step.passes.name
 
 
 def time_group(cfg: BenchConfig, n: int, files: list[Path]) -> dict[str, Any]:

@@ -65,7 +65,7 @@ def test_the_host_shape_is_the_small_shapes_depth_at_toy_widths_without_targets(
     _, cfg = _config(bench, "--shape", "host")
     assert (cfg.device, cfg.size.layers) == ("cpu", bench.GPU.size.layers)
     assert cfg.size.hidden == 64 and cfg.ns == (2, 3, 5) and not cfg.reference
-    assert cfg.kernels == ("compiled", "eager") and cfg.targets == {}
+    assert cfg.kernels == ("compiled", "eager", "layers") and cfg.targets == {}
     assert bench.default_output(cfg).name == "dam_step_host.json"
     ratios = {v: 2.5 for v in cfg.variants}
     timing = {f"N={n}": {"ratio_vs_plain": ratios, "median_s": ratios} for n in cfg.ns}

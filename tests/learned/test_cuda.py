@@ -155,11 +155,13 @@ def test_compiled_kernels_on_gpu_match_eager_and_the_definition(n, dtype):
     assert kernels.fallback_reason() is None
 
 
+@pytest.mark.parametrize("compiled", ["compiled", "layers"])
 def test_dam_training_on_gpu_with_compiled_kernels_follows_eager(
-    untied_family, datasets_dir, tmp_path, dam_recipe
+    untied_family, datasets_dir, tmp_path, dam_recipe, compiled
 ):
+    """Compiled passes, or decoder layers compiled whole (Triton), against eager passes."""
     states = {}
-    for choice in ("eager", "compiled"):
+    for choice in ("eager", compiled):
         plan = training_plan(
             dam_recipe,
             untied_family,
@@ -173,7 +175,7 @@ def test_dam_training_on_gpu_with_compiled_kernels_follows_eager(
         states[choice] = {k: v.cpu() for k, v in model.coefficient_state().items()}
     assert kernels.fallback_reason() is None
     for name, value in states["eager"].items():
-        torch.testing.assert_close(states["compiled"][name], value, rtol=0, atol=1e-5)
+        torch.testing.assert_close(states[compiled][name], value, rtol=0, atol=1e-5)
 
 
 def test_loss_chunks_on_gpu_are_device_sized():

@@ -15,14 +15,19 @@ from torch._dynamo.testing import CompileCounter
 from dammerge.errors import ConfigError
 from dammerge.learned import kernels
 from dammerge.learned.functional import EAGER, merged_linear, naive_merged_linear
-from dammerge.learned.kernels import CompiledPasses, compiled_passes, store_passes
+from dammerge.learned.kernels import (
+    CompiledLayerForward,
+    CompiledPasses,
+    compiled_passes,
+    store_passes,
+)
 from dammerge.learned.layers import frozen
 from dammerge.learned.model import MergeOptions
 from dammerge.learned.presets import DAM
 from dammerge.learned.run import train_plan
 from dammerge.learned.settings import parse_settings
 
-from .helpers import IDS, build_merged, prepare_recipe
+from .helpers import IDS, build_merged, prepare_recipe, training_plan
 
 SHAPES = [(7, 13), (3, 17)]  # (out, in): tails for every vector width, two layer shapes
 
@@ -252,19 +257,67 @@ def _micro_recipe(family, **training) -> dict:
 
 
 @pytest.mark.slow
-def test_dam_training_with_compiled_kernels_follows_eager(micro_family, tmp_path):
+@pytest.mark.parametrize(
+    ("choice", "training"),
+    [
+        ("compiled", {}),
+        ("layers", {}),  # teachers on the fly: merged and batched-teacher graphs of each layer
+        ("layers", {"teacher": "precomputed", "top_k": 16, "gradient_checkpointing": True}),
+    ],
+)
+def test_dam_training_with_compiled_kernels_follows_eager(micro_family, tmp_path, choice, training):
     states = {}
-    for choice in ("eager", "compiled"):
-        recipe = _micro_recipe(micro_family, kernels=choice)
-        plan = prepare_recipe(recipe, tmp_path / choice / "out")
+    for kernels_choice in ("eager", choice):
+        recipe = _micro_recipe(micro_family, kernels=kernels_choice, **training)
+        plan = prepare_recipe(recipe, tmp_path / kernels_choice / "out")
         model, result = train_plan(plan, progress=False)
         assert result.steps == 3
-        expected = CompiledPasses if choice == "compiled" else type(EAGER)
+        expected = type(EAGER) if kernels_choice == "eager" else CompiledPasses
         assert type(model.model.lm_head.passes) is expected
-        states[choice] = model.coefficient_state()
+        layers = kernels.decoder_layers(model.model)
+        compiled = [isinstance(m.__dict__.get("forward"), CompiledLayerForward) for m in layers]
+        assert layers and compiled == [kernels_choice == "layers"] * len(layers)
+        states[kernels_choice] = model.coefficient_state()
     assert kernels.fallback_reason() is None
     moved = 0.0
     for name, value in states["eager"].items():
-        torch.testing.assert_close(states["compiled"][name], value, rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(states[choice][name], value, rtol=0, atol=1e-5, msg=name)
         moved = max(moved, float((value - 1 / 2).abs().max()))
     assert moved > 1e-3  # training moved the coefficients: the comparison means something
+
+
+def test_compiled_layers_fall_back_to_their_own_forward_and_can_be_undone(untied_family, capsys):
+    """A layer whose compilation fails runs its own forward (one warning line, the same
+    logits); ``enabled=False`` gives every layer its class's forward back."""
+    model = build_merged(untied_family)
+    try:
+        with torch.no_grad():
+            expected = model(IDS)
+            assert kernels.compile_layers(model.model, backend=_failing_backend) == 2
+            assert kernels.compile_layers(model.model, backend=_failing_backend) == 0  # again
+            torch.testing.assert_close(model(IDS), expected, rtol=0, atol=0)
+    finally:
+        torch._dynamo.reset()
+    assert kernels.fallback_reason() is not None
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no C++ compiler found" in lines[0], lines
+    assert kernels.compile_layers(model.model, enabled=False) == 2
+    assert all("forward" not in m.__dict__ for m in kernels.decoder_layers(model.model))
+
+
+def test_layers_stay_uncompiled_when_their_stores_are_streamed(
+    untied_family, datasets_dir, tmp_path, dam_recipe, capsys
+):
+    plan = training_plan(
+        dam_recipe,
+        untied_family,
+        datasets_dir,
+        tmp_path / "out",
+        steps=1,
+        kernels="layers",
+        offload="layers",
+    )
+    model, _ = train_plan(plan, progress=False)
+    assert all("forward" not in m.__dict__ for m in kernels.decoder_layers(model.model))
+    assert type(model.model.lm_head.passes) is CompiledPasses
+    assert "does not compile layers under offload: layers" in capsys.readouterr().err

@@ -19,6 +19,14 @@ number of sources and dtype.
 
 - ``eager``: torch operations (the CPU path is cache-blocked and reuses its buffers);
 - ``compiled``: the compiled passes, on any device;
+- ``layers``: every decoder layer compiled whole (its norms, attention, activations and the
+  merged linears' passes, forward and backward), the compiled passes elsewhere (the head).
+  Where the step is launch-bound this removes most of the host's work: a merged linear costs
+  the host two calls into compiled code and a custom autograd function per step, a compiled
+  layer one call per pass for all of its linears. Compiling takes longer before the first step
+  (once per number of sources, dtype and mode; the layers share their graphs), and resident
+  stores only: with ``offload: layers`` or ``distributed: shard`` the layers stay uncompiled
+  (one line says so) and the passes are compiled;
 - ``auto`` (default): compiled on a CUDA GPU where Triton is installed, eager elsewhere. On a
   CPU the eager passes are already one cache-blocked sweep per source over data that stays in
   cache, and compiling costs tens of seconds per (N, dtype) before the first step, more than
@@ -39,7 +47,7 @@ import torch
 from dammerge.learned.functional import EAGER, StorePasses, accumulation_dtype
 from dammerge.terminal import print_lines
 
-KernelChoice = Literal["auto", "compiled", "eager"]
+KernelChoice = Literal["auto", "compiled", "eager", "layers"]
 
 
 def merge_pass(scales: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -223,6 +231,54 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
 _compiled: CompiledPasses | None = None
 
 
+class CompiledLayerForward:
+    """A decoder layer's ``forward`` compiled whole, its own eager ``forward`` as fallback.
+
+    Installed as the module's ``forward`` attribute (``nn.Module.__call__`` and the library's
+    checkpointing wrapper call it as usual). The merged linears inside are traced with it:
+    their autograd function's forward and backward become part of the layer's compiled forward
+    and backward graphs.
+    """
+
+    def __init__(self, module: torch.nn.Module, backend: Any = "inductor") -> None:
+        self.eager = module.forward
+        self.compiled = torch.compile(module.forward, dynamic=True, backend=backend)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _fallback_reason is None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as exc:
+                _give_up_unless_out_of_memory(exc)
+        return self.eager(*args, **kwargs)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers: the modules ``transformers`` makes checkpointable."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def compile_layers(
+    model: torch.nn.Module, backend: Any = "inductor", *, enabled: bool = True
+) -> int:
+    """Compile every decoder layer of ``model`` whole (``training.kernels: layers``), or with
+    ``enabled=False`` give them back their own forward; returns how many layers changed. A
+    layer already in the asked state is left as it is (its compiled code stays cached)."""
+    changed = 0
+    for layer in decoder_layers(model):
+        compiled = isinstance(layer.__dict__.get("forward"), CompiledLayerForward)
+        if enabled and not compiled:
+            layer.forward = CompiledLayerForward(layer, backend)
+        elif compiled and not enabled:
+            del layer.forward  # the class's forward again
+        else:
+            continue
+        changed += 1
+    return changed
+
+
 def compiled_passes() -> CompiledPasses:
     """The process's compiled passes (one instance: its compiled code serves every model)."""
     global _compiled
@@ -253,6 +309,8 @@ def store_passes(choice: KernelChoice, device: torch.device | str) -> StorePasse
     device = torch.device(device)
     if choice == "eager" or _fallback_reason is not None:
         return EAGER
+    if choice == "layers":  # the compiled passes beside the compiled layers (the head)
+        choice = "compiled"
     if choice == "auto" and device.type != "cuda":
         return EAGER
     reason = compile_unavailable(device)

@@ -55,7 +55,8 @@ class TrainingSettings(BaseModel):
     max_length: int = Field(default=2048, gt=1)
     gradient_checkpointing: bool = False
     offload: Literal["none", "layers"] = "none"  # layers: stores in host memory, streamed
-    # passes over the weight stores: compiled (fused) or eager torch operations
+    # passes over the weight stores: compiled (fused) or eager torch operations; layers: every
+    # decoder layer compiled whole, the merged linears inside it
     kernels: KernelChoice = "auto"
     dtype: str | None = None  # weights and activations; coefficients are always float32
     # under torchrun: replicate (default) or shard the merge module; one process ignores it

@@ -44,13 +44,14 @@ from dammerge.errors import DammergeError, Interrupted
 from dammerge.learned import losses
 from dammerge.learned.data import SourceData
 from dammerge.learned.distributed import Distributed, Portion
-from dammerge.learned.functional import MergedLinearFunction
-from dammerge.learned.kernels import store_passes
+from dammerge.learned.functional import EAGER, MergedLinearFunction
+from dammerge.learned.kernels import compile_layers, store_passes
 from dammerge.learned.layers import CoefficientScheme
 from dammerge.learned.model import MergedModel
 from dammerge.learned.settings import TrainingSettings
 from dammerge.learned.teachers import OnTheFlyTeacher, TeacherOutput, to_device
 from dammerge.memory import reuse_freed_memory
+from dammerge.terminal import print_lines
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -341,9 +342,28 @@ class Trainer:
         self.saved_step: int | None = None  # the step of the checkpoint on disk
         self.step_length = 0  # tokens of the longest example in the current step
         self._updating = False
-        model.use_passes(store_passes(settings.kernels, device))
+        passes = store_passes(settings.kernels, device)
+        model.use_passes(passes)
         if settings.gradient_checkpointing:
             self._enable_gradient_checkpointing()
+        if settings.kernels == "layers" and passes is not EAGER:
+            self._compile_layers()
+
+    def _compile_layers(self) -> None:
+        """``training.kernels: layers``: every decoder layer compiled whole, where its stores
+        are resident (streaming and sharding fetch them inside the layer, which a compiled
+        graph cannot hold: those runs keep the compiled passes only, and say so)."""
+        if self.model.streamer is not None or self.ranks.sharded:
+            why = "offload: layers" if self.model.streamer is not None else "distributed: shard"
+            print_lines(
+                [
+                    f"note: training.kernels: layers does not compile layers under {why}; "
+                    "the merge passes are compiled"
+                ],
+                style="yellow",
+            )
+            return
+        compile_layers(self.model.model)
 
     def _enable_gradient_checkpointing(self) -> None:
         enable_gradient_checkpointing(self.model.model)
