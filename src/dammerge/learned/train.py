@@ -363,7 +363,15 @@ class Trainer:
                 style="yellow",
             )
             return
-        compile_layers(self.model.model)
+        count = compile_layers(self.model.model)
+        if count and self.progress:
+            print_lines(
+                [
+                    f"training.kernels: layers: {count} decoder layers are compiled during the "
+                    "first step (tens of seconds before it ends)"
+                ],
+                style="dim",
+            )
 
     def _enable_gradient_checkpointing(self) -> None:
         enable_gradient_checkpointing(self.model.model)
