@@ -41,3 +41,15 @@ def naive_forward_kl(merged: torch.Tensor, teacher: torch.Tensor, temp: float) -
     log_p = torch.log_softmax(teacher / temp, dim=-1)
     log_q = torch.log_softmax(merged / temp, dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temp**2
+
+
+def merged_weight_through(passes, scales: torch.Tensor, weights: torch.Tensor, dtype):
+    """The merged weight a set of store passes forms, read through its layer forward: the
+    identity through ``linear`` is ``Wᵀ`` exactly (each output one product with 1)."""
+    eye = torch.eye(weights.shape[2], dtype=dtype, device=weights.device)
+    return passes.linear(eye, scales, weights, None).T
+
+
+def column_grads_through(passes, g2, x2, scales: torch.Tensor, weights: torch.Tensor):
+    """The coefficient gradients a set of store passes gives, read through its layer backward."""
+    return passes.backward(g2, x2, scales, weights, False, True)[1]

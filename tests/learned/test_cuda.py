@@ -26,6 +26,8 @@ from .helpers import (
     DEEP_LAYERS,
     IDS,
     build_merged,
+    column_grads_through,
+    merged_weight_through,
     naive_forward_kl,
     training_plan,
 )
@@ -144,8 +146,8 @@ def test_compiled_kernels_on_gpu_match_eager_and_the_definition(n, dtype):
         grads_exact = torch.stack([(outer * w).sum(0) for w in wide])
         results = []
         for implementation in (passes, EAGER):
-            merged = implementation.merged(on_gpu[0], on_gpu[1], dtype)
-            grads = implementation.column_grads(on_gpu[2], on_gpu[3], on_gpu[0], on_gpu[1])
+            merged = merged_weight_through(implementation, on_gpu[0], on_gpu[1], dtype)
+            grads = column_grads_through(implementation, on_gpu[2], on_gpu[3], *on_gpu[:2])
             assert merged.dtype == dtype and grads.dtype == torch.float32
             torch.testing.assert_close(merged.double().cpu(), merged_exact, **rounded)
             torch.testing.assert_close(grads.double().cpu(), grads_exact, **close)

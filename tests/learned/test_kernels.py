@@ -27,7 +27,14 @@ from dammerge.learned.presets import DAM
 from dammerge.learned.run import train_plan
 from dammerge.learned.settings import parse_settings
 
-from .helpers import IDS, build_merged, prepare_recipe, training_plan
+from .helpers import (
+    IDS,
+    build_merged,
+    column_grads_through,
+    merged_weight_through,
+    prepare_recipe,
+    training_plan,
+)
 
 SHAPES = [(7, 13), (3, 17)]  # (out, in): tails for every vector width, two layer shapes
 
@@ -61,7 +68,7 @@ def test_compiled_passes_equal_eager_and_the_definition(n):
         x, scales, weights, _, _, upstream = _layer(n, out, inp)
         expected = _definition(scales, weights)
         for passes in (compiled, EAGER):
-            merged = passes.merged(scales, weights, torch.float64)
+            merged = merged_weight_through(passes, scales, weights, torch.float64)
             torch.testing.assert_close(merged, expected, rtol=1e-12, atol=1e-12)
         # the column gradient: autograd of ⟨upstream, x · W(s)ᵀ⟩ with respect to s
         leaf = scales.clone().requires_grad_(True)
@@ -69,7 +76,7 @@ def test_compiled_passes_equal_eager_and_the_definition(n):
         (reference,) = torch.autograd.grad(output, leaf, upstream)
         g2, x2 = upstream.reshape(-1, out), x.reshape(-1, inp)
         for passes in (compiled, EAGER):
-            grads = passes.column_grads(g2, x2, scales, weights)
+            grads = column_grads_through(passes, g2, x2, scales, weights)
             torch.testing.assert_close(grads, reference, rtol=1e-12, atol=1e-12)
     assert kernels.fallback_reason() is None
 
@@ -123,12 +130,12 @@ def test_compiled_passes_with_bf16_stores_match_eager():
     x, scales, weights, _, _, upstream = _layer(5, 7, 13, dtype=torch.float32, seed=2)
     weights, x, upstream = weights.bfloat16(), x.bfloat16(), upstream.bfloat16()
     compiled = compiled_passes()
-    merged = compiled.merged(scales, weights, torch.bfloat16)
+    merged = merged_weight_through(compiled, scales, weights, torch.bfloat16)
     assert merged.dtype == torch.bfloat16
     expected = EAGER.merged(scales, weights, torch.bfloat16)
     torch.testing.assert_close(merged.float(), expected.float(), rtol=8e-3, atol=1e-6)
     g2, x2 = upstream.reshape(-1, 7), x.reshape(-1, 13)
-    grads = compiled.column_grads(g2, x2, scales, weights)
+    grads = column_grads_through(compiled, g2, x2, scales, weights)
     assert grads.dtype == torch.float32
     torch.testing.assert_close(grads, EAGER.column_grads(g2, x2, scales, weights))
 
@@ -147,18 +154,15 @@ def test_compiled_once_per_number_of_sources_whatever_the_shapes_and_tokens():
                 weights = frozen(store)
                 coarse = scales[:, :1].expand(3, inp)
                 for s in (scales, coarse, scales.clone().requires_grad_(True)):
-                    passes.merged(s, weights, torch.float64)
-                    passes.column_grads(upstream.reshape(-1, out), x.reshape(-1, inp), s, weights)
                     passes.linear(x, s, weights, None)
                     passes.backward(
                         upstream.reshape(-1, out), x.reshape(-1, inp), s, weights, True, True
                     )
-        # the merge and column passes, a layer's forward and its backward
-        assert counter.frame_count == 4
+        assert counter.frame_count == 2  # a layer's forward and its backward
         x, scales, weights, _, _, upstream = _layer(4, 7, 13)
-        passes.merged(scales, weights, torch.float64)
-        passes.column_grads(upstream.reshape(-1, 7), x.reshape(-1, 13), scales, weights)
-        assert counter.frame_count == 6
+        passes.linear(x, scales, weights, None)
+        passes.backward(upstream.reshape(-1, 7), x.reshape(-1, 13), scales, weights, True, True)
+        assert counter.frame_count == 4
     finally:
         torch._dynamo.reset()  # leave no counting entries in the shared compile caches
 
@@ -172,10 +176,10 @@ def test_a_failed_compilation_falls_back_to_eager_with_one_warning_line(capsys):
     try:
         for seed in range(2):
             x, scales, weights, _, _, upstream = _layer(2, 7, 13, seed=seed)
-            merged = passes.merged(scales, weights, torch.float64)
+            merged = merged_weight_through(passes, scales, weights, torch.float64)
             torch.testing.assert_close(merged, _definition(scales, weights))
             g2, x2 = upstream.reshape(-1, 7), x.reshape(-1, 13)
-            grads = passes.column_grads(g2, x2, scales, weights)
+            grads = column_grads_through(passes, g2, x2, scales, weights)
             torch.testing.assert_close(grads, EAGER.column_grads(g2, x2, scales, weights))
     finally:
         torch._dynamo.reset()
@@ -193,10 +197,12 @@ def test_running_out_of_memory_in_a_compiled_pass_is_not_a_compile_failure():
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    passes._merge = out_of_memory
-    _, scales, weights, _, _, _ = _layer(2, 7, 13)
+    passes._linear = passes._backward = out_of_memory
+    x, scales, weights, _, _, upstream = _layer(2, 7, 13)
     with pytest.raises(torch.OutOfMemoryError):
-        passes.merged(scales, weights, torch.float64)
+        passes.linear(x, scales, weights, None)
+    with pytest.raises(torch.OutOfMemoryError):
+        passes.backward(upstream.reshape(-1, 7), x.reshape(-1, 13), scales, weights, True, True)
     assert kernels.fallback_reason() is None
 
 

@@ -130,8 +130,10 @@ class CompiledPasses(StorePasses):
     """The store passes compiled with ``torch.compile`` (dynamic sizes), eager as fallback.
 
     A layer's forward and its backward are each one compiled call (:func:`linear_pass`,
-    :func:`backward_pass`): every call into compiled code costs the host tens of
-    microseconds of guards and wrappers, about what a small layer's kernels take on a GPU.
+    :func:`backward_pass`, which trace :func:`merge_pass` and :func:`column_pass`): every call
+    into compiled code costs the host tens of microseconds of guards and wrappers, about what a
+    small layer's kernels take on a GPU. The eager ``merged`` and ``column_grads`` stay the
+    fallback.
     ``backend`` is ``torch.compile``'s (tests count compilations with a counting backend).
     """
 
@@ -141,32 +143,8 @@ class CompiledPasses(StorePasses):
         def compiled(fn: Any) -> Any:
             return torch.compile(fn, dynamic=True, backend=backend)
 
-        self._merge = compiled(merge_pass)
-        self._columns = compiled(column_pass)
         self._linear = compiled(linear_pass)
         self._backward = compiled(backward_pass)
-
-    def merged(
-        self, scales: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype
-    ) -> torch.Tensor:
-        if _fallback_reason is None:
-            try:
-                return self._merge(_wide(scales), _plain(weights), dtype)
-            except Exception as exc:  # whatever the compiler raised: the eager pass is exact
-                _give_up_unless_out_of_memory(exc)
-        return super().merged(scales, weights, dtype)
-
-    def column_grads(
-        self, g2: torch.Tensor, x2: torch.Tensor, scales: torch.Tensor, weights: torch.Tensor
-    ) -> torch.Tensor:
-        if _fallback_reason is None:
-            outer = g2.transpose(0, 1) @ x2  # G = gᵀx: one matrix product, out × in
-            try:
-                acc = accumulation_dtype(scales)
-                return self._columns(outer, _plain(weights), acc).to(scales.dtype)
-            except Exception as exc:
-                _give_up_unless_out_of_memory(exc)
-        return super().column_grads(g2, x2, scales, weights)
 
     def linear(
         self,
