@@ -311,6 +311,46 @@ def test_compiled_layers_fall_back_to_their_own_forward_and_can_be_undone(untied
     assert all("forward" not in m.__dict__ for m in kernels.decoder_layers(model.model))
 
 
+def _failing_backward_backend():
+    """AOTAutograd whose forward compiles (left as traced) and whose backward compiler fails."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def backward_compiler(graph, example_inputs):
+        raise RuntimeError("backward compiler broke\nsecond line")
+
+    return aot_autograd(
+        fw_compiler=lambda graph, example_inputs: graph.forward, bw_compiler=backward_compiler
+    )
+
+
+def test_a_layer_whose_backward_cannot_compile_falls_back_before_the_backward(
+    untied_family, capsys
+):
+    """The backward is compiled with the forward, so its failure falls back in the forward
+    call (one warning line) instead of breaking the step's ``backward()``: the same gradients."""
+    model = build_merged(untied_family)
+    params = model.coefficient_parameters()
+
+    def gradients():
+        for param in params:
+            param.grad = None
+        model(IDS).float().square().mean().backward()
+        return [param.grad.clone() for param in params]
+
+    expected = gradients()
+    try:
+        assert kernels.compile_layers(model.model, backend=_failing_backward_backend()) == 2
+        compiled = gradients()
+    finally:
+        torch._dynamo.reset()
+        kernels.compile_layers(model.model, enabled=False)
+    for got, want in zip(compiled, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert "backward compiler broke" in (kernels.fallback_reason() or "")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "backward compiler broke" in lines[0], lines
+
+
 def test_layers_stay_uncompiled_when_their_stores_are_streamed(
     untied_family, datasets_dir, tmp_path, dam_recipe, capsys
 ):

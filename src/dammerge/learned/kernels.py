@@ -220,7 +220,9 @@ class CompiledLayerForward:
 
     def __init__(self, module: torch.nn.Module, backend: Any = "inductor") -> None:
         self.eager = module.forward
-        self.compiled = torch.compile(module.forward, dynamic=True, backend=backend)
+        self.compiled = torch.compile(
+            module.forward, dynamic=True, backend=BackwardWithForward(backend)
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _fallback_reason is None:
@@ -229,6 +231,28 @@ class CompiledLayerForward:
             except Exception as exc:
                 _give_up_unless_out_of_memory(exc)
         return self.eager(*args, **kwargs)
+
+
+class BackwardWithForward:
+    """A ``torch.compile`` backend that compiles each graph's backward with its forward.
+
+    AOTAutograd otherwise compiles a backward it could not compile up front at the first
+    backward call, where a compiler failure would break the step's ``backward()``; compiled
+    here, the failure surfaces in the layer's forward call, which falls back to eager. Only
+    compiling costs anything (the backend is called once per graph), no step does.
+    """
+
+    def __init__(self, backend: Any = "inductor") -> None:
+        self.backend = backend
+
+    def __call__(self, graph: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any):
+        import torch._dynamo
+        from torch._functorch import config
+
+        backend = self.backend
+        compiler = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+        with config.patch(force_non_lazy_backward_lowering=True):
+            return compiler(graph, example_inputs, **kwargs)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
