@@ -26,6 +26,7 @@ from dammerge.learned.model import MergeOptions
 from dammerge.learned.presets import DAM
 from dammerge.learned.run import train_plan
 from dammerge.learned.settings import parse_settings
+from dammerge.testing import make_family
 
 from .helpers import (
     IDS,
@@ -311,15 +312,57 @@ def test_compiled_layers_fall_back_to_their_own_forward_and_can_be_undone(untied
     assert all("forward" not in m.__dict__ for m in kernels.decoder_layers(model.model))
 
 
+def test_every_layer_runs_compiled_past_dynamos_recompile_limit(tmp_path):
+    """Twelve layers (dynamo keeps at most 8 compiled entries per function): each layer's
+    forward runs its compiled graph, compiled once for all of them (twice: see below)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    layers = 12
+    base, sources = make_family(
+        tmp_path, "llama", n=2, tie_word_embeddings=False, num_hidden_layers=layers
+    )
+    model = build_merged((base, sources))
+    model.use_passes(compiled_passes())  # as the trainer does under training.kernels: layers
+    counts = {"compiled": 0, "ran": 0}
+
+    def forward_compiler(graph, example_inputs):
+        counts["compiled"] += 1
+
+        def run(*args):
+            counts["ran"] += 1
+            return graph.forward(*args)
+
+        return make_boxed_func(run)
+
+    def backward_compiler(graph, example_inputs):
+        return make_boxed_func(graph.forward)
+
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler)
+    torch._dynamo.reset()
+    try:
+        assert kernels.compile_layers(model.model, backend=backend) == layers
+        for _ in range(2):
+            model(IDS).float().square().mean().backward()
+    finally:
+        torch._dynamo.reset()
+        kernels.compile_layers(model.model, enabled=False)
+    assert counts["ran"] == 2 * layers
+    assert counts["compiled"] == 2  # the first layer's input needs no gradient, the rest do
+    assert kernels.fallback_reason() is None
+
+
 def _failing_backward_backend():
     """AOTAutograd whose forward compiles (left as traced) and whose backward compiler fails."""
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     def backward_compiler(graph, example_inputs):
         raise RuntimeError("backward compiler broke\nsecond line")
 
     return aot_autograd(
-        fw_compiler=lambda graph, example_inputs: graph.forward, bw_compiler=backward_compiler
+        fw_compiler=lambda graph, example_inputs: make_boxed_func(graph.forward),
+        bw_compiler=backward_compiler,
     )
 
 

@@ -220,17 +220,39 @@ class CompiledLayerForward:
 
     def __init__(self, module: torch.nn.Module, backend: Any = "inductor") -> None:
         self.eager = module.forward
-        self.compiled = torch.compile(
-            module.forward, dynamic=True, backend=BackwardWithForward(backend)
-        )
+        self.compiled = _layer_compiler(backend)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if _fallback_reason is None:
             try:
-                return self.compiled(*args, **kwargs)
+                return self.compiled(self.eager, *args, **kwargs)
             except Exception as exc:
                 _give_up_unless_out_of_memory(exc)
         return self.eager(*args, **kwargs)
+
+
+def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """``function(*args, **kwargs)``: compiled once, the one compiled entry of every layer."""
+    return function(*args, **kwargs)
+
+
+_layer_compilers: dict[Any, Any] = {}
+
+
+def _layer_compiler(backend: Any) -> Any:
+    """One ``torch.compile`` per backend, shared by every layer of every model in the process.
+
+    Dynamo keeps one cache per code object (a layer class's ``forward``) with at most
+    ``recompile_limit`` (8) entries, and an entry serves only the ``torch.compile`` call that
+    made it: a call per layer would compile each layer again and, past the eighth (merged and
+    teacher forwards count apart), leave the rest uncompiled without a word. Through one call,
+    layers of one shape share their entries.
+    """
+    if backend not in _layer_compilers:
+        _layer_compilers[backend] = torch.compile(
+            _call, dynamic=True, backend=BackwardWithForward(backend)
+        )
+    return _layer_compilers[backend]
 
 
 class BackwardWithForward:
