@@ -723,11 +723,14 @@ def build_group(cfg: BenchConfig, n: int, files: list[Path]) -> Group:
 # -- timing -------------------------------------------------------------------------------------
 def kernels_ran(step: Any) -> str:
     """The passes a DAM variant's steps used: compiled ones may have fallen back to eager."""
-    from dammerge.learned.kernels import fallback_reason
+    from dammerge.learned.kernels import compile_give_ups, fallback_reason
 
     if step.passes.name == "compiled" and fallback_reason() is not None:
         return "eager (compiling failed)"
-    return "layers" if getattr(step, "layers", False) else step.passes.name
+    name = "layers" if getattr(step, "layers", False) else step.passes.name
+    if name != "eager" and compile_give_ups():
+        name += " (partly eager: dynamo's recompile limit)"
+    return name
 
 
 def time_group(cfg: BenchConfig, n: int, files: list[Path]) -> dict[str, Any]:
@@ -1194,7 +1197,7 @@ def main(argv: list[str] | None = None) -> int:
     on_device = device_memory(samples)
     memory = None if args.no_memory or cfg.device != "cpu" else measure_memory(cfg)
     checks = targets(cfg, timing, memory, on_device)
-    from dammerge.learned.kernels import fallback_reason
+    from dammerge.learned.kernels import compile_give_ups, fallback_reason
 
     result = {
         "benchmark": "dam_step",
@@ -1223,6 +1226,7 @@ def main(argv: list[str] | None = None) -> int:
             "work": str(WORK),
         },
         "compile_fallback": fallback_reason(),
+        "compile_give_ups": compile_give_ups(),  # > 0: some compiled calls ran eager
         "timing": timing,
         "ratio_growth": ratio_growth(timing, list(cfg.ns)) if len(timing) > 1 else None,
         "memory": memory or on_device,

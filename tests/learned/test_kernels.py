@@ -352,6 +352,39 @@ def test_every_layer_runs_compiled_past_dynamos_recompile_limit(tmp_path):
     assert kernels.fallback_reason() is None
 
 
+def test_compile_give_ups_counts_dynamos_recompile_limit():
+    from torch._dynamo.utils import counters
+
+    def double(x):
+        return x * 2
+
+    before = kernels.compile_give_ups()
+    try:
+        for _ in range(torch._dynamo.config.recompile_limit + 2):  # the cache missed each time
+            torch.compile(double, backend=lambda graph, example_inputs: graph.forward)(
+                torch.ones(3)
+            )
+        assert kernels.compile_give_ups() == before + 1  # once: dynamo then stops trying
+    finally:
+        torch._dynamo.reset()
+        counters["unimplemented"].clear()
+
+
+def test_training_says_once_when_compiling_gave_up(
+    untied_family, datasets_dir, tmp_path, dam_recipe, capsys, monkeypatch
+):
+    import dammerge.learned.train as train_module
+
+    calls = iter(range(100))  # a give-up more at every step
+    monkeypatch.setattr(train_module, "compile_give_ups", lambda: next(calls))
+    plan = training_plan(
+        dam_recipe, untied_family, datasets_dir, tmp_path / "out", steps=2, kernels="compiled"
+    )
+    train_plan(plan, progress=False)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "recompile limit" in line]
+    assert len(lines) == 1 and "run uncompiled" in lines[0], lines
+
+
 def _failing_backward_backend():
     """AOTAutograd whose forward compiles (left as traced) and whose backward compiler fails."""
     from functorch.compile import make_boxed_func

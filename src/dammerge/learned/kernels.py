@@ -237,6 +237,7 @@ def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 _layer_compilers: dict[Any, Any] = {}
+LAYER_RECOMPILE_LIMIT = 64  # compiled variants of the layer entry kept per process (see below)
 
 
 def _layer_compiler(backend: Any) -> Any:
@@ -246,11 +247,17 @@ def _layer_compiler(backend: Any) -> Any:
     ``recompile_limit`` (8) entries, and an entry serves only the ``torch.compile`` call that
     made it: a call per layer would compile each layer again and, past the eighth (merged and
     teacher forwards count apart), leave the rest uncompiled without a word. Through one call,
-    layers of one shape share their entries.
+    layers of one shape share their entries. A model still takes about three (the teachers'
+    forward, the first layer's input without gradient, the rest), and the stores' number of
+    sources is a static size (they are parameters): trainings of several N in one process
+    (experiments, benchmarks) need more than 8.
     """
     if backend not in _layer_compilers:
         _layer_compilers[backend] = torch.compile(
-            _call, dynamic=True, backend=BackwardWithForward(backend)
+            _call,
+            dynamic=True,
+            backend=BackwardWithForward(backend),
+            recompile_limit=LAYER_RECOMPILE_LIMIT,
         )
     return _layer_compilers[backend]
 
@@ -301,6 +308,18 @@ def compile_layers(
             continue
         changed += 1
     return changed
+
+
+def compile_give_ups() -> int:
+    """How many times dynamo gave up compiling a function in this process (its recompile
+    limit): those calls run their eager code from then on, which only dynamo's log says."""
+    from torch._dynamo.utils import counters
+
+    return sum(
+        count
+        for reason, count in counters["unimplemented"].items()
+        if reason.startswith("Dynamo recompile limit exceeded")
+    )
 
 
 def compiled_passes() -> CompiledPasses:

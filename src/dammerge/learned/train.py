@@ -45,7 +45,7 @@ from dammerge.learned import losses
 from dammerge.learned.data import SourceData
 from dammerge.learned.distributed import Distributed, Portion
 from dammerge.learned.functional import EAGER, MergedLinearFunction
-from dammerge.learned.kernels import compile_layers, store_passes
+from dammerge.learned.kernels import compile_give_ups, compile_layers, store_passes
 from dammerge.learned.layers import CoefficientScheme
 from dammerge.learned.model import MergedModel
 from dammerge.learned.settings import TrainingSettings
@@ -344,6 +344,8 @@ class Trainer:
         self._updating = False
         passes = store_passes(settings.kernels, device)
         model.use_passes(passes)
+        # dynamo's silent give-ups so far, watched while compiled code runs (None: it does not)
+        self._give_ups = compile_give_ups() if passes is not EAGER else None
         if settings.gradient_checkpointing:
             self._enable_gradient_checkpointing()
         if settings.kernels == "layers" and passes is not EAGER:
@@ -521,6 +523,15 @@ class Trainer:
             self._updating = False
         terms["loss"] = total
         terms["grad_norm"] = norm
+        if self._give_ups is not None and compile_give_ups() > self._give_ups:
+            self._give_ups = None  # said once
+            print_lines(
+                [
+                    "warning: torch.compile reached its recompile limit: some layers or merge "
+                    "passes run uncompiled (slower, same numbers); TORCH_LOGS=recompiles says why"
+                ],
+                style="yellow",
+            )
         return terms
 
     def _local_losses(self, portions: list[Portion]) -> tuple[list[float], bool]:
