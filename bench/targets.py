@@ -35,6 +35,11 @@ def notes(result: dict[str, Any]) -> list[str]:
     out = []
     if result.get("compile_fallback"):
         out.append(f"compiled kernels fell back to eager: {result['compile_fallback']}")
+    if result.get("compile_give_ups"):
+        out.append(
+            f"dynamo gave up compiling {result['compile_give_ups']} function(s) past its "
+            "recompile limit: compiled variants ran partly eager"
+        )
     timing = result.get("timing") or {}
     ran = {v: k for row in timing.values() for v, k in row.get("kernels_ran", {}).items()}
     if ran:

@@ -185,6 +185,7 @@ def test_the_targets_printer_reads_both_result_layouts(tmp_path):
     assert targets.target_lines(dam) == [(True, "a / plain: 1.200 (target <= 1.5)")]
     assert targets.target_lines(merge) == [(False, "time_vs_io_bound: 3.500 (target <= 2.0)")]
     assert targets.notes(dam) == ["kernels ran: ours_on_the_fly[compiled] compiled"]
+    assert "gave up compiling 1 function" in targets.notes({**dam, "compile_give_ups": 1})[0]
     assert targets.main([str(tmp_path / "dam.json")]) == 0
     assert targets.main([str(tmp_path / "dam.json"), str(tmp_path / "merge.json")]) == 1
     assert targets.main([str(tmp_path / "missing.json")]) == 1
