@@ -215,7 +215,7 @@ class CompiledLayerForward:
     Installed as the module's ``forward`` attribute (``nn.Module.__call__`` and the library's
     checkpointing wrapper call it as usual). The merged linears inside are traced with it:
     their autograd function's forward and backward become part of the layer's compiled forward
-    and backward graphs.
+    and backward graphs. Every layer calls the same compiled entry (:func:`_layer_compiler`).
     """
 
     def __init__(self, module: torch.nn.Module, backend: Any = "inductor") -> None:
