@@ -312,18 +312,12 @@ def test_compiled_layers_fall_back_to_their_own_forward_and_can_be_undone(untied
     assert all("forward" not in m.__dict__ for m in kernels.decoder_layers(model.model))
 
 
-def test_every_layer_runs_compiled_past_dynamos_recompile_limit(tmp_path):
-    """Twelve layers (dynamo keeps at most 8 compiled entries per function): each layer's
-    forward runs its compiled graph, compiled once for all of them (twice: see below)."""
+def _counting_backend():
+    """AOTAutograd without a compiler: ``counts`` says how many forward graphs were compiled
+    and how many times one ran (a layer in pieces, split by graph breaks, runs several)."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
-    layers = 12
-    base, sources = make_family(
-        tmp_path, "llama", n=2, tie_word_embeddings=False, num_hidden_layers=layers
-    )
-    model = build_merged((base, sources))
-    model.use_passes(compiled_passes())  # as the trainer does under training.kernels: layers
     counts = {"compiled": 0, "ran": 0}
 
     def forward_compiler(graph, example_inputs):
@@ -338,7 +332,19 @@ def test_every_layer_runs_compiled_past_dynamos_recompile_limit(tmp_path):
     def backward_compiler(graph, example_inputs):
         return make_boxed_func(graph.forward)
 
-    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler)
+    return counts, aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler)
+
+
+def test_every_layer_runs_compiled_past_dynamos_recompile_limit(tmp_path):
+    """Twelve layers (dynamo keeps at most 8 compiled entries per function): each layer's
+    forward runs its compiled graph, compiled once for all of them (twice: see below)."""
+    layers = 12
+    base, sources = make_family(
+        tmp_path, "llama", n=2, tie_word_embeddings=False, num_hidden_layers=layers
+    )
+    model = build_merged((base, sources))
+    model.use_passes(compiled_passes())  # as the trainer does under training.kernels: layers
+    counts, backend = _counting_backend()
     torch._dynamo.reset()
     try:
         assert kernels.compile_layers(model.model, backend=backend) == layers
@@ -350,6 +356,34 @@ def test_every_layer_runs_compiled_past_dynamos_recompile_limit(tmp_path):
     assert counts["ran"] == 2 * layers
     assert counts["compiled"] == 2  # the first layer's input needs no gradient, the rest do
     assert kernels.fallback_reason() is None
+
+
+def test_batched_teachers_run_each_compiled_layer_whole(untied_family):
+    """The norms' first-use check (data-dependent) runs in eager code: after it, each layer
+    of the teachers' batched forward is one compiled graph, not pieces between graph breaks
+    (which, compiled at the first call, would stay for good); the same logits."""
+    model = build_merged(untied_family, keep_teacher_weights=True)
+    model.use_passes(compiled_passes())
+    layers = len(kernels.decoder_layers(model.model))
+    ids = torch.cat([IDS, IDS.flip(0)])
+    with torch.no_grad(), model.teachers([0, 1]):
+        expected = model(ids)
+    model = build_merged(untied_family, keep_teacher_weights=True)  # the check due again
+    model.use_passes(compiled_passes())
+    counts, backend = _counting_backend()
+    torch._dynamo.reset()
+    ran = []
+    try:
+        kernels.compile_layers(model.model, backend=backend)
+        for _ in range(3):
+            with torch.no_grad(), model.teachers([0, 1]):
+                logits = model(ids)
+            ran.append(counts["ran"])
+    finally:
+        torch._dynamo.reset()
+        kernels.compile_layers(model.model, enabled=False)
+    assert ran == [0, layers, 2 * layers]  # eager while the check is due, then whole layers
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_compile_give_ups_counts_dynamos_recompile_limit():

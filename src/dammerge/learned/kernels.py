@@ -221,9 +221,11 @@ class CompiledLayerForward:
     def __init__(self, module: torch.nn.Module, backend: Any = "inductor") -> None:
         self.eager = module.forward
         self.compiled = _layer_compiler(backend)
+        # modules that make a first-use check: the layer runs eager while one is due
+        self.checked = [m for m in module.modules() if hasattr(m, "checking")]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if _fallback_reason is None:
+        if _fallback_reason is None and not any(m.checking for m in self.checked):
             try:
                 return self.compiled(self.eager, *args, **kwargs)
             except Exception as exc:

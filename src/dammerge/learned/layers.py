@@ -343,6 +343,13 @@ class MergedParameterModule(nn.Module):
         # their parameters' shapes: no). Found on first use, then kept.
         self._rows_broadcast: bool | None = None
 
+    @property
+    def checking(self) -> bool:
+        """Whether the next call makes the batched-teacher first-use check: a data-dependent
+        decision, which compiled code (``training.kernels: layers``) leaves to eager code (a
+        graph break there would stay in the layer's compiled code for good)."""
+        return isinstance(self.selected, RowGroups) and self._rows_broadcast is None
+
     def stack(self, name: str) -> torch.Tensor:
         if name not in self.stack_names:
             raise RuntimeError(
