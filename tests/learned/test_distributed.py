@@ -86,11 +86,55 @@ def test_ranks_cover_every_row_once_and_weights_add_up(n_sources, batch_size, wo
     assert all(math.isclose(w, 1.0) for w in weights)
 
 
-def test_teacher_calls_per_step_is_the_most_sources_on_any_rank():
+def test_teacher_calls_per_step_count_a_ranks_sources_of_equal_rows_as_one_forward():
     assert _ranks(0, 3).teacher_calls_per_step(3, 1) == 1
-    assert _ranks(0, 2).teacher_calls_per_step(3, 1) == 2  # ranks take [s0] and [s1, s2]
+    assert _ranks(0, 2).teacher_calls_per_step(3, 1) == 1  # ranks take [s0] and [s1, s2]
     assert _ranks(1, 4).teacher_calls_per_step(2, 3) == 1  # [s0] [s0 s0] [s1] [s1 s1]
-    assert _ranks(1, 4).teacher_calls_per_step(3, 2) == 2  # [s0] [s0 s1] [s1 s2] [s2]
+    assert _ranks(1, 4).teacher_calls_per_step(3, 2) == 1  # [s0] [s0 s1] [s1 s2] [s2]
+    assert _ranks(0, 2).teacher_calls_per_step(3, 2) == 2  # [s0 s0 s1] [s1 s2 s2]: 2 rows, 1
+    assert _ranks(0, 1).teacher_calls_per_step(5, 3) == 1  # one process: all together
+
+
+@pytest.mark.parametrize(("n_sources", "batch_size", "world"), [(3, 2, 2), (3, 1, 2), (5, 3, 4)])
+def test_teacher_calls_per_step_are_what_each_rank_makes(n_sources, batch_size, world):
+    """The count every rank agrees on is the most that the trainer's rule (one forward for a
+    rank's portions when their rows are equal, else one each) makes on any rank."""
+    batches = _batches(n_sources, batch_size)
+    made = []
+    for rank in range(world):
+        portions = _ranks(rank, world).portions(batches)
+        equal = len({p.batch.input_ids.shape[0] for p in portions}) == 1
+        made.append(1 if equal else len(portions))
+    assert _ranks(0, world).teacher_calls_per_step(n_sources, batch_size) == max(made)
+
+
+def test_a_lockstep_teacher_counts_a_batched_forward_as_one(untied_family):
+    """A rank's teachers in one forward are one of the step's agreed forwards; the rest are
+    made up on one token before the backward; one more than agreed is refused, not waited on."""
+    from dammerge.learned.teachers import LockstepTeacher, OnTheFlyTeacher
+
+    base, sources = untied_family
+    model = build_merged_model(
+        Checkpoint(base),
+        [Checkpoint(s) for s in sources],
+        MergeOptions(),
+        keep_teacher_weights=True,
+    )
+    forwards = []
+    model.model.register_forward_hook(
+        lambda module, args, kwargs, out: forwards.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True,
+    )
+    teacher = LockstepTeacher(OnTheFlyTeacher(model), calls_per_step=2)
+    batch = _stack_batches(_batches(2, 1), pad_id=0)
+    out = teacher.batched([0, 1], batch)
+    assert out.logits.shape[:2] == batch.input_ids.shape and teacher.calls == 1
+    teacher.finish_step()
+    assert forwards == [tuple(batch.input_ids.shape), (1, 1)] and teacher.calls == 0
+    teacher.batched([0, 1], batch)
+    teacher(0, _batches(1, 1)[0])
+    with pytest.raises(RuntimeError, match="ranks agreed on 2"):
+        teacher(1, _batches(1, 1)[0])
 
 
 def test_stacked_portions_keep_each_rows_positions():

@@ -197,12 +197,14 @@ class Distributed:
         return out
 
     def teacher_calls_per_step(self, n_sources: int, batch_size: int) -> int:
-        """The most sources any rank trains on in one step (teacher forwards it makes)."""
+        """The most teacher forwards any rank makes in one step: one for all its sources when
+        they have equal numbers of rows there (the trainer batches them), else one each."""
         units = [i for i in range(n_sources) for _ in range(batch_size)]
         most = 0
         for rank in range(self.world_size):
             first, last = share_bounds(len(units), rank, self.world_size)
-            most = max(most, len(set(units[first:last])))
+            rows = [units[first:last].count(source) for source in set(units[first:last])]
+            most = max(most, 1 if len(set(rows)) == 1 else len(rows))
         return most
 
     def reduce_step(

@@ -25,9 +25,8 @@ Every figure follows the engine's code, not a rule of thumb:
 - the fused step: every source's batch goes through the merge together, so the step holds
   ``N × batch_size × longest`` positions of activations and logits (``replicate`` and ``shard``
   split those positions over the ranks), and as many again for the teachers' logits when
-  teachers run on the fly (all of them in one forward; one at a time on sharded ranks, whose
-  forwards must keep in step), and the logit gradient written over the logits when the head is
-  a merged linear.
+  teachers run on the fly (all of a rank's in one forward), and the logit gradient written over
+  the logits when the head is a merged linear.
 
 On a CPU, device and host are the same memory: the plan adds them and compares the sum with
 the memory available. ``bench/dam_memory.py`` measures a CPU run against this plan.
@@ -530,11 +529,10 @@ def _activation_item(checkpointing: bool, activations: dict[bool, int]) -> Memor
 
 
 def _logits(p: _Inputs, c: _Counts, positions: int) -> MemoryItem:
-    batched = p.strategy != "shard"  # sharded ranks run their teachers one at a time
-    logits, transient = _logit_buffers(p, positions, c.on_the_fly, batched)
+    logits, transient = _logit_buffers(p, positions, c.on_the_fly)
     note = f"{c.sequences} sequences × {p.longest} tokens × {p.shape.vocab:,} logits"
     if c.on_the_fly:
-        note += ", and every teacher's" if batched else ", one teacher's logits at a time"
+        note += ", and every teacher's"
     return MemoryItem("logits and loss buffers", logits + transient, 0, note)
 
 
@@ -598,9 +596,10 @@ def _activations(
     return shape.layers * per_layer + outside + backward
 
 
-def _logit_buffers(p: _Inputs, positions: int, on_the_fly: bool, batched: bool) -> tuple[int, int]:
+def _logit_buffers(p: _Inputs, positions: int, on_the_fly: bool) -> tuple[int, int]:
     """(logits kept through the step, the largest transient beside them) in bytes; teachers
-    on the fly ``batched`` give every source's logits at once."""
+    on the fly give every source's logits at once (the rank's sources: its positions; where
+    they cannot run together, one at a time, which takes less)."""
     s, shape, a = p.settings, p.shape, p.dtype_bytes
     logits = positions * shape.vocab * a
     head_is_merged = not shape.tied or s.merge_embeddings
@@ -610,7 +609,7 @@ def _logit_buffers(p: _Inputs, positions: int, on_the_fly: bool, batched: bool) 
     if s.objective == "entropy":
         teacher = 0
     elif on_the_fly:
-        teacher = (positions if batched else rows) * shape.vocab * a
+        teacher = positions * shape.vocab * a
     else:
         teacher = rows * s.top_k * 16  # values and indices, read and selected
     # The loss chunks counted at their smallest: on a GPU they grow into at most a quarter of

@@ -68,9 +68,10 @@ class LockstepTeacher:
     """An on-the-fly teacher whose forwards every rank of a sharded merge makes together.
 
     FSDP gathers each layer's store on every rank for every forward, so all ranks must run the
-    same number of them. A rank trains on a different number of sources than another in a
-    step; :meth:`finish_step` (called before the backward) runs the forwards it still owes, on
-    a one-token input, up to ``calls_per_step`` (the most sources any rank holds).
+    same number of them. A rank makes one forward for all its sources when they have equal
+    numbers of rows (:meth:`batched`), else one per source; :meth:`finish_step` (called before
+    the backward) runs the forwards it still owes, on a one-token input, up to
+    ``calls_per_step`` (the most any rank makes: ``Distributed.teacher_calls_per_step``).
     """
 
     def __init__(self, teacher: OnTheFlyTeacher, calls_per_step: int) -> None:
@@ -79,8 +80,21 @@ class LockstepTeacher:
         self.calls = 0
 
     def __call__(self, source: int, batch: Batch) -> TeacherOutput:
-        self.calls += 1
+        self._count()
         return self.teacher(source, batch)
+
+    def batched(self, sources: list[int], batch: Batch) -> TeacherOutput:
+        """Every source's teacher in one forward (one call of the step's count)."""
+        self._count()
+        return self.teacher.batched(sources, batch)
+
+    def _count(self) -> None:
+        self.calls += 1
+        if self.calls > self.calls_per_step:  # the other ranks would wait for it forever
+            raise RuntimeError(
+                f"teacher forward {self.calls} in a step where ranks agreed on "
+                f"{self.calls_per_step}: the step's split over ranks changed"
+            )
 
     @torch.no_grad()
     def finish_step(self) -> None:

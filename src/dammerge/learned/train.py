@@ -49,7 +49,12 @@ from dammerge.learned.kernels import compile_give_ups, compile_layers, store_pas
 from dammerge.learned.layers import CoefficientScheme
 from dammerge.learned.model import MergedModel
 from dammerge.learned.settings import TrainingSettings
-from dammerge.learned.teachers import OnTheFlyTeacher, TeacherOutput, to_device
+from dammerge.learned.teachers import (
+    LockstepTeacher,
+    OnTheFlyTeacher,
+    TeacherOutput,
+    to_device,
+)
 from dammerge.memory import reuse_freed_memory
 from dammerge.terminal import print_lines
 
@@ -660,8 +665,9 @@ class Trainer:
         """Every portion's teacher logits from one forward over the stacked batch, when the
         teacher runs on the fly and the portions hold equal numbers of rows (else None: one
         teacher call per portion). One forward instead of N: the same arithmetic as batched
-        matrix products, N times fewer operations for the host to launch."""
-        if not isinstance(self.teacher, OnTheFlyTeacher):  # a lockstep teacher counts calls
+        matrix products, N times fewer operations for the host to launch, and on sharded ranks
+        one gather of each layer's stores instead of one per source."""
+        if not isinstance(self.teacher, OnTheFlyTeacher | LockstepTeacher):
             return None
         if len({p.batch.input_ids.shape[0] for p in portions}) != 1:
             return None
