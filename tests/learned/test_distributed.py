@@ -93,18 +93,20 @@ def test_teacher_calls_per_step_count_a_ranks_sources_of_equal_rows_as_one_forwa
     assert _ranks(1, 4).teacher_calls_per_step(3, 2) == 1  # [s0] [s0 s1] [s1 s2] [s2]
     assert _ranks(0, 2).teacher_calls_per_step(3, 2) == 2  # [s0 s0 s1] [s1 s2 s2]: 2 rows, 1
     assert _ranks(0, 1).teacher_calls_per_step(5, 3) == 1  # one process: all together
+    assert distributed.teachers_run_together([2, 2]) and not distributed.teachers_run_together(
+        [2, 1]
+    )
 
 
 @pytest.mark.parametrize(("n_sources", "batch_size", "world"), [(3, 2, 2), (3, 1, 2), (5, 3, 4)])
 def test_teacher_calls_per_step_are_what_each_rank_makes(n_sources, batch_size, world):
-    """The count every rank agrees on is the most that the trainer's rule (one forward for a
-    rank's portions when their rows are equal, else one each) makes on any rank."""
+    """The count every rank agrees on (from the split's arithmetic) is the most forwards the
+    trainer makes on any rank for the portions it is actually given."""
     batches = _batches(n_sources, batch_size)
     made = []
     for rank in range(world):
-        portions = _ranks(rank, world).portions(batches)
-        equal = len({p.batch.input_ids.shape[0] for p in portions}) == 1
-        made.append(1 if equal else len(portions))
+        rows = [p.batch.input_ids.shape[0] for p in _ranks(rank, world).portions(batches)]
+        made.append(1 if distributed.teachers_run_together(rows) else len(rows))
     assert _ranks(0, world).teacher_calls_per_step(n_sources, batch_size) == max(made)
 
 

@@ -204,7 +204,7 @@ class Distributed:
         for rank in range(self.world_size):
             first, last = share_bounds(len(units), rank, self.world_size)
             rows = [units[first:last].count(source) for source in set(units[first:last])]
-            most = max(most, 1 if len(set(rows)) == 1 else len(rows))
+            most = max(most, 1 if teachers_run_together(rows) else len(rows))
         return most
 
     def reduce_step(
@@ -255,6 +255,13 @@ class Distributed:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self.backend = None
+
+
+def teachers_run_together(rows: list[int]) -> bool:
+    """Whether sources with these numbers of rows in a step run their teachers in one forward
+    (the rows in equal groups, one per source); else one forward each. The trainer decides by
+    it, and the ranks of a sharded merge count their lockstep forwards by it."""
+    return len(set(rows)) == 1
 
 
 def share_bounds(units: int, rank: int, world_size: int) -> tuple[int, int]:

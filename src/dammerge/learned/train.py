@@ -43,7 +43,7 @@ from dammerge.data.examples import Batch
 from dammerge.errors import DammergeError, Interrupted
 from dammerge.learned import losses
 from dammerge.learned.data import SourceData
-from dammerge.learned.distributed import Distributed, Portion
+from dammerge.learned.distributed import Distributed, Portion, teachers_run_together
 from dammerge.learned.functional import EAGER, MergedLinearFunction
 from dammerge.learned.kernels import compile_give_ups, compile_layers, store_passes
 from dammerge.learned.layers import CoefficientScheme
@@ -669,7 +669,7 @@ class Trainer:
         one gather of each layer's stores instead of one per source."""
         if not isinstance(self.teacher, OnTheFlyTeacher | LockstepTeacher):
             return None
-        if len({p.batch.input_ids.shape[0] for p in portions}) != 1:
+        if not teachers_run_together([p.batch.input_ids.shape[0] for p in portions]):
             return None
         return self.teacher.batched([p.source for p in portions], stacked).logits
 
